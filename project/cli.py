@@ -1,0 +1,76 @@
+"""Command-line flags shared by the entry points in experiments/, with checks that name the flag."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from pathlib import Path
+
+from project.tasks import TASKS
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _number(kind: type, check, expected: str):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number; expected {expected}") from None
+        if not (math.isfinite(value) and check(value)):
+            raise argparse.ArgumentTypeError(f"{text} is invalid; expected {expected}")
+        return value
+
+    return parse
+
+
+positive_int = _number(int, lambda v: v >= 1, "an integer of at least 1")
+folds_int = _number(int, lambda v: v >= 2, "an integer of at least 2 (K-fold needs two folds)")
+positive_float = _number(float, lambda v: v > 0, "a positive number")
+non_negative_float = _number(float, lambda v: v >= 0, "a number of at least 0")
+dropout_float = _number(float, lambda v: 0 <= v < 1, "a probability in [0, 1)")
+
+
+def hidden_sizes(text: str) -> tuple[int, ...]:
+    """``256,128`` for two hidden layers; ``none`` (or an empty string) for the linear model."""
+    if text.strip().lower() in ("", "none", "linear"):
+        return ()
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated widths like 256,128 or 'none'") from None
+    if any(s < 1 for s in sizes):
+        raise argparse.ArgumentTypeError(f"{text!r}: layer widths must be at least 1")
+    return sizes
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags train.py and sweep.py share."""
+    parser.add_argument("--task", choices=sorted(TASKS), default="house-prices", help="the task (default: %(default)s)")
+    parser.add_argument("--data-dir", type=Path, default=REPO_ROOT / "data", help="raw data folder (default: data/)")
+    parser.add_argument("--folds", type=folds_int, default=5, help="number of CV folds (default: %(default)s)")
+    parser.add_argument("--max-epochs", type=positive_int, default=None,
+                        help="epochs per fit (default: the task's default, or searched by the sweep)")
+    parser.add_argument("--batch-size", type=positive_int, default=None,
+                        help="mini-batch size (default: the task's default, or searched by the sweep)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the folds, initialisation and batches (default: 0)")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the repo)")
+    parser.add_argument("--experiment-name", default=None, help="MLflow experiment (default: the task name)")
+    parser.add_argument("--output-dir", type=Path, default=None,
+                        help="where summary.json and the submission go (default: experiments/outputs/<task>/)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch CPU threads (default: all cores, divided among --n-jobs workers)")
+
+
+def output_dir(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
+    """The output directory, created and checked for write access before any work starts."""
+    path = args.output_dir or REPO_ROOT / "experiments" / "outputs" / args.task
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        parser.error(f"argument --output-dir: cannot create {path}: {err.strerror}")
+    if not os.access(path, os.W_OK):
+        parser.error(f"argument --output-dir: {path} is not writable")
+    return path

@@ -1,0 +1,94 @@
+"""In-memory batches for fold-stacked training.
+
+Every tensor the model sees has a leading *member* dimension: member ``m`` is one fold's model
+(or the single model when only one is trained). Each member has its own rows, its own fitted
+preprocessing and its own shuffling, so training K members at once is K independent fits.
+Batches are cut from index permutations; nothing is collated sample by sample.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+
+class MemberFeatures:
+    """Features per member: a ``[M, N, F]`` tensor, or a shared ``[N, ...]`` tensor plus a per-member
+    affine normalisation ``(x - shift[m]) / scale[m]`` applied when a batch is cut."""
+
+    def __init__(self, x: Tensor, shift: Tensor | None = None, scale: Tensor | None = None) -> None:
+        self.x, self.shift, self.scale = x, shift, scale
+        self.shared = shift is not None
+
+    @property
+    def n_members(self) -> int:
+        return self.shift.shape[0] if self.shared else self.x.shape[0]
+
+    @property
+    def n_features(self) -> int:
+        return int(math.prod(self.x.shape[1:])) if self.shared else self.x.shape[-1]
+
+    def gather(self, rows: Tensor) -> Tensor:
+        """``rows`` is ``[M, B]``; returns float features ``[M, B, F]``."""
+        if not self.shared:
+            return self.x[torch.arange(rows.shape[0])[:, None], rows]
+        x = self.x[rows].reshape(rows.shape[0], rows.shape[1], -1).float()
+        return (x - self.shift[:, None, None]) / self.scale[:, None, None]
+
+    def select(self, members: Sequence[int]) -> MemberFeatures:
+        if self.shared:
+            return MemberFeatures(self.x, self.shift[list(members)], self.scale[list(members)])
+        return MemberFeatures(self.x[list(members)])
+
+
+class StackedBatches:
+    """An iterable of ``{"x": [M, B, F], "y": [M, B], "w": [M, B]}`` batches.
+
+    ``rows[m]`` are the row indices member ``m`` trains or is scored on. Members with fewer rows
+    than the largest get padding rows of weight 0 in the last batch, which the losses and metrics
+    ignore. With ``shuffle``, member ``m`` draws its permutations from its own generator seeded by
+    ``seed`` and ``member_ids[m]``, so a member sees the same batches alone or stacked with others.
+    """
+
+    def __init__(
+        self,
+        features: MemberFeatures,
+        targets: Tensor | None,
+        rows: Sequence[Tensor],
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        member_ids: Sequence[int] | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.features, self.targets, self.rows = features, targets, [r.long() for r in rows]
+        self.batch_size, self.shuffle = batch_size, shuffle
+        self.n_rows = max((len(r) for r in self.rows), default=0)
+        member_ids = list(range(len(rows))) if member_ids is None else list(member_ids)
+        self.generators = [torch.Generator().manual_seed(seed * 1_000_003 + 7919 * m + 1) for m in member_ids]
+
+    def __len__(self) -> int:
+        return math.ceil(self.n_rows / self.batch_size)
+
+    def _order(self) -> tuple[Tensor, Tensor]:
+        index = torch.zeros(len(self.rows), self.n_rows, dtype=torch.long)
+        weight = torch.zeros(len(self.rows), self.n_rows)
+        for m, (rows, generator) in enumerate(zip(self.rows, self.generators)):
+            if self.shuffle:
+                rows = rows[torch.randperm(len(rows), generator=generator)]
+            index[m, : len(rows)] = rows
+            weight[m, : len(rows)] = 1.0
+        return index, weight
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        index, weight = self._order()
+        for start in range(0, self.n_rows, self.batch_size):
+            rows = index[:, start : start + self.batch_size]
+            batch = {"x": self.features.gather(rows), "w": weight[:, start : start + self.batch_size]}
+            if self.targets is not None:
+                batch["y"] = self.targets[rows]
+            yield batch

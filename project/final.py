@@ -1,0 +1,42 @@
+"""The end of a run: the submission from the fold models, or a refit scored once on the test set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from project.cv import CVResult, fit, make_trainer, predict_members
+from project.data import FoldDataModule
+from project.models import StackedModule
+from project.submission import write_labels, write_submission
+from project.tasks import Task, TrainConfig
+
+
+def house_prices_submission(result: CVResult, datamodule: FoldDataModule, path: Path) -> Path:
+    """Average the K fold models' log-price predictions on test.csv: the submission is made of
+    exactly the models that cross-validation scored, at no extra training cost."""
+    log_prices = torch.cat([predict_members(m, datamodule) for m in result.modules]).mean(dim=0)
+    return write_submission(datamodule.test_ids, np.exp(log_prices.double().numpy()), path)
+
+
+def refit_and_test(task: Task, config: TrainConfig, data_dir: str | Path, seed: int,
+                   predictions_path: Path | None = None) -> tuple[StackedModule, float]:
+    """Refit on every training image, then score the official test split once."""
+    datamodule = task.datamodule(data_dir=data_dir, fold=None, seed=seed, **task.datamodule_kwargs)
+    datamodule.prepare_data()
+    datamodule.setup()
+    module = fit(task, config, datamodule, seed)
+    make_trainer(1).test(module, datamodule=datamodule, verbose=False)
+    if predictions_path is not None:
+        labels = predict_members(module, datamodule)[0].argmax(dim=-1).numpy()
+        write_labels(labels, predictions_path)
+    return module, float(module.test_scores[0])
+
+
+def save_model(module: StackedModule, config: TrainConfig, n_features: int, path: Path) -> Path:
+    """The trained weights with what is needed to rebuild the net; loads with ``weights_only=True``."""
+    torch.save({"config": config.to_dict(), "n_features": n_features, "fold_ids": module.fold_ids,
+                "state_dict": module.net.state_dict()}, path)
+    return path

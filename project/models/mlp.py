@@ -1,0 +1,87 @@
+"""A plain MLP whose weights carry a leading member dimension, so K fold models train as one.
+
+With ``members=1`` it is the ordinary MLP of the d2l chapters; ``hidden_sizes=()`` is the linear
+model. Inputs are ``[M, B, F]`` and outputs ``[M, B, out]``; every layer is a batched matmul, so
+member ``m`` only ever sees its own weights, inputs and dropout masks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
+
+
+class StackedLinear(nn.Module):
+    """``M`` independent linear layers applied to ``[M, B, in]`` with one ``baddbmm``."""
+
+    def __init__(self, in_features: int, out_features: int, seeds: Sequence[int]) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(len(seeds), in_features, out_features))
+        self.bias = nn.Parameter(torch.empty(len(seeds), 1, out_features))
+        self.reset_parameters(seeds)
+
+    @torch.no_grad()
+    def reset_parameters(self, seeds: Sequence[int]) -> None:
+        # nn.Linear's default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), drawn per member from its own seed
+        bound = 1.0 / math.sqrt(self.in_features)
+        for m, seed in enumerate(seeds):
+            generator = torch.Generator().manual_seed(seed)
+            self.weight[m].uniform_(-bound, bound, generator=generator)
+            self.bias[m].uniform_(-bound, bound, generator=generator)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"members={self.weight.shape[0]}, in_features={self.in_features}, out_features={self.out_features}"
+
+
+class MLP(nn.Module):
+    """Linear layers with activation and dropout between them; ``dropout`` is one value or one per
+    hidden layer, ``input_dropout`` drops input features."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        hidden_sizes: Sequence[int] = (),
+        dropout: float | Sequence[float] = 0.0,
+        activation: str = "relu",
+        input_dropout: float = 0.0,
+        members: int = 1,
+        seed: int = 0,
+        member_ids: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation {activation!r} is unknown: expected one of {', '.join(ACTIVATIONS)}")
+        hidden_sizes = list(hidden_sizes)
+        dropouts = [dropout] * len(hidden_sizes) if isinstance(dropout, (int, float)) else list(dropout)
+        if len(dropouts) != len(hidden_sizes):
+            raise ValueError(f"dropout has {len(dropouts)} values for {len(hidden_sizes)} hidden layers")
+        for p in [*dropouts, input_dropout]:
+            if not 0.0 <= p < 1.0:
+                raise ValueError(f"dropout {p} is outside [0, 1)")
+        member_ids = list(range(members)) if member_ids is None else list(member_ids)
+        if len(member_ids) != members:
+            raise ValueError(f"member_ids has {len(member_ids)} entries for {members} members")
+
+        layers: list[nn.Module] = [nn.Dropout(input_dropout)] if input_dropout > 0 else []
+        sizes = [in_features, *hidden_sizes, out_features]
+        for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+            # layer i of member m gets its own seed, whatever else is stacked beside it
+            layers.append(StackedLinear(n_in, n_out, [seed * 1_000_003 + 7919 * m + 104_729 * i for m in member_ids]))
+            if i < len(hidden_sizes):
+                layers.append(ACTIVATIONS[activation]())
+                if dropouts[i] > 0:
+                    layers.append(nn.Dropout(dropouts[i]))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layers(x)

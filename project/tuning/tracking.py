@@ -1,0 +1,120 @@
+"""MLflow through its client: experiments, the study / trial run hierarchy, CV curves, environment.
+
+The client is used directly (not Lightning's MLFlowLogger, which falls back to the deprecated file
+store and marks interrupted runs FAILED behind our back), so any process can log into a run it did
+not create, given the run id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from collections.abc import Iterable
+from importlib import metadata
+from pathlib import Path
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from project.cv import CVResult
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PARENT_TAG = "mlflow.parentRunId"
+PACKAGES = ("torch", "lightning", "torchmetrics", "optuna", "mlflow", "pandas", "scikit-learn", "numpy")
+_BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch call
+
+
+def resolve_tracking_uri(uri: str | None) -> str:
+    """``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///<repo>/mlflow.db``."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
+
+
+def _artifact_root(tracking_uri: str, experiment_name: str) -> str | None:
+    """Beside a SQLite store, artifacts go to ``mlartifacts/`` next to the database file."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None  # a tracking server chooses its own artifact store
+    db = Path(tracking_uri.removeprefix("sqlite:///"))
+    return (db.parent / "mlartifacts" / experiment_name).resolve().as_uri()
+
+
+def environment_tags() -> dict[str, str]:
+    tags = {"python": platform.python_version(), "platform": platform.platform()}
+    for package in PACKAGES:
+        try:
+            tags[f"version.{package}"] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5)
+        if commit.returncode == 0:
+            tags["mlflow.source.git.commit"] = commit.stdout.strip()
+    except OSError:
+        pass
+    return tags
+
+
+class Tracker:
+    """One MLflow experiment and the runs logged into it."""
+
+    def __init__(self, tracking_uri: str | None, experiment_name: str) -> None:
+        self.tracking_uri = resolve_tracking_uri(tracking_uri)
+        if self.tracking_uri.startswith("sqlite:///"):
+            Path(self.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self.client = MlflowClient(self.tracking_uri)
+        experiment = self.client.get_experiment_by_name(experiment_name)
+        if experiment is None:
+            self.experiment_id = self.client.create_experiment(
+                experiment_name, artifact_location=_artifact_root(self.tracking_uri, experiment_name))
+        else:
+            self.experiment_id = experiment.experiment_id
+
+    def start_run(self, name: str, parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> str:
+        tags = dict(tags or {})
+        if parent_run_id:
+            tags[PARENT_TAG] = parent_run_id
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
+        return run.info.run_id
+
+    def log_params(self, run_id: str, params: dict) -> None:
+        items = [Param(k, json.dumps(v) if isinstance(v, (list, tuple)) else str(v)) for k, v in params.items()]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[start : start + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        self._log(run_id, [Metric(k, float(v), 0, step) for k, v in metrics.items()])
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_cv(self, run_id: str, result: CVResult, fold_ids: Iterable[int]) -> None:
+        """CV mean/std, per-fold scores and per-epoch per-fold curves (``fold0/val_rmse`` ...)."""
+        metrics = [Metric("cv_mean", result.mean, 0, 0), Metric("cv_std", result.std, 0, 0)]
+        for fold, score, history in zip(fold_ids, result.fold_scores, result.history):
+            metrics.append(Metric(f"fold{fold}_{result.metric}", score, 0, 0))
+            for record in history:
+                for key, value in record.items():
+                    if key != "epoch":
+                        metrics.append(Metric(f"fold{fold}/{key}", float(value), 0, record["epoch"]))
+        self._log(run_id, metrics)
+
+    def _log(self, run_id: str, metrics: list[Metric]) -> None:
+        for start in range(0, len(metrics), _BATCH):
+            self.client.log_batch(run_id, metrics=metrics[start : start + _BATCH])
+
+    def log_artifact(self, run_id: str, path: Path, folder: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), folder)
+
+    def log_json(self, run_id: str, payload: dict, name: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            path.write_text(json.dumps(payload, indent=2))
+            self.client.log_artifact(run_id, str(path))
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status)
+
+    def ui_command(self) -> str:
+        return f"mlflow ui --backend-store-uri {self.tracking_uri} --host 127.0.0.1"
