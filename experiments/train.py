@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from project.cli import add_common_arguments, dropout_float, hidden_sizes, non_negative_float, output_dir, positive_float
+from project.cli import add_common_arguments, fixed_params, output_dir
 from project.cv import TrainingDiverged, cross_validate
 from project.data import DataError
 from project.final import house_prices_submission, refit_and_test, save_model
@@ -24,11 +24,6 @@ from project.tuning.tracking import Tracker, environment_tags
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser)
-    parser.add_argument("--lr", type=positive_float, default=None, help="learning rate (default: the task's)")
-    parser.add_argument("--weight-decay", type=non_negative_float, default=None, help="AdamW weight decay")
-    parser.add_argument("--dropout", type=dropout_float, default=None, help="dropout after each hidden layer")
-    parser.add_argument("--hidden-sizes", type=hidden_sizes, default=None,
-                        help="hidden widths, e.g. 256,128; 'none' for the linear model")
     parser.add_argument("--sequential-folds", action="store_true",
                         help="fit the folds one after another instead of as one fold-stacked model")
     return parser.parse_args(argv), parser
@@ -38,11 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     args, parser = parse_args(argv)
     task = get_task(args.task)
     out = output_dir(args, parser)
-    values = dict(task.defaults)
-    for name in ("lr", "weight_decay", "dropout", "hidden_sizes", "max_epochs", "batch_size"):
-        if getattr(args, name) is not None:
-            values[name] = getattr(args, name)
-    config = TrainConfig(**values)
+    config = TrainConfig(**{**task.defaults, **fixed_params(args)})
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -60,6 +60,11 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--experiment-name", default=None, help="MLflow experiment (default: the task name)")
     parser.add_argument("--output-dir", type=Path, default=None,
                         help="where summary.json and the submission go (default: experiments/outputs/<task>/)")
+    parser.add_argument("--lr", type=positive_float, default=None, help="learning rate (sweep: fixes it)")
+    parser.add_argument("--weight-decay", type=non_negative_float, default=None, help="AdamW weight decay (sweep: fixes it)")
+    parser.add_argument("--dropout", type=dropout_float, default=None, help="dropout after each hidden layer (sweep: fixes it)")
+    parser.add_argument("--hidden-sizes", type=hidden_sizes, default=None,
+                        help="hidden widths, e.g. 256,128, or 'none' for the linear model (sweep: fixes width and depth)")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (default: all cores, divided among --n-jobs workers)")
 
@@ -74,3 +79,11 @@ def output_dir(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Pat
     if not os.access(path, os.W_OK):
         parser.error(f"argument --output-dir: {path} is not writable")
     return path
+
+
+CONFIG_FLAGS = ("lr", "weight_decay", "dropout", "hidden_sizes", "max_epochs", "batch_size")
+
+
+def fixed_params(args: argparse.Namespace) -> dict:
+    """The configuration values given on the command line."""
+    return {name: getattr(args, name) for name in CONFIG_FLAGS if getattr(args, name) is not None}

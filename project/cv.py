@@ -120,6 +120,8 @@ def cross_validate(
                          accelerator=accelerator)
             modules.append(module)
             histories.extend(_split_history(module.history, 1))
+            if any(getattr(callback, "stopped", False) for callback in callbacks):
+                break  # a callback (the sweep's pruner) ended this configuration early
     key = f"val_{task.metric}"
     scores = [h[-1][key] for h in histories]
     return CVResult(task.metric, scores, histories, time.perf_counter() - start, modules)

@@ -1,0 +1,200 @@
+"""Optuna sweep under K-fold CV, tracked in MLflow: the main job of the template.
+
+    python experiments/sweep.py                         # House Prices, 5 folds, resumable study
+    python experiments/sweep.py --n-trials 2            # two more trials in the same study
+    python experiments/sweep.py --task fashion-mnist    # one stratified validation fold, see README
+
+Running the same command again resumes the study stored in --storage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import sys
+import threading
+import time
+
+from optuna.trial import TrialState
+from tqdm import tqdm
+
+from project.cli import add_common_arguments, fixed_params, output_dir, positive_float, positive_int
+from project.data import DataError
+from project.tasks import get_task
+from project.tuning.export import export_best
+from project.tuning.study import (
+    SweepSettings,
+    check_frozen,
+    STORAGE_SCHEMES,
+    default_storage,
+    open_study,
+    recover_stale_trials,
+    run_worker,
+)
+from project.tuning.tracking import Tracker, environment_tags
+
+PARENT_ATTR = "mlflow_parent_run_id"
+# images: one validation fold of the 5 (48k/12k) keeps the default sweep inside half an hour on 2 CPU cores
+DEFAULT_VALIDATION_FOLDS = {"regression": 5, "classification": 1}
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(parser)
+    parser.add_argument("--n-trials", type=positive_int, default=None,
+                        help="trials this invocation runs (default: 30 for house-prices, 6 for the image tasks)")
+    parser.add_argument("--timeout", type=positive_float, default=None, help="stop starting trials after this many seconds")
+    parser.add_argument("--storage", default=None,
+                        help="Optuna storage URL (default: sqlite:///<output-dir>/optuna.db; postgresql://... for many machines)")
+    parser.add_argument("--study-name", default=None, help="study to create or resume (default: the task name)")
+    parser.add_argument("--n-jobs", type=positive_int, default=None,
+                        help="worker processes sharing the study (default: one per core for house-prices, 1 for images)")
+    parser.add_argument("--validation-folds", type=positive_int, default=None,
+                        help="how many of the --folds folds each trial trains and scores "
+                             "(default: all for house-prices, 1 for the image tasks)")
+    parser.add_argument("--sequential-folds", action="store_true",
+                        help="fit folds one after another instead of as one fold-stacked model")
+    return parser.parse_args(argv), parser
+
+
+class Progress(threading.Thread):
+    """Polls the study: a bar over this invocation's trials and one line per finished trial."""
+
+    def __init__(self, study, first_number: int, total: int, metric: str) -> None:
+        super().__init__(daemon=True)
+        self.study, self.first, self.metric = study, first_number, metric
+        self.bar = tqdm(total=total, desc="trials", unit="trial", dynamic_ncols=True, disable=None)  # off without a tty
+        self.seen: set[int] = set()
+        self.done = threading.Event()
+
+    def poll(self) -> None:
+        for trial in self.study.get_trials(deepcopy=False):
+            if trial.number < self.first or trial.number in self.seen or not trial.state.is_finished():
+                continue
+            self.seen.add(trial.number)
+            params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+            value = f"cv_{self.metric}={trial.value:.5f}" if trial.value is not None else trial.user_attrs.get("failure", "")
+            self.bar.write(f"trial {trial.number:>3} {trial.state.name:<8} {value}  {params}")
+            self.bar.update(1)
+
+    def run(self) -> None:
+        while not self.done.wait(1.0):
+            self.poll()
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join()
+        self.poll()
+        self.bar.close()
+
+
+def parent_run(study, tracker: Tracker, settings: SweepSettings) -> str:
+    """One MLflow run per study, created by the coordinator before any worker starts; reused on resume."""
+    run_id = study.user_attrs.get(PARENT_ATTR)
+    if run_id:
+        try:
+            tracker.client.update_run(run_id, status="RUNNING")
+            return run_id
+        except Exception:  # the study outlived its MLflow store: start a new parent run
+            pass
+    run_id = tracker.start_run(f"study-{settings.study_name}", tags={**environment_tags(), "kind": "study"})
+    tracker.log_params(run_id, {"task": settings.task, "folds": settings.folds, "seed": settings.seed,
+                                "storage": settings.storage, "study_name": settings.study_name,
+                                **{f"fixed.{k}": v for k, v in settings.fixed.items()}})
+    study.set_user_attr(PARENT_ATTR, run_id)
+    return run_id
+
+
+def run_workers(settings: SweepSettings, n_trials: int, n_jobs: int, timeout: float | None) -> None:
+    if n_jobs == 1:
+        run_worker(settings, n_trials, timeout)
+        return
+    context = multiprocessing.get_context("spawn")
+    shares = [n_trials // n_jobs + (i < n_trials % n_jobs) for i in range(n_jobs)]
+    workers = [context.Process(target=run_worker, args=(settings, share, timeout, i))
+               for i, share in enumerate(shares) if share]
+    for worker in workers:
+        worker.start()
+    try:
+        for worker in workers:
+            worker.join()
+    finally:
+        for worker in workers:
+            if worker.is_alive():
+                worker.terminate()
+    failed = [w.exitcode for w in workers if w.exitcode]
+    if failed:
+        raise RuntimeError(f"{len(failed)} worker process(es) exited with code(s) {failed}; see the messages above")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, parser = parse_args(argv)
+    task = get_task(args.task)
+    out = output_dir(args, parser)
+    storage = args.storage or default_storage(out)
+    if not storage.startswith(STORAGE_SCHEMES):
+        parser.error(f"argument --storage: unknown scheme in {storage!r}; expected sqlite:///PATH, "
+                     "postgresql://..., mysql://... or journal:PATH")
+    n_trials = args.n_trials or (30 if task.kind == "regression" else 6)
+    n_jobs = min(args.n_jobs or ((os.cpu_count() or 1) if task.kind == "regression" else 1), n_trials)
+    settings = SweepSettings(
+        task=task.name, data_dir=str(args.data_dir), folds=args.folds, seed=args.seed, storage=storage,
+        study_name=args.study_name or task.name, tracking_uri="", experiment_name=args.experiment_name or task.name,
+        fixed=fixed_params(args), batched=not args.sequential_folds,
+        validation_folds=args.validation_folds or min(args.folds, DEFAULT_VALIDATION_FOLDS[task.kind]),
+        threads=args.threads or max(1, (os.cpu_count() or 1) // n_jobs),
+    )
+    if settings.validation_folds > settings.folds:
+        parser.error(f"argument --validation-folds: {settings.validation_folds} is more than --folds {settings.folds}")
+
+    tracker = Tracker(args.tracking_uri, settings.experiment_name)
+    settings.tracking_uri = tracker.tracking_uri
+    try:
+        study = open_study(settings)
+    except Exception as err:  # an unreachable or foreign database: name it and stop before any work
+        parser.error(f"argument --storage: cannot open {storage}: {str(err).splitlines()[0]}")
+    try:
+        check_frozen(study, settings)
+    except ValueError as err:
+        parser.error(str(err))
+    recovered = recover_stale_trials(study, tracker)
+    if recovered:
+        print(f"marked FAIL {len(recovered)} trial(s) left RUNNING by a dead worker: {recovered}")
+    settings.parent_run_id = parent_run(study, tracker, settings)
+
+    before = len(study.trials)
+    print(f"study {settings.study_name!r} in {storage}: {before} trial(s) so far; running {n_trials} more "
+          f"with {n_jobs} worker(s), {settings.validation_folds} of {settings.folds} folds per trial")
+    progress = Progress(study, before, n_trials, task.metric)
+    progress.start()
+    started = time.perf_counter()
+    try:
+        run_workers(settings, n_trials, n_jobs, args.timeout)
+    except DataError as err:
+        progress.stop()
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        if progress.is_alive():
+            progress.stop()
+    elapsed = time.perf_counter() - started
+
+    summary = export_best(study, settings, tracker, out, settings.parent_run_id)
+    tracker.end_run(settings.parent_run_id, "FINISHED")
+    states = {s.name: sum(t.state == s for t in study.trials) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    print(f"\n{n_trials} trial(s) in {elapsed:.0f}s; study totals: {states}")
+    print(f"best trial {summary['best_trial']}: cv_{task.metric} {summary['cv_mean']:.5f} ± {summary['cv_std']:.5f}")
+    print("best params: " + ", ".join(f"{k}={v}" for k, v in summary["best_params"].items()))
+    if "test_accuracy" in summary:
+        print(f"refit on the 60k training images, official test accuracy {summary['test_accuracy']:.4f}")
+    for key in ("submission", "predictions"):
+        if key in summary:
+            print(f"{key}: {summary[key]}")
+    print(f"summary: {out / 'summary.json'}\nplots:   {out / 'plots'}")
+    print(f"MLflow:  {tracker.ui_command()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

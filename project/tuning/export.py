@@ -1,0 +1,76 @@
+"""From a finished study to the deliverables: the best configuration re-run, the submission or the
+test accuracy, the model, plots and summary.json, all logged on the study's MLflow run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from project.cv import cross_validate
+from project.final import house_prices_submission, refit_and_test, save_model
+from project.tasks import get_task
+from project.tuning.plots import learning_curves, study_plots
+from project.tuning.space import config_from_params
+from project.tuning.study import RUN_ID_ATTR, SweepSettings
+from project.tuning.tracking import Tracker
+
+
+def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        raise ValueError(f"study {study.study_name!r} has no complete trial yet; run the sweep first")
+    return study.best_trial
+
+
+def export_best(study: optuna.Study, settings: SweepSettings, tracker: Tracker, out_dir: Path,
+                parent_run_id: str | None) -> dict:
+    """Rebuild the best trial (deterministic, so the same fold models), then write everything."""
+    task = get_task(settings.task)
+    best = best_trial(study)
+    config = config_from_params(task, best.params, settings.fixed)
+    datamodule = settings.datamodule()
+    result = cross_validate(task, config, seed=settings.seed, batched=settings.batched, datamodule=datamodule)
+
+    trials = study.get_trials(deepcopy=False)
+    summary = {
+        "task": task.name, "metric": task.metric, "direction": task.direction,
+        "cv_mean": best.value, "cv_std": best.user_attrs.get("cv_std"),
+        "fold_scores": best.user_attrs.get("fold_scores"), "cv_mean_rerun": result.mean,
+        "best_trial": best.number, "best_params": best.params, "config": config.to_dict(),
+        "n_trials": len(trials), "n_complete": sum(t.state == TrialState.COMPLETE for t in trials),
+        "n_pruned": sum(t.state == TrialState.PRUNED for t in trials),
+        "n_failed": sum(t.state == TrialState.FAIL for t in trials),
+        "study": {"storage": settings.storage, "name": settings.study_name},
+    }
+    plots_dir = out_dir / "plots"
+    plots = study_plots(study, plots_dir) + [learning_curves(result, datamodule.folds, plots_dir / "best_learning_curves.png")]
+    model_path = out_dir / "model.pt"
+    if task.kind == "regression":
+        summary["submission"] = str(house_prices_submission(result, datamodule, out_dir / "submission.csv"))
+        save_model(result.modules[0], config, datamodule.n_features, model_path)
+    else:
+        module, accuracy = refit_and_test(task, config, settings.data_dir, settings.seed, out_dir / "predictions.csv")
+        summary["test_accuracy"] = accuracy
+        summary["predictions"] = str(out_dir / "predictions.csv")
+        save_model(module, config, datamodule.n_features, model_path)
+    summary["mlflow"] = {"tracking_uri": tracker.tracking_uri, "experiment_id": tracker.experiment_id,
+                         "run_id": parent_run_id}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+
+    if parent_run_id:
+        best_run = best.user_attrs.get(RUN_ID_ATTR)
+        if best_run:
+            tracker.set_tags(best_run, {"best_trial": "true"})
+        tracker.set_tags(parent_run_id, {"best_trial_number": best.number, "best_trial_run_id": best_run or ""})
+        tracker.log_metrics(parent_run_id, {"best_cv_mean": best.value, "n_complete": summary["n_complete"],
+                                            **({"test_accuracy": summary["test_accuracy"]} if "test_accuracy" in summary else {})})
+        for plot in plots:
+            tracker.log_artifact(parent_run_id, plot, "plots")
+        for name in ("summary.json", "submission.csv", "predictions.csv"):
+            if (out_dir / name).exists():
+                tracker.log_artifact(parent_run_id, out_dir / name)
+        tracker.log_artifact(parent_run_id, model_path, "model")
+    return summary

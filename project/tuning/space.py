@@ -1,0 +1,44 @@
+"""The search space: learning rate, weight decay and dropout, plus width, depth, batch size and epochs."""
+
+from __future__ import annotations
+
+import optuna
+
+from project.tasks import Task, TrainConfig
+
+# per task: the ranges the defaults search; every one of them can be fixed by a flag
+SPACES = {
+    "regression": {
+        "lr": (1e-4, 3e-2), "weight_decay": (1e-6, 1.0), "dropout": (0.0, 0.5),
+        "depth": (0, 2), "width": (32, 512), "batch_size": (32, 64, 128), "max_epochs": (40, 160),
+    },
+    "classification": {
+        "lr": (2e-4, 3e-3), "weight_decay": (1e-6, 1e-1), "dropout": (0.0, 0.5),
+        "depth": (1, 3), "width": (256, 1024), "batch_size": (128, 256, 512), "max_epochs": (8, 20),
+    },
+}
+
+
+def suggest_config(trial: optuna.Trial, task: Task, fixed: dict) -> TrainConfig:
+    """Sample a configuration; values in ``fixed`` are used as they are and not searched."""
+    space = SPACES[task.kind]
+    values = dict(task.defaults)
+    values["scheduler"] = "onecycle" if task.kind == "classification" else "none"
+    values["lr"] = fixed.get("lr") or trial.suggest_float("lr", *space["lr"], log=True)
+    values["weight_decay"] = fixed["weight_decay"] if "weight_decay" in fixed else trial.suggest_float(
+        "weight_decay", *space["weight_decay"], log=True)
+    values["dropout"] = fixed["dropout"] if "dropout" in fixed else trial.suggest_float("dropout", *space["dropout"])
+    if "hidden_sizes" in fixed:
+        values["hidden_sizes"] = fixed["hidden_sizes"]
+    else:
+        depth = trial.suggest_int("depth", *space["depth"])
+        width = trial.suggest_int("width", *space["width"], log=True) if depth else 0
+        values["hidden_sizes"] = (width,) * depth
+    values["batch_size"] = fixed.get("batch_size") or trial.suggest_categorical("batch_size", space["batch_size"])
+    values["max_epochs"] = fixed.get("max_epochs") or trial.suggest_int("max_epochs", *space["max_epochs"], step=4)
+    return TrainConfig(**values)
+
+
+def config_from_params(task: Task, params: dict, fixed: dict) -> TrainConfig:
+    """Rebuild a trial's configuration from its stored parameters."""
+    return suggest_config(optuna.trial.FixedTrial(params), task, fixed)

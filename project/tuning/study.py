@@ -1,0 +1,180 @@
+"""The Optuna study: storage, the objective, workers, and recovery of trials a crash left behind."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import warnings
+
+import optuna
+import torch
+from optuna.storages import RDBStorage
+from optuna.trial import TrialState
+
+from project.cv import TrainingDiverged, cross_validate
+from project.tasks import get_task
+from project.tuning.pruning import FoldPruningCallback
+from project.tuning.space import suggest_config
+from project.tuning.tracking import Tracker
+
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
+RUN_ID_ATTR = "mlflow_run_id"
+# settings a resumed study must share with the one that created it: its trials would not compare
+FROZEN = ("task", "folds", "validation_folds", "seed", "fixed", "batched")
+STORAGE_SCHEMES = ("sqlite:", "postgresql", "mysql", "journal:")
+
+
+@dataclass
+class SweepSettings:
+    """Everything a worker process needs; plain values so it pickles into a spawned process."""
+
+    task: str
+    data_dir: str
+    folds: int
+    seed: int
+    storage: str
+    study_name: str
+    tracking_uri: str
+    experiment_name: str
+    fixed: dict = field(default_factory=dict)
+    batched: bool = True
+    validation_folds: int = 0  # train and score folds 0..validation_folds-1 of the K (0: all K)
+    threads: int | None = None
+    parent_run_id: str | None = None
+
+    def datamodule(self):
+        """The set-up DataModule stacking the folds every trial trains and scores."""
+        task = get_task(self.task)
+        folds = list(range(self.validation_folds or self.folds))
+        datamodule = task.datamodule(data_dir=self.data_dir, n_folds=self.folds, fold=folds, seed=self.seed,
+                                     **task.datamodule_kwargs)
+        datamodule.prepare_data()
+        datamodule.setup()
+        return datamodule
+
+
+def make_storage(url: str) -> optuna.storages.BaseStorage:
+    """RDB URLs (SQLite, PostgreSQL, MySQL) get a heartbeat so a killed worker's trial is failed."""
+    if url.startswith(("sqlite:", "postgresql", "mysql")):
+        return RDBStorage(url, heartbeat_interval=10, grace_period=30,
+                          engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite:") else None)
+    if url.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        return JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
+    raise ValueError(f"storage {url!r}: unknown scheme; expected sqlite:///PATH, postgresql://..., "
+                     "mysql://... or journal:PATH")
+
+
+def open_study(settings: SweepSettings, worker: int = 0) -> optuna.Study:
+    """Create or load the study; each worker seeds its sampler differently so they do not repeat each other."""
+    task = get_task(settings.task)
+    return optuna.create_study(
+        storage=make_storage(settings.storage),
+        study_name=settings.study_name,
+        direction=task.direction,
+        sampler=optuna.samplers.TPESampler(seed=settings.seed * 1000 + worker, n_startup_trials=8, multivariate=True),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=6, n_warmup_steps=10),
+        load_if_exists=True,
+    )
+
+
+def check_frozen(study: optuna.Study, settings: SweepSettings) -> None:
+    """Store the settings on a new study; refuse to resume one created with different ones."""
+    current = {k: v for k, v in asdict(settings).items() if k in FROZEN}
+    current["fixed"] = {k: list(v) if isinstance(v, tuple) else v for k, v in current["fixed"].items()}
+    stored = study.user_attrs.get("settings")
+    if stored is None:
+        study.set_user_attr("settings", current)
+        return
+    for key in FROZEN:
+        if stored.get(key) != current[key]:
+            flag = "--" + key.replace("_", "-") if key != "fixed" else "the fixed-value flags"
+            raise ValueError(f"study {settings.study_name!r} was created with {key}={stored.get(key)!r}, "
+                             f"this run has {current[key]!r} ({flag}); give --study-name a new name to start a new study")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_stale_trials(study: optuna.Study, tracker: Tracker) -> list[int]:
+    """Mark FAIL the RUNNING trials whose worker on this host has died (kill -9, power loss), and
+    their MLflow runs FAILED. Workers on other hosts are left to the storage heartbeat."""
+    host, failed = socket.gethostname(), []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if trial.user_attrs.get("host") == host and not _alive(int(trial.user_attrs.get("pid", -1))):
+            study._storage.set_trial_user_attr(trial._trial_id, "failure", "worker process died")
+            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            failed.append(trial.number)
+    # trials failed here or by the heartbeat: close their MLflow runs too
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        run_id = trial.user_attrs.get(RUN_ID_ATTR)
+        if run_id and tracker.client.get_run(run_id).info.status == "RUNNING":
+            tracker.set_tags(run_id, {"state": "FAIL", "failure": trial.user_attrs.get("failure", "worker died")})
+            tracker.end_run(run_id, "FAILED")
+    return failed
+
+
+class Objective:
+    """Mean validation score over the K folds; one MLflow child run per trial."""
+
+    def __init__(self, settings: SweepSettings, tracker: Tracker) -> None:
+        self.settings, self.tracker = settings, tracker
+        self.task = get_task(settings.task)
+        self.datamodule = settings.datamodule()  # set up once per worker: preprocessing does not depend on the trial
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        trial.set_user_attr("host", socket.gethostname())
+        trial.set_user_attr("pid", os.getpid())
+        config = suggest_config(trial, self.task, self.settings.fixed)
+        run_id = self.tracker.start_run(f"trial-{trial.number}", self.settings.parent_run_id,
+                                        {"trial_number": str(trial.number), "study": self.settings.study_name})
+        trial.set_user_attr(RUN_ID_ATTR, run_id)
+        self.tracker.log_params(run_id, {**config.to_dict(), "trial_number": trial.number})
+        pruner = FoldPruningCallback(trial)
+        state, status = "FAIL", "FAILED"
+        try:
+            result = cross_validate(self.task, config, seed=self.settings.seed, batched=self.settings.batched,
+                                    callbacks=[pruner], datamodule=self.datamodule)
+            self.tracker.log_cv(run_id, result, self.datamodule.folds)
+            self.tracker.log_metrics(run_id, {"seconds": result.seconds})
+            trial.set_user_attr("fold_scores", result.fold_scores)
+            trial.set_user_attr("cv_std", result.std)
+            trial.set_user_attr("seconds", result.seconds)
+            if pruner.stopped:
+                state, status = "PRUNED", "FINISHED"
+                raise optuna.TrialPruned(f"pruned at step {trial.last_step}")
+            state, status = "COMPLETE", "FINISHED"
+            return result.mean
+        except TrainingDiverged as err:
+            trial.set_user_attr("failure", str(err))
+            self.tracker.set_tags(run_id, {"failure": str(err)})
+            raise
+        finally:
+            self.tracker.set_tags(run_id, {"state": state})
+            self.tracker.end_run(run_id, status)
+
+
+def run_worker(settings: SweepSettings, n_trials: int, timeout: float | None, worker: int = 0) -> None:
+    """One worker: its own process, sharing the study storage and the MLflow store with the others."""
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    tracker = Tracker(settings.tracking_uri, settings.experiment_name)
+    study = open_study(settings, worker)
+    objective = Objective(settings, tracker)
+    study.optimize(objective, n_trials=n_trials, timeout=timeout, catch=(TrainingDiverged,), gc_after_trial=False)
+
+
+def default_storage(output_dir: Path) -> str:
+    return f"sqlite:///{(output_dir / 'optuna.db').resolve()}"
