@@ -12,7 +12,7 @@ from sklearn.model_selection import KFold, StratifiedKFold
 from torch import Tensor
 
 from project.data.batches import MemberFeatures, StackedBatches
-from project.data.sources import fetch_dataset
+from project.data.sources import DATASETS, fetch_dataset
 
 
 def kfold_indices(n_folds: int, seed: int, targets: np.ndarray, stratified: bool) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -61,7 +61,10 @@ class FoldDataModule(L.LightningDataModule):
         return len(self.folds)
 
     def prepare_data(self) -> None:
-        fetch_dataset(self.dataset, self.data_dir)
+        # Trainer.fit calls this on every fit: once the data is loaded it has nothing to do. A data set
+        # of your own, without pinned checksums, is read from data_dir as it is.
+        if not self._ready and self.dataset in DATASETS:
+            fetch_dataset(self.dataset, self.data_dir)
 
     def setup(self, stage: str | None = None) -> None:
         if self._ready:

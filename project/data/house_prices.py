@@ -26,24 +26,36 @@ QUALITY_COLUMNS = ("ExterQual", "ExterCond", "BsmtQual", "BsmtCond", "HeatingQC"
 
 
 def derive_house_features(df: pd.DataFrame) -> pd.DataFrame:
-    """Row-wise totals and ages, the features the strongest public solutions add."""
+    """Row-wise totals and ages, the features the strongest public solutions add (a column that is
+    absent counts as zero)."""
     df = df.copy()
 
-    def zero(column: str) -> pd.Series:
-        return df[column].fillna(0.0)  # a missing area or count here means there is none
+    def zero(column: str) -> pd.Series | float:
+        # a missing area or count here means there is none
+        return df[column].fillna(0.0) if column in df else 0.0
 
     df["TotalSF"] = zero("TotalBsmtSF") + zero("1stFlrSF") + zero("2ndFlrSF")
     df["TotalBath"] = zero("FullBath") + 0.5 * zero("HalfBath") + zero("BsmtFullBath") + 0.5 * zero("BsmtHalfBath")
     df["TotalPorchSF"] = sum(zero(c) for c in ("OpenPorchSF", "EnclosedPorch", "3SsnPorch", "ScreenPorch", "WoodDeckSF"))
-    df["HouseAge"] = df["YrSold"] - df["YearBuilt"]
-    df["RemodAge"] = df["YrSold"] - df["YearRemodAdd"]
-    df["QualSF"] = df["OverallQual"] * df["GrLivArea"]
+    df["HouseAge"] = zero("YrSold") - zero("YearBuilt")
+    df["RemodAge"] = zero("YrSold") - zero("YearRemodAdd")
+    df["QualSF"] = zero("OverallQual") * zero("GrLivArea")
     return df
 
+
+# the columns of train.csv that hold numbers (a text value in one of them is an error)
+NUMERIC_COLUMNS = (
+    "Id", "MSSubClass", "LotFrontage", "LotArea", "OverallQual", "OverallCond", "YearBuilt", "YearRemodAdd",
+    "MasVnrArea", "BsmtFinSF1", "BsmtFinSF2", "BsmtUnfSF", "TotalBsmtSF", "1stFlrSF", "2ndFlrSF", "LowQualFinSF",
+    "GrLivArea", "BsmtFullBath", "BsmtHalfBath", "FullBath", "HalfBath", "BedroomAbvGr", "KitchenAbvGr",
+    "TotRmsAbvGrd", "Fireplaces", "GarageYrBlt", "GarageCars", "GarageArea", "WoodDeckSF", "OpenPorchSF",
+    "EnclosedPorch", "3SsnPorch", "ScreenPorch", "PoolArea", "MiscVal", "MoSold", "YrSold", "SalePrice",
+)
 
 HOUSE_PRICES = TabularSpec(
     id_column="Id",
     target="SalePrice",
+    numeric=NUMERIC_COLUMNS,
     categorical=("MSSubClass", "MoSold", "YrSold"),
     ordinal={c: QUALITY for c in QUALITY_COLUMNS},
     derive=derive_house_features,

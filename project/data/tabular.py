@@ -57,7 +57,7 @@ def read_csv(path: Path, spec: TabularSpec, with_target: bool) -> pd.DataFrame:
             raise DataError(f"{path}: no column {column!r} ({role}); the header has {len(df.columns)} columns")
     numeric = spec.numeric
     if numeric is None:
-        numeric = tuple(c for c in df.select_dtypes("number").columns if c not in spec.categorical)
+        numeric = tuple(df.select_dtypes("number").columns)
     for column in numeric:
         if column in df.columns:
             df[column] = _as_numbers(df[column], path, column)
@@ -141,7 +141,7 @@ class FoldPreprocessor:
         df = df.drop(columns=[c for c in (self.spec.id_column, self.spec.target) if c in df.columns])
         if self.spec.derive is not None:
             df = self.spec.derive(df)
-        for column, levels in self.spec.ordinal.items():
+        for column, levels in ((c, lv) for c, lv in self.spec.ordinal.items() if c in df):
             df[column] = df[column].map(levels).astype("float64").fillna(0.0)
         return df
 

@@ -153,7 +153,7 @@ class Objective:
             trial.set_user_attr("seconds", result.seconds)
             if pruner.stopped:
                 state, status = "PRUNED", "FINISHED"
-                raise optuna.TrialPruned(f"pruned at step {trial.last_step}")
+                raise optuna.TrialPruned(f"pruned after epoch {len(result.history[0]) - 1}")
             state, status = "COMPLETE", "FINISHED"
             return result.mean
         except TrainingDiverged as err:

@@ -1,0 +1,40 @@
+# Set-up is two commands: `make sweep` (the main job) and `make test`. Each builds what it needs.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+.PHONY: install data sweep test test-fast benchmark clean
+
+install: $(STAMP)
+
+# torch is pinned in pyproject.toml; pip finds the CPU build where its config offers one
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+# Debian's dataset-fashion-mnist is the offline source of Fashion-MNIST; installed when we are root and lack it
+data: install
+	@if [ ! -d /usr/share/datasets/fashion-mnist ] && [ ! -f data/fashion-mnist/train-images-idx3-ubyte.gz ] \
+	    && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 \
+	    || echo "apt-get install dataset-fashion-mnist failed; the official mirror will be tried"; fi
+	$(PY) -m project.data
+
+sweep: data
+	$(PY) experiments/sweep.py $(ARGS)
+
+test: data
+	$(PY) -m pytest $(ARGS)
+
+test-fast: install
+	$(PY) -m pytest -m "not slow" $(ARGS)
+
+benchmark: data
+	$(PY) experiments/benchmark.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) experiments/outputs mlflow.db mlartifacts .pytest_cache

@@ -1,0 +1,66 @@
+"""Rebuild the deliverables of a finished sweep from its stored study, without re-running the sweep.
+
+    python experiments/export_submission.py                       # the default House Prices study
+    python experiments/export_submission.py --submit              # and send it to Kaggle
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+
+from project.cli import REPO_ROOT, output_dir
+from project.data.sources import KAGGLE_COMPETITION, _kaggle_credentials
+from project.tasks import TASKS, get_task
+from project.tuning.export import export_best
+from project.tuning.study import SweepSettings, default_storage, make_storage
+from project.tuning.tracking import Tracker
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=sorted(TASKS), default="house-prices", help="(default: %(default)s)")
+    parser.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite:///<output-dir>/optuna.db)")
+    parser.add_argument("--study-name", default=None, help="(default: the task name)")
+    parser.add_argument("--output-dir", type=Path, default=None, help="(default: experiments/outputs/<task>/)")
+    parser.add_argument("--data-dir", type=Path, default=REPO_ROOT / "data", help="(default: data/)")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: as the sweep)")
+    parser.add_argument("--submit", action="store_true", help="send submission.csv with the Kaggle API")
+    args = parser.parse_args(argv)
+    task = get_task(args.task)
+    out = output_dir(args, parser)
+    storage = args.storage or default_storage(out)
+    name = args.study_name or task.name
+    try:
+        study = optuna.load_study(study_name=name, storage=make_storage(storage))
+    except (KeyError, ValueError) as err:
+        parser.error(f"argument --study-name/--storage: no study {name!r} in {storage}: {err}")
+    stored = study.user_attrs.get("settings", {})
+    settings = SweepSettings(task=task.name, data_dir=str(args.data_dir), folds=stored.get("folds", 5),
+                             seed=stored.get("seed", 0), storage=storage, study_name=name, tracking_uri="",
+                             experiment_name=task.name, fixed=stored.get("fixed", {}),
+                             batched=stored.get("batched", True), validation_folds=stored.get("validation_folds", 0))
+    tracker = Tracker(args.tracking_uri, task.name)
+    settings.tracking_uri = tracker.tracking_uri
+    summary = export_best(study, settings, tracker, out, study.user_attrs.get("mlflow_parent_run_id"))
+    print(f"best trial {summary['best_trial']}: cv_{task.metric} {summary['cv_mean']:.5f} "
+          f"(re-run {summary['cv_mean_rerun']:.5f}); wrote {out / 'summary.json'}")
+    if "submission" not in summary:
+        return 0
+    print(f"submission: {summary['submission']}")
+    if not args.submit:
+        return 0
+    if not _kaggle_credentials():
+        print("error: --submit needs Kaggle credentials: create an API token on kaggle.com (Account -> API), "
+              "save it as ~/.kaggle/kaggle.json (chmod 600), and `pip install kaggle`", file=sys.stderr)
+        return 1
+    return subprocess.call(["kaggle", "competitions", "submit", "-c", KAGGLE_COMPETITION, "-f", summary["submission"],
+                            "-m", f"study {name} trial {summary['best_trial']} cv {summary['cv_mean']:.5f}"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

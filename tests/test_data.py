@@ -1,0 +1,295 @@
+"""Sources, checks, DataModules and per-fold preprocessing."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import pickle
+import struct
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from project.data import DataError, FashionMNISTDataModule, HousePricesDataModule, MNISTDataModule
+from project.data import sources
+from project.data.batches import MemberFeatures, StackedBatches
+from project.data.images import mnist_pickle_to_idx, read_idx
+from project.data.house_prices import HOUSE_PRICES
+from project.data.tabular import FoldPreprocessor
+
+from .conftest import make_house_frames
+
+
+def write_house(tmp_path, train: pd.DataFrame, test: pd.DataFrame):
+    folder = tmp_path / "house-prices"
+    folder.mkdir(exist_ok=True)
+    train.to_csv(folder / "train.csv", index=False)
+    test.to_csv(folder / "test.csv", index=False)
+    return tmp_path
+
+
+def setup_house(data_dir, **kwargs) -> HousePricesDataModule:
+    dm = HousePricesDataModule(data_dir=data_dir, **kwargs)
+    dm.setup()
+    return dm
+
+
+# ---- House Prices -------------------------------------------------------------------------
+
+
+def test_fold_sizes_and_features(house_dir):
+    dm = setup_house(house_dir, n_folds=5, fold=0)
+    assert (len(dm.train_rows[0]), len(dm.val_rows[0]), dm.test_size) == (48, 12, 20)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["x"].shape == (1, 48 if dm.batch_size > 48 else dm.batch_size, dm.n_features)
+    assert torch.isfinite(dm.features.x).all() and torch.isfinite(dm.test_features.x).all()
+    # target is log(SalePrice)
+    assert torch.allclose(dm.targets.double().exp(), torch.tensor(pd.read_csv(house_dir / "house-prices/train.csv")["SalePrice"].to_numpy()), rtol=1e-5)
+
+
+def test_folds_partition_the_rows_and_do_not_depend_on_configuration(house_dir):
+    a = setup_house(house_dir, fold=list(range(5)), batch_size=8)
+    b = setup_house(house_dir, fold=list(range(5)), batch_size=32)
+    val = torch.cat(a.val_rows).sort().values
+    assert torch.equal(val, torch.arange(60))
+    for tr, va, tr_b in zip(a.train_rows, a.val_rows, b.train_rows):
+        assert set(tr.tolist()).isdisjoint(va.tolist()) and torch.equal(tr, tr_b)
+
+
+def test_full_fit_has_no_validation(house_dir):
+    dm = setup_house(house_dir, fold=None)
+    assert len(dm.train_rows[0]) == 60 and dm.val_dataloader() == []
+
+
+def test_preprocessing_is_fitted_on_training_rows_only(house_dir):
+    """Changing the validation rows of a fold leaves the transform of every training row unchanged."""
+    train, _ = make_house_frames()
+    dm = setup_house(house_dir, fold=0)
+    val = dm.val_rows[0].numpy()
+    changed = train.copy()
+    changed.loc[val, "GrLivArea"] = 1e6
+    changed.loc[val, "LotFrontage"] = np.nan
+    changed.loc[val, "Neighborhood"] = "NeverSeenInTraining"
+    tr = dm.train_rows[0].numpy()
+    before = FoldPreprocessor(HOUSE_PRICES).fit(train.iloc[tr])
+    after = FoldPreprocessor(HOUSE_PRICES).fit(changed.iloc[tr])
+    np.testing.assert_array_equal(before.transform(train.iloc[tr]), after.transform(changed.iloc[tr]))
+    # and the DataModule built on the changed file gives the same training features
+    write_house(house_dir, changed, pd.read_csv(house_dir / "house-prices/test.csv"))
+    dm2 = setup_house(house_dir, fold=0)
+    torch.testing.assert_close(dm.features.x[0, tr], dm2.features.x[0, tr])
+
+
+def test_unseen_category_and_missing_values_are_handled(house_dir):
+    train, test = make_house_frames()
+    test.loc[0, "Neighborhood"] = "Brand New"
+    test.loc[1, "GrLivArea"] = np.nan
+    dm = setup_house(write_house(house_dir, train, test), fold=0)
+    assert torch.isfinite(dm.test_features.x).all()
+
+
+@pytest.mark.parametrize("column", ["SalePrice", "Id"])
+def test_missing_required_column_is_named(house_dir, column):
+    train, test = make_house_frames()
+    write_house(house_dir, train.drop(columns=column), test)
+    with pytest.raises(DataError, match=rf"train\.csv.*'{column}'"):
+        setup_house(house_dir)
+
+
+def test_empty_csv(house_dir):
+    (house_dir / "house-prices/train.csv").write_text("")
+    with pytest.raises(DataError, match=r"train\.csv: file is empty"):
+        setup_house(house_dir)
+
+
+def test_header_only_csv(house_dir):
+    (house_dir / "house-prices/train.csv").write_text("Id,SalePrice\n")
+    with pytest.raises(DataError, match=r"train\.csv: no data rows"):
+        setup_house(house_dir)
+
+
+def test_text_in_numeric_column(house_dir):
+    train, test = make_house_frames()
+    train["GrLivArea"] = train["GrLivArea"].astype(object)
+    train.loc[3, "GrLivArea"] = "big"
+    write_house(house_dir, train, test)
+    with pytest.raises(DataError, match=r"train\.csv: column 'GrLivArea' holds text \('big' in line 5\)"):
+        setup_house(house_dir)
+
+
+def test_infinite_value(house_dir):
+    train, test = make_house_frames()
+    train.loc[2, "TotalBsmtSF"] = np.inf
+    write_house(house_dir, train, test)
+    with pytest.raises(DataError, match=r"train\.csv: column 'TotalBsmtSF' line 4 is inf"):
+        setup_house(house_dir)
+
+
+def test_non_positive_target(house_dir):
+    train, test = make_house_frames()
+    train.loc[5, "SalePrice"] = 0
+    write_house(house_dir, train, test)
+    with pytest.raises(DataError, match=r"'SalePrice' row 7.*positive"):
+        setup_house(house_dir)
+
+
+def test_test_columns_must_match(house_dir):
+    train, test = make_house_frames()
+    write_house(house_dir, train, test.drop(columns="GrLivArea").assign(Extra=1))
+    with pytest.raises(DataError, match=r"test\.csv: columns differ.*missing \['GrLivArea'\].*unexpected \['Extra'\]"):
+        setup_house(house_dir)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(DataError, match=r"train\.csv: file not found"):
+        setup_house(tmp_path)
+
+
+def test_corrupt_csv(house_dir):
+    (house_dir / "house-prices/train.csv").write_bytes(b'Id,SalePrice\n1,"200000\n2,3\x00\xff\xfe')
+    with pytest.raises(DataError, match=r"train\.csv"):
+        setup_house(house_dir)
+
+
+# ---- IDX and MNIST pickle -------------------------------------------------------------------
+
+
+def test_idx_datamodule_splits_are_stratified(idx_dir):
+    dm = FashionMNISTDataModule(data_dir=idx_dir, n_folds=5, fold=0, batch_size=32)
+    dm.setup()
+    assert (len(dm.train_rows[0]), len(dm.val_rows[0]), dm.test_size) == (160, 40, 50)
+    assert torch.bincount(dm.targets[dm.val_rows[0]], minlength=10).tolist() == [4] * 10
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["x"].shape == (1, 32, 784) and batch["y"].dtype == torch.int64
+    # normalisation fitted on the training part: standardised there, not on the validation part
+    x = dm.features.gather(dm.train_rows[0][None])
+    assert abs(x.mean().item()) < 1e-4 and abs(x.std().item() - 1) < 1e-3
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda raw: struct.pack(">I", 0x00000999) + raw[4:], "magic number 0x00000999, expected 0x00000803"),
+    (lambda raw: raw[:-100], "size .* bytes, expected"),
+    (lambda raw: raw[:6], "header truncated"),
+])
+def test_bad_idx_files(idx_dir, damage, message):
+    path = idx_dir / "fashion-mnist/train-images-idx3-ubyte.gz"
+    raw = gzip.decompress(path.read_bytes())
+    path.write_bytes(gzip.compress(damage(raw)))
+    with pytest.raises(DataError, match=rf"train-images-idx3-ubyte\.gz: {message}"):
+        FashionMNISTDataModule(data_dir=idx_dir).setup()
+
+
+def test_truncated_gzip_idx(idx_dir):
+    path = idx_dir / "fashion-mnist/t10k-labels-idx1-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:20])
+    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte\.gz: cannot read"):
+        read_idx(path, 1)
+
+
+def test_mnist_pickle_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    parts = [(rng.integers(0, 256, (n, 784)).astype(np.float32) / 256, rng.integers(0, 10, n)) for n in (30, 10, 10)]
+    path = tmp_path / "mnist.pkl.gz"
+    with gzip.open(path, "wb") as stream:
+        pickle.dump(tuple(parts), stream)
+    mnist_pickle_to_idx(path, tmp_path)
+    images = read_idx(tmp_path / "train-images-idx3-ubyte.gz", 3)
+    assert images.shape == (40, 28, 28)
+    np.testing.assert_array_equal(images[:30].reshape(30, -1), (parts[0][0] * 256).astype(np.uint8))
+
+
+def test_mnist_pickle_refuses_other_globals(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            import os
+            return (os.system, ("echo should-not-run",))
+
+    path = tmp_path / "mnist.pkl.gz"
+    with gzip.open(path, "wb") as stream:
+        pickle.dump(Evil(), stream)
+    with pytest.raises(DataError, match=r"mnist\.pkl\.gz: not a valid MNIST pickle.*system is not allowed"):
+        mnist_pickle_to_idx(path, tmp_path)
+
+
+# ---- sources --------------------------------------------------------------------------------
+
+
+def test_checksum_mismatch_names_file_and_hashes(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_text("Id,SalePrice\n1,2\n")
+    with pytest.raises(sources.ChecksumError, match=r"train\.csv: checksum mismatch: expected sha256 0{64}; got sha256 [0-9a-f]{64}"):
+        sources.verify(path, {"sha256": "0" * 64})
+
+
+def test_local_copy_with_wrong_checksum_is_an_error(house_dir):
+    with pytest.raises(sources.ChecksumError, match="train.csv"):
+        sources.fetch_dataset("house-prices", house_dir)
+
+
+def test_no_source_lists_what_was_tried(tmp_path, monkeypatch, capsys):
+    def unreachable(names, workdir):
+        raise OSError("host unreachable")
+
+    monkeypatch.setattr(sources, "sources_for", lambda dataset: [("mirror A", unreachable), ("wheel B", unreachable)])
+    with pytest.raises(DataError) as err:
+        sources.fetch_dataset("mnist", tmp_path)
+    text = str(err.value)
+    assert "mirror A: host unreachable" in text and "wheel B: host unreachable" in text
+    assert "Provide the files by hand" in text
+    assert capsys.readouterr().err.count("skipped") == 2
+
+
+# ---- batches --------------------------------------------------------------------------------
+
+
+def test_each_member_sees_each_of_its_rows_once_per_epoch():
+    features = MemberFeatures(torch.arange(3 * 10 * 1, dtype=torch.float32).view(3, 10, 1))
+    rows = [torch.arange(0, 7), torch.arange(3, 10), torch.arange(0, 6)]
+    loader = StackedBatches(features, torch.arange(10).float(), rows, batch_size=3, shuffle=True, seed=1)
+    assert len(loader) == 3
+    seen = [[] for _ in rows]
+    for batch in loader:
+        for m in range(3):
+            seen[m] += batch["y"][m][batch["w"][m] > 0].long().tolist()
+    assert [sorted(s) for s in seen] == [r.tolist() for r in rows]
+
+
+def test_member_batches_are_the_same_alone_or_stacked():
+    x = torch.randn(2, 20, 3)
+    rows = [torch.arange(0, 15), torch.arange(5, 20)]
+    stacked = StackedBatches(MemberFeatures(x), torch.zeros(20), rows, 4, shuffle=True, seed=3, member_ids=[0, 1])
+    alone = StackedBatches(MemberFeatures(x[1:]), torch.zeros(20), rows[1:], 4, shuffle=True, seed=3, member_ids=[1])
+    for a, b in zip(stacked, alone):
+        torch.testing.assert_close(a["x"][1:], b["x"])
+
+
+# ---- the real files (CI fetches them) ---------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_real_house_prices_fold_sizes(real_data):
+    dm = setup_house(real_data, n_folds=5, fold=0)
+    assert (len(dm.train_rows[0]), len(dm.val_rows[0]), dm.test_size) == (1168, 292, 1459)
+    assert dm.test_ids.tolist() == list(range(1461, 2920))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cls", [FashionMNISTDataModule, MNISTDataModule])
+def test_real_image_fold_sizes(real_data, cls):
+    if not (real_data / cls.dataset / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"{cls.dataset} not fetched")
+    dm = cls(data_dir=real_data, n_folds=5, fold=0)
+    dm.prepare_data()
+    dm.setup()
+    assert (len(dm.train_rows[0]), len(dm.val_rows[0]), dm.test_size) == (48000, 12000, 10000)
+    assert torch.bincount(dm.test_targets).tolist() == ([1000] * 10 if cls is FashionMNISTDataModule
+                                                        else [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009])
+
+
+@pytest.mark.slow
+def test_real_files_verify(real_data):
+    for dataset in sources.DATASETS:
+        paths = sources.fetch_dataset(dataset, real_data)
+        assert all(p.is_file() for p in paths.values())

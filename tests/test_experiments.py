@@ -1,0 +1,158 @@
+"""train.py and sweep.py end to end on House Prices, shrunk: MLflow hierarchy, resume, pruning, bad flags."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from project.submission import check_submission
+from project.tuning.study import Objective, SweepSettings
+from project.tuning.tracking import Tracker
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "experiments"))
+import sweep  # noqa: E402
+import train  # noqa: E402
+
+TINY = ["--folds", "2", "--max-epochs", "2", "--batch-size", "64"]
+
+
+def common(tmp_path: Path) -> list[str]:
+    return ["--output-dir", str(tmp_path / "out"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+
+
+@pytest.mark.slow
+def test_train_logs_run_and_is_deterministic(real_data, tmp_path):
+    args = ["--data-dir", str(real_data), *TINY, "--hidden-sizes", "16", *common(tmp_path)]
+    assert train.main(args) == 0
+    first = json.loads((tmp_path / "out/summary.json").read_text())
+    assert train.main(args) == 0
+    second = json.loads((tmp_path / "out/summary.json").read_text())
+    assert abs(first["cv_mean"] - second["cv_mean"]) < 1e-6 and len(first["fold_scores"]) == 2
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(first["mlflow"]["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["cv_mean"] == pytest.approx(first["cv_mean"])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "fold0/val_rmse")] == [0, 1]
+    check_submission(pd.read_csv(first["submission"]))
+
+
+@pytest.mark.slow
+def test_sweep_hierarchy_resume_and_submission(real_data, tmp_path):
+    args = ["--data-dir", str(real_data), *TINY, "--n-trials", "2", "--n-jobs", "1", *common(tmp_path)]
+    assert sweep.main(args) == 0
+    summary = json.loads((tmp_path / "out/summary.json").read_text())
+    assert summary["n_trials"] == 2 and summary["study"]["name"] == "house-prices"
+    frame = pd.read_csv(summary["submission"])
+    check_submission(frame)
+    assert len(frame) == 1459
+
+    # the same command again resumes the study
+    assert sweep.main(args) == 0
+    summary = json.loads((tmp_path / "out/summary.json").read_text())
+    assert summary["n_trials"] == 4
+
+    client = MlflowClient(summary["mlflow"]["tracking_uri"])
+    parent = client.get_run(summary["mlflow"]["run_id"])
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(children) == 4 >= summary["n_complete"]
+    assert {c.data.tags["trial_number"] for c in children} == {"0", "1", "2", "3"}
+    assert sum(c.data.tags.get("best_trial") == "true" for c in children) >= 1
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"summary.json", "submission.csv", "plots", "model"} <= artifacts
+
+
+class AlwaysPrune(optuna.pruners.BasePruner):
+    def prune(self, study, trial) -> bool:
+        return True
+
+
+@pytest.mark.slow
+def test_pruned_trial_is_pruned_in_optuna_and_not_failed_in_mlflow(real_data, tmp_path):
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "prune-test")
+    parent = tracker.start_run("study")
+    settings = SweepSettings(task="house-prices", data_dir=str(real_data), folds=2, seed=0,
+                             storage=f"sqlite:///{tmp_path / 'optuna.db'}", study_name="p",
+                             tracking_uri=tracker.tracking_uri, experiment_name="prune-test",
+                             fixed={"max_epochs": 3, "hidden_sizes": (8,)}, parent_run_id=parent)
+    study = optuna.create_study(storage=settings.storage, study_name="p", pruner=AlwaysPrune())
+    study.optimize(Objective(settings, tracker), n_trials=1)
+    trial = study.trials[0]
+    assert trial.state == optuna.trial.TrialState.PRUNED
+    run = tracker.client.get_run(trial.user_attrs["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["state"] == "PRUNED"
+    assert run.data.tags["mlflow.parentRunId"] == parent
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--folds", "1", "argument --folds"),
+    ("--n-trials", "0", "argument --n-trials"),
+    ("--task", "nope", "argument --task"),
+    ("--max-epochs", "-1", "argument --max-epochs"),
+    ("--dropout", "1.5", "argument --dropout"),
+    ("--lr", "-0.1", "argument --lr"),
+    ("--weight-decay", "-1", "argument --weight-decay"),
+    ("--storage", "redis://localhost", "argument --storage"),
+    ("--output-dir", "/dev/null/out", "argument --output-dir"),
+])
+def test_bad_flags_exit_2_naming_the_flag(tmp_path, capsys, flag, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        sweep.main([flag, value, *(common(tmp_path) if flag != "--output-dir" else [])])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_corrupt_train_csv_is_refused_naming_the_file(house_dir, tmp_path, capsys):
+    (house_dir / "house-prices/train.csv").write_text("Id,SalePrice\n1,abc\n")
+    code = train.main(["--data-dir", str(house_dir), *TINY, *common(tmp_path)])
+    assert code == 1
+    assert "train.csv" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_mlflow_server_serves_the_runs(tmp_path):
+    """What `mlflow ui` shows: a server on 127.0.0.1 over the same store returns our runs by REST."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri, "served")
+    run_id = tracker.start_run("study")
+    tracker.log_metrics(run_id, {"cv_mean": 0.123})
+    tracker.end_run(run_id)
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
+                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        body = json.dumps({"experiment_ids": [tracker.experiment_id]}).encode()
+        deadline, reply = time.monotonic() + 90, None
+        while reply is None and time.monotonic() < deadline:
+            try:
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/search", data=body,
+                                                 headers={"Content-Type": "application/json"})
+                reply = json.loads(urllib.request.urlopen(request, timeout=5).read())
+            except OSError:
+                time.sleep(1)
+        assert reply is not None, "mlflow server did not answer within 90 s"
+        runs = reply["runs"]
+        assert [r["info"]["run_id"] for r in runs] == [run_id]
+        assert {m["key"]: m["value"] for m in runs[0]["data"]["metrics"]}["cv_mean"] == pytest.approx(0.123)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -1,0 +1,116 @@
+"""The MLP, the LightningModules and the K-fold runner, on the real configuration shrunk."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from project.cv import TrainingDiverged, cross_validate
+from project.models import MLP, MLPClassifier, MLPRegressor
+from project.models.mlp import StackedLinear
+from project.tasks import TrainConfig, get_task
+
+
+def test_mlp_shapes_and_linear_special_case():
+    net = MLP(7, 3, (16, 8), dropout=[0.1, 0.2], members=4)
+    assert net(torch.randn(4, 5, 7)).shape == (4, 5, 3)
+    linear = MLP(7, 1, ())
+    assert [type(m) for m in linear.layers] == [StackedLinear]
+    x = torch.randn(1, 5, 7)
+    layer = linear.layers[0]
+    torch.testing.assert_close(linear(x), x @ layer.weight + layer.bias)
+
+
+def test_member_initialisation_does_not_depend_on_its_neighbours():
+    stacked = MLP(5, 1, (4,), members=3, seed=2, member_ids=[0, 1, 2])
+    alone = MLP(5, 1, (4,), members=1, seed=2, member_ids=[2])
+    for a, b in zip(stacked.parameters(), alone.parameters()):
+        torch.testing.assert_close(a[2:], b)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"dropout": 1.0}, r"dropout 1.0 is outside \[0, 1\)"),
+    ({"activation": "nope"}, "activation 'nope' is unknown"),
+])
+def test_mlp_refuses_bad_arguments(bad, message):
+    with pytest.raises(ValueError, match=message):
+        MLP(3, 1, (4,), **bad)
+
+
+def test_member_gradients_are_independent():
+    """The summed loss gives each member exactly the gradient it gets alone."""
+    torch.manual_seed(0)
+    x, y, w = torch.randn(3, 8, 4), torch.randn(3, 8), torch.ones(3, 8)
+    w[2, 5:] = 0
+    stacked = MLPRegressor(MLP(4, 1, (6,), members=3, member_ids=[0, 1, 2]))
+    stacked.member_loss(stacked(x), y, w).sum().backward()
+    for m in range(3):
+        alone = MLPRegressor(MLP(4, 1, (6,), members=1, member_ids=[m]))
+        alone.member_loss(alone(x[m : m + 1]), y[m : m + 1], w[m : m + 1]).sum().backward()
+        for p_stacked, p_alone in zip(stacked.parameters(), alone.parameters()):
+            torch.testing.assert_close(p_stacked.grad[m : m + 1], p_alone.grad)
+
+
+def test_classifier_step_and_metric():
+    module = MLPClassifier(MLP(4, 3, (8,), members=2))
+    logits = module(torch.randn(2, 6, 4))
+    assert logits.shape == (2, 6, 3)
+    module.val_metric.update(torch.eye(3)[None].repeat(2, 2, 1), torch.tensor([[0, 1, 2, 0, 1, 2], [0, 0, 0, 0, 1, 2]]),
+                             torch.ones(2, 6))
+    assert module.val_metric.compute().tolist() == pytest.approx([1.0, 4 / 6])
+
+
+def house_task_dm(data_dir, folds=3, **kwargs):
+    task = get_task("house-prices")
+    dm = task.datamodule(data_dir=data_dir, n_folds=folds, fold=list(range(folds)), **kwargs)
+    dm.setup()
+    return task, dm
+
+
+def test_batched_folds_match_sequential_training(house_dir):
+    """Fold-stacked training equals fitting each fold alone, on the same seeds and batches."""
+    task, dm = house_task_dm(house_dir)
+    config = TrainConfig(hidden_sizes=(16,), max_epochs=4, batch_size=16, lr=1e-2, weight_decay=1e-2)
+    batched = cross_validate(task, config, datamodule=dm, batched=True)
+    sequential = cross_validate(task, config, datamodule=dm, batched=False)
+    assert len(batched.modules) == 1 and len(sequential.modules) == 3
+    torch.testing.assert_close(torch.tensor(batched.fold_scores), torch.tensor(sequential.fold_scores), rtol=1e-5, atol=1e-6)
+    for position in range(3):
+        for p_batched, p_alone in zip(batched.modules[0].net.parameters(), sequential.modules[position].net.parameters()):
+            torch.testing.assert_close(p_batched[position : position + 1], p_alone, rtol=1e-4, atol=1e-5)
+
+
+def test_same_seed_same_cv_score(house_dir):
+    task, dm = house_task_dm(house_dir)
+    config = TrainConfig(hidden_sizes=(16,), dropout=0.3, max_epochs=3, batch_size=8)
+    first = cross_validate(task, config, datamodule=dm, seed=0)
+    second = cross_validate(task, config, datamodule=dm, seed=0)
+    assert len(first.fold_scores) == 3 and all(s > 0 for s in first.fold_scores)
+    assert abs(first.mean - second.mean) < 1e-6
+    assert len(first.history[0]) == 3 and {"train_loss", "val_rmse"} <= set(first.history[0][0])
+
+
+def test_divergence_names_fold_and_epoch(house_dir):
+    task, dm = house_task_dm(house_dir)
+    config = TrainConfig(hidden_sizes=(16,), max_epochs=50, batch_size=8, lr=1e4, optimizer="sgd")
+    with pytest.raises(TrainingDiverged, match=r"NaN or infinite on fold \d at epoch \d+"):
+        cross_validate(task, config, datamodule=dm)
+
+
+def test_classification_cv(idx_dir):
+    task = get_task("fashion-mnist")
+    dm = task.datamodule(data_dir=idx_dir, n_folds=2, fold=[0, 1], batch_size=32)
+    dm.setup()
+    result = cross_validate(task, TrainConfig(hidden_sizes=(32,), max_epochs=2, batch_size=32), datamodule=dm)
+    assert len(result.fold_scores) == 2 and all(0 <= s <= 1 for s in result.fold_scores)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"lr": -1.0}, "lr=-1.0 is invalid"),
+    ({"weight_decay": -0.1}, "weight_decay=-0.1 is invalid"),
+    ({"dropout": 1.5}, "dropout=1.5 is invalid"),
+    ({"max_epochs": 0}, "max_epochs=0 is invalid"),
+])
+def test_config_refuses_bad_values(bad, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**bad)
