@@ -10,7 +10,6 @@ Running the same command again resumes the study stored in --storage.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
 import sys
 import threading
@@ -30,7 +29,7 @@ from project.tuning.study import (
     default_storage,
     open_study,
     recover_stale_trials,
-    run_worker,
+    run_workers,
 )
 from project.tuning.tracking import Tracker, environment_tags
 
@@ -104,28 +103,6 @@ def parent_run(study, tracker: Tracker, settings: SweepSettings) -> str:
                                 **{f"fixed.{k}": v for k, v in settings.fixed.items()}})
     study.set_user_attr(PARENT_ATTR, run_id)
     return run_id
-
-
-def run_workers(settings: SweepSettings, n_trials: int, n_jobs: int, timeout: float | None) -> None:
-    if n_jobs == 1:
-        run_worker(settings, n_trials, timeout)
-        return
-    context = multiprocessing.get_context("spawn")
-    shares = [n_trials // n_jobs + (i < n_trials % n_jobs) for i in range(n_jobs)]
-    workers = [context.Process(target=run_worker, args=(settings, share, timeout, i))
-               for i, share in enumerate(shares) if share]
-    for worker in workers:
-        worker.start()
-    try:
-        for worker in workers:
-            worker.join()
-    finally:
-        for worker in workers:
-            if worker.is_alive():
-                worker.terminate()
-    failed = [w.exitcode for w in workers if w.exitcode]
-    if failed:
-        raise RuntimeError(f"{len(failed)} worker process(es) exited with code(s) {failed}; see the messages above")
 
 
 def main(argv: list[str] | None = None) -> int:

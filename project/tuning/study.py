@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import socket
 from dataclasses import asdict, dataclass, field
@@ -174,6 +175,28 @@ def run_worker(settings: SweepSettings, n_trials: int, timeout: float | None, wo
     study = open_study(settings, worker)
     objective = Objective(settings, tracker)
     study.optimize(objective, n_trials=n_trials, timeout=timeout, catch=(TrainingDiverged,), gc_after_trial=False)
+
+
+def run_workers(settings: SweepSettings, n_trials: int, n_jobs: int, timeout: float | None) -> None:
+    if n_jobs == 1:
+        run_worker(settings, n_trials, timeout)
+        return
+    context = multiprocessing.get_context("spawn")
+    shares = [n_trials // n_jobs + (i < n_trials % n_jobs) for i in range(n_jobs)]
+    workers = [context.Process(target=run_worker, args=(settings, share, timeout, i))
+               for i, share in enumerate(shares) if share]
+    for worker in workers:
+        worker.start()
+    try:
+        for worker in workers:
+            worker.join()
+    finally:
+        for worker in workers:
+            if worker.is_alive():
+                worker.terminate()
+    failed = [w.exitcode for w in workers if w.exitcode]
+    if failed:
+        raise RuntimeError(f"{len(failed)} worker process(es) exited with code(s) {failed}; see the messages above")
 
 
 def default_storage(output_dir: Path) -> str:

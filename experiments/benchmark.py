@@ -1,0 +1,171 @@
+"""Side by side in one process: the plain PyTorch loop of the d2l chapters against this project's path.
+
+    python experiments/benchmark.py --json bench.json
+
+Each case trains the same model with the same optimiser, epochs, batch size, folds and data on
+both paths and reports the median of --repeats runs (imports and data loading excluded). The plain
+reference keeps tensors in memory, draws batches from ``randperm`` and fits the folds one by one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from project.cli import REPO_ROOT, positive_int
+from project.cv import cross_validate
+from project.tasks import TrainConfig, get_task
+
+
+def plain_fit(x_train, y_train, x_val, y_val, config: TrainConfig, out_features: int, classification: bool, seed: int):
+    """The d2l-style loop: nn.Linear layers, AdamW, randperm mini-batches, a validation pass per epoch."""
+    torch.manual_seed(seed)
+    sizes = [x_train.shape[1], *config.hidden_sizes, out_features]
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers += [nn.ReLU(), nn.Dropout(config.dropout)]
+    net = nn.Sequential(*layers)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    loss_fn = nn.CrossEntropyLoss() if classification else nn.MSELoss()
+    for _ in range(config.max_epochs):
+        net.train()
+        for idx in torch.randperm(len(x_train)).split(config.batch_size):
+            out = net(x_train[idx])
+            loss = loss_fn(out, y_train[idx]) if classification else loss_fn(out.squeeze(-1), y_train[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        net.eval()
+        with torch.no_grad():
+            out = net(x_val)
+            score = (out.argmax(1) == y_val).float().mean() if classification else (out.squeeze(-1) - y_val).square().mean().sqrt()
+    return float(score)
+
+
+def fold_tensors(datamodule, position: int):
+    rows_tr, rows_va = datamodule.train_rows[position], datamodule.val_rows[position]
+    features = datamodule.features.select([position])
+    x_tr = features.gather(rows_tr[None])[0]
+    x_va = features.gather(rows_va[None])[0]
+    return x_tr, datamodule.targets[rows_tr], x_va, datamodule.targets[rows_va]
+
+
+def timed(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def case_folds(name: str, task_name: str, data_dir: Path, config: TrainConfig, folds: list[int], repeats: int) -> dict:
+    task = get_task(task_name)
+    dm = task.datamodule(data_dir=data_dir, n_folds=5, fold=folds, **task.datamodule_kwargs)
+    dm.prepare_data()
+    dm.setup()
+    tensors = [fold_tensors(dm, p) for p in range(len(folds))]
+    classification = task.kind == "classification"
+
+    def plain():
+        for p, t in enumerate(tensors):
+            plain_fit(*t, config, task.out_features, classification, seed=p)
+
+    def project():
+        cross_validate(task, config, datamodule=dm)
+
+    plain(), project()  # warm-up: first-call allocations and kernel selection
+    plain_s, project_s = timed(plain, repeats), timed(project, repeats)
+    return {"name": name, "plain_s": round(plain_s, 3), "project_s": round(project_s, 3),
+            "ratio": round(project_s / plain_s, 3), "peak_mem_mb": round(peak_mb(), 1)}
+
+
+def case_sweep(data_dir: Path, n_trials: int) -> dict:
+    """Trials per minute: a plain sequential loop over configurations vs the sweep's workers."""
+    import optuna
+
+    from project.tuning.space import suggest_config
+    from project.tuning.study import SweepSettings, run_workers
+
+    task = get_task("house-prices")
+    fixed = {"max_epochs": 20}
+    dm = task.datamodule(data_dir=data_dir, n_folds=5, fold=list(range(5)), **task.datamodule_kwargs)
+    dm.prepare_data()
+    dm.setup()
+    tensors = [fold_tensors(dm, p) for p in range(5)]
+    sampler = optuna.samplers.RandomSampler(seed=0)
+    configs = [suggest_config(optuna.create_study(sampler=sampler).ask(), task, fixed) for _ in range(n_trials)]
+
+    def plain():
+        for config in configs:
+            for p, t in enumerate(tensors):
+                plain_fit(*t, config, 1, False, seed=p)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        jobs = os.cpu_count() or 1
+        settings = SweepSettings(task="house-prices", data_dir=str(data_dir), folds=5, seed=0,
+                                 storage=f"sqlite:///{tmp}/optuna.db", study_name="bench",
+                                 tracking_uri=f"sqlite:///{tmp}/mlflow.db", experiment_name="bench", fixed=fixed,
+                                 threads=max(1, (os.cpu_count() or 1) // jobs))
+        start = time.perf_counter()
+        run_workers(settings, n_trials, jobs, None)
+        project_s = time.perf_counter() - start
+    plain_s = timed(plain, 1)
+    return {"name": "sweep-throughput", "plain_s": round(plain_s, 3), "project_s": round(project_s, 3),
+            "ratio": round(project_s / plain_s, 3), "peak_mem_mb": round(peak_mb(), 1),
+            "plain_trials_per_min": round(60 * n_trials / plain_s, 1),
+            "project_trials_per_min": round(60 * n_trials / project_s, 1), "workers": jobs}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", type=Path, default=REPO_ROOT / "data", help="(default: data/)")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="runs per case; the median is reported")
+    parser.add_argument("--sweep-trials", type=positive_int, default=8, help="trials in the sweep-throughput case")
+    parser.add_argument("--cases", default="all", help="comma-separated case names (default: all)")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = parser.parse_args(argv)
+    image = TrainConfig(hidden_sizes=(256, 256), batch_size=256, max_epochs=1, lr=1e-3)
+    linear = TrainConfig(hidden_sizes=(), batch_size=64, max_epochs=100, lr=1e-2)
+    mlp = TrainConfig(hidden_sizes=(256,), batch_size=64, max_epochs=100, lr=1e-3, weight_decay=1e-2)
+    cases = {
+        "fashion-mnist-epoch": lambda: case_folds("fashion-mnist-epoch", "fashion-mnist", args.data_dir, image, [0], args.repeats),
+        "house-prices-5fold-linear": lambda: case_folds("house-prices-5fold-linear", "house-prices", args.data_dir, linear, list(range(5)), args.repeats),
+        "house-prices-5fold-mlp": lambda: case_folds("house-prices-5fold-mlp", "house-prices", args.data_dir, mlp, list(range(5)), args.repeats),
+        "sweep-throughput": lambda: case_sweep(args.data_dir, args.sweep_trials),
+    }
+    chosen = list(cases) if args.cases == "all" else args.cases.split(",")
+    unknown = [c for c in chosen if c not in cases]
+    if unknown:
+        parser.error(f"argument --cases: unknown {unknown}; expected some of {', '.join(cases)}")
+    results = []
+    print(f"{'case':<28}{'plain s':>10}{'project s':>11}{'ratio':>8}{'peak MB':>10}")
+    for name in chosen:
+        row = cases[name]()
+        results.append(row)
+        print(f"{row['name']:<28}{row['plain_s']:>10.2f}{row['project_s']:>11.2f}{row['ratio']:>8.2f}{row['peak_mem_mb']:>10.0f}",
+              flush=True)
+    payload = {"cases": results, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+    if args.json:
+        args.json.write_text(json.dumps(payload, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
