@@ -14,7 +14,7 @@ SPACES = {
     },
     "classification": {
         "lr": (2e-4, 3e-3), "weight_decay": (1e-6, 1e-1), "dropout": (0.0, 0.5),
-        "depth": (1, 3), "width": (256, 1024), "batch_size": (128, 256, 512), "max_epochs": (8, 20),
+        "depth": (1, 3), "width": (256, 768), "batch_size": (128, 256, 512), "max_epochs": (8, 16),
     },
 }
 

@@ -181,6 +181,9 @@ def run_workers(settings: SweepSettings, n_trials: int, n_jobs: int, timeout: fl
     if n_jobs == 1:
         run_worker(settings, n_trials, timeout)
         return
+    # create both stores' tables and the experiment here, once: workers racing to do so collide
+    Tracker(settings.tracking_uri, settings.experiment_name)
+    open_study(settings)
     context = multiprocessing.get_context("spawn")
     shares = [n_trials // n_jobs + (i < n_trials % n_jobs) for i in range(n_jobs)]
     workers = [context.Process(target=run_worker, args=(settings, share, timeout, i))
