@@ -114,3 +114,11 @@ def test_classification_cv(idx_dir):
 def test_config_refuses_bad_values(bad, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**bad)
+
+
+def test_single_member_scores_stay_lists(house_dir):
+    """One member (one validation fold, or sequential folds) keeps per-member lists in the history."""
+    task, dm = house_task_dm(house_dir)
+    result = cross_validate(task, TrainConfig(hidden_sizes=(8,), max_epochs=2, batch_size=16), datamodule=dm, batched=False)
+    assert len(result.fold_scores) == 3 and all(isinstance(s, float) for s in result.fold_scores)
+    assert all(isinstance(r["val_rmse"], float) for h in result.history for r in h)

@@ -97,7 +97,7 @@ class StackedModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             return
-        scores = self.val_metric.compute().cpu()
+        scores = self.val_metric.compute().cpu().reshape(-1)  # torchmetrics squeezes a single member
         self.val_metric.reset()
         record = self._epoch_record()
         record[f"val_{self.metric_name}"] = scores.tolist()
@@ -111,7 +111,7 @@ class StackedModule(L.LightningModule):
             self.history.append(self._epoch_record())
 
     def on_test_epoch_end(self) -> None:
-        scores = self.val_metric.compute().cpu()
+        scores = self.val_metric.compute().cpu().reshape(-1)  # torchmetrics squeezes a single member
         self.val_metric.reset()
         self.test_scores = scores.tolist()
         self.log(f"test/{self.metric_name}", scores.mean())
