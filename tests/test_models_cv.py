@@ -122,3 +122,5 @@ def test_single_member_scores_stay_lists(house_dir):
     result = cross_validate(task, TrainConfig(hidden_sizes=(8,), max_epochs=2, batch_size=16), datamodule=dm, batched=False)
     assert len(result.fold_scores) == 3 and all(isinstance(s, float) for s in result.fold_scores)
     assert all(isinstance(r["val_rmse"], float) for h in result.history for r in h)
+    # the module's own record keeps one value per member, as the pruning callback reads it
+    assert [len(r["val_rmse"]) for r in result.modules[0].history] == [1, 1]
