@@ -42,8 +42,8 @@ def setup_house(data_dir, **kwargs) -> HousePricesDataModule:
 def test_fold_sizes_and_features(house_dir):
     dm = setup_house(house_dir, n_folds=5, fold=0)
     assert (len(dm.train_rows[0]), len(dm.val_rows[0]), dm.test_size) == (48, 12, 20)
-    batch = next(iter(dm.train_dataloader()))
-    assert batch["x"].shape == (1, 48 if dm.batch_size > 48 else dm.batch_size, dm.n_features)
+    batch = next(iter(dm.train_dataloader()))  # a chunk of mini-batches: [steps, members, rows, features]
+    assert batch["x"].shape == (1, 1, 64, dm.n_features) and batch["w"].sum() == 48
     assert torch.isfinite(dm.features.x).all() and torch.isfinite(dm.test_features.x).all()
     # target is log(SalePrice)
     assert torch.allclose(dm.targets.double().exp(), torch.tensor(pd.read_csv(house_dir / "house-prices/train.csv")["SalePrice"].to_numpy()), rtol=1e-5)
@@ -162,7 +162,7 @@ def test_idx_datamodule_splits_are_stratified(idx_dir):
     assert (len(dm.train_rows[0]), len(dm.val_rows[0]), dm.test_size) == (160, 40, 50)
     assert torch.bincount(dm.targets[dm.val_rows[0]], minlength=10).tolist() == [4] * 10
     batch = next(iter(dm.train_dataloader()))
-    assert batch["x"].shape == (1, 32, 784) and batch["y"].dtype == torch.int64
+    assert batch["x"].shape == (5, 1, 32, 784) and batch["y"].dtype == torch.int64
     # normalisation fitted on the training part: standardised there, not on the validation part
     x = dm.features.gather(dm.train_rows[0][None])
     assert abs(x.mean().item()) < 1e-4 and abs(x.std().item() - 1) < 1e-3

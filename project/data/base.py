@@ -15,6 +15,9 @@ from project.data.batches import MemberFeatures, StackedBatches
 from project.data.sources import DATASETS, fetch_dataset
 
 
+CHUNK_ELEMENTS = 4 * 1024 * 1024
+
+
 def kfold_indices(n_folds: int, seed: int, targets: np.ndarray, stratified: bool) -> list[tuple[np.ndarray, np.ndarray]]:
     """The (train, validation) row indices of each fold; identical for every configuration."""
     if stratified:
@@ -98,8 +101,12 @@ class FoldDataModule(L.LightningDataModule):
         return self.features.n_features
 
     def train_dataloader(self) -> StackedBatches:
+        """Chunks of consecutive mini-batches (about 16 MB of features each): the module steps the
+        optimiser once per mini-batch, and the Trainer's per-item overhead is paid once per chunk."""
+        per_step = self.n_members * self.batch_size * self.n_features
+        chunk = max(1, CHUNK_ELEMENTS // per_step)
         return StackedBatches(self.features, self.targets, self.train_rows, self.batch_size,
-                              shuffle=True, seed=self.seed, member_ids=self.member_ids())
+                              shuffle=True, seed=self.seed, member_ids=self.member_ids(), chunk_steps=chunk)
 
     def val_dataloader(self) -> StackedBatches | list:
         if self.folds == [None]:

@@ -32,10 +32,13 @@ class MemberFeatures:
         return int(math.prod(self.x.shape[1:])) if self.shared else self.x.shape[-1]
 
     def gather(self, rows: Tensor) -> Tensor:
-        """``rows`` is ``[M, B]``; returns float features ``[M, B, F]``."""
+        """``rows`` is ``[..., M, B]``; returns float features ``[..., M, B, F]``."""
         if not self.shared:
-            return self.x[torch.arange(rows.shape[0])[:, None], rows]
-        x = self.x[rows].reshape(rows.shape[0], rows.shape[1], -1).float()
+            # one index_select over [M * N, F] rows: a plain row copy, faster than broadcast indexing
+            members, n_rows = self.x.shape[0], self.x.shape[1]
+            flat = rows + n_rows * torch.arange(members)[:, None]
+            return self.x.view(members * n_rows, -1).index_select(0, flat.reshape(-1)).view(*rows.shape, -1)
+        x = self.x[rows].reshape(*rows.shape, -1).float()
         return (x - self.shift[:, None, None]) / self.scale[:, None, None]
 
     def select(self, members: Sequence[int]) -> MemberFeatures:
@@ -45,7 +48,9 @@ class MemberFeatures:
 
 
 class StackedBatches:
-    """An iterable of ``{"x": [M, B, F], "y": [M, B], "w": [M, B]}`` batches.
+    """An iterable of ``{"x": [M, B, F], "y": [M, B], "w": [M, B]}`` batches, or with ``chunk_steps``
+    of chunks ``{"x": [S, M, B, F], ...}`` holding S consecutive mini-batches, so that a training
+    loop pays its per-item overhead once per chunk.
 
     ``rows[m]`` are the row indices member ``m`` trains or is scored on. Members with fewer rows
     than the largest get padding rows of weight 0 in the last batch, which the losses and metrics
@@ -62,21 +67,27 @@ class StackedBatches:
         shuffle: bool = False,
         seed: int = 0,
         member_ids: Sequence[int] | None = None,
+        chunk_steps: int | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.features, self.targets, self.rows = features, targets, [r.long() for r in rows]
-        self.batch_size, self.shuffle = batch_size, shuffle
+        self.batch_size, self.shuffle, self.chunk_steps = batch_size, shuffle, chunk_steps
         self.n_rows = max((len(r) for r in self.rows), default=0)
         member_ids = list(range(len(rows))) if member_ids is None else list(member_ids)
         self.generators = [torch.Generator().manual_seed(seed * 1_000_003 + 7919 * m + 1) for m in member_ids]
 
-    def __len__(self) -> int:
+    @property
+    def steps_per_epoch(self) -> int:
+        """Mini-batches (optimiser steps) per pass over the rows."""
         return math.ceil(self.n_rows / self.batch_size)
 
-    def _order(self) -> tuple[Tensor, Tensor]:
-        index = torch.zeros(len(self.rows), self.n_rows, dtype=torch.long)
-        weight = torch.zeros(len(self.rows), self.n_rows)
+    def __len__(self) -> int:
+        return math.ceil(self.steps_per_epoch / (self.chunk_steps or 1))
+
+    def _order(self, length: int) -> tuple[Tensor, Tensor]:
+        index = torch.zeros(len(self.rows), length, dtype=torch.long)
+        weight = torch.zeros(len(self.rows), length)
         for m, (rows, generator) in enumerate(zip(self.rows, self.generators)):
             if self.shuffle:
                 rows = rows[torch.randperm(len(rows), generator=generator)]
@@ -84,11 +95,24 @@ class StackedBatches:
             weight[m, : len(rows)] = 1.0
         return index, weight
 
+    def _batch(self, rows: Tensor, weight: Tensor) -> dict[str, Tensor]:
+        batch = {"x": self.features.gather(rows), "w": weight}
+        if self.targets is not None:
+            batch["y"] = self.targets[rows]
+        return batch
+
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
-        index, weight = self._order()
-        for start in range(0, self.n_rows, self.batch_size):
-            rows = index[:, start : start + self.batch_size]
-            batch = {"x": self.features.gather(rows), "w": weight[:, start : start + self.batch_size]}
-            if self.targets is not None:
-                batch["y"] = self.targets[rows]
-            yield batch
+        if self.chunk_steps is None:
+            index, weight = self._order(self.n_rows)
+            for start in range(0, self.n_rows, self.batch_size):
+                stop = start + self.batch_size
+                yield self._batch(index[:, start:stop], weight[:, start:stop])
+            return
+        # pad to whole mini-batches (padding rows weigh 0), then lay out as [steps, M, B]
+        steps, members = self.steps_per_epoch, len(self.rows)
+        index, weight = self._order(steps * self.batch_size)
+        index = index.view(members, steps, self.batch_size).transpose(0, 1).contiguous()
+        weight = weight.view(members, steps, self.batch_size).transpose(0, 1).contiguous()
+        for start in range(0, steps, self.chunk_steps):
+            stop = start + self.chunk_steps
+            yield self._batch(index[start:stop], weight[start:stop])

@@ -36,6 +36,8 @@ class StackedModule(L.LightningModule):
         momentum: float = 0.9,
     ) -> None:
         super().__init__()
+        # the optimiser steps inside training_step, once per mini-batch of a chunk
+        self.automatic_optimization = False
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer {optimizer!r} is unknown: expected one of {', '.join(OPTIMIZERS)}")
         if scheduler not in SCHEDULERS:
@@ -55,7 +57,8 @@ class StackedModule(L.LightningModule):
         raise NotImplementedError
 
     def member_loss(self, output: Tensor, target: Tensor, weight: Tensor) -> Tensor:
-        """Per-member weighted mean loss, shape ``[M]``."""
+        """Per-member loss ``[M]``: the weighted sum over rows, with each member's weights summing to
+        one (padding rows weigh 0), which makes it the mean over the member's own rows."""
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
@@ -65,13 +68,27 @@ class StackedModule(L.LightningModule):
         self._loss_sum = torch.zeros(self.n_members, device=self.device)
         self._weight_sum = torch.zeros(self.n_members, device=self.device)
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        per_member = self.member_loss(self(batch["x"]), batch["y"], batch["w"])
-        # accumulate on device: no host sync per step
-        rows = batch["w"].sum(dim=1)
-        self._loss_sum += per_member.detach() * rows
-        self._weight_sum += rows
-        return per_member.sum()
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        """``batch`` is a chunk of S mini-batches ``[S, M, B, ...]``: one optimiser step for each.
+
+        The raw optimiser is stepped, without Lightning's per-step hooks (on_before_backward and
+        the like): on small models those hooks cost more than the step itself. Mixed precision and
+        gradient clipping plugins are therefore not applied inside a chunk."""
+        optimizer, scheduler = self.optimizers(use_pl_optimizer=False), self.lr_schedulers()
+        x, y, rows = batch["x"], batch["y"], batch["w"].sum(dim=-1)
+        weight = batch["w"] / rows.clamp(min=1).unsqueeze(-1)  # each member's rows average to its loss
+        losses = []
+        for step in range(x.shape[0]):
+            per_member = self.member_loss(self(x[step]), y[step], weight[step])
+            optimizer.zero_grad(set_to_none=True)
+            per_member.sum().backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            losses.append(per_member.detach())
+        # accumulate on device, once per chunk: no host sync per step
+        self._loss_sum += (torch.stack(losses) * rows).sum(dim=0)
+        self._weight_sum += rows.sum(dim=0)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self.val_metric.update(self(batch["x"]), batch["y"], batch["w"])
@@ -128,12 +145,14 @@ class StackedModule(L.LightningModule):
             optimizer = torch.optim.AdamW(groups, lr=hp.lr, fused=True)
         if hp.scheduler == "none":
             return optimizer
-        total = self.trainer.estimated_stepping_batches
+        self.trainer.estimated_stepping_batches  # loads the training data, which knows its steps per epoch
+        total = self.trainer.max_epochs * self.trainer.train_dataloader.steps_per_epoch
         if hp.scheduler == "onecycle":
             scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=hp.lr, total_steps=total)
         else:
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
 
 
 class MLPRegressor(StackedModule):
@@ -158,7 +177,7 @@ class MLPRegressor(StackedModule):
             loss = F.huber_loss(output, target, reduction="none", delta=self.huber_delta)
         else:
             loss = (output - target).square()
-        return (loss * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1)
+        return (loss * weight).sum(dim=1)
 
 
 class MLPClassifier(StackedModule):
@@ -177,4 +196,4 @@ class MLPClassifier(StackedModule):
     def member_loss(self, output: Tensor, target: Tensor, weight: Tensor) -> Tensor:
         loss = F.cross_entropy(output.flatten(0, 1), target.flatten(), reduction="none",
                                label_smoothing=self.label_smoothing).view_as(weight)
-        return (loss * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1)
+        return (loss * weight).sum(dim=1)
