@@ -92,11 +92,10 @@ def parent_run(study, tracker: Tracker, settings: SweepSettings) -> str:
     """One MLflow run per study, created by the coordinator before any worker starts; reused on resume."""
     run_id = study.user_attrs.get(PARENT_ATTR)
     if run_id:
-        try:
+        if tracker.has_run(run_id):
             tracker.client.update_run(run_id, status="RUNNING")
             return run_id
-        except Exception:  # the study outlived its MLflow store: start a new parent run
-            pass
+        # otherwise the study outlived its MLflow store (or uses another one): start a new parent run
     run_id = tracker.start_run(f"study-{settings.study_name}", tags={**environment_tags(), "kind": "study"})
     tracker.log_params(run_id, {"task": settings.task, "folds": settings.folds, "seed": settings.seed,
                                 "storage": settings.storage, "study_name": settings.study_name,

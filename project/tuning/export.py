@@ -62,7 +62,7 @@ def export_best(study: optuna.Study, settings: SweepSettings, tracker: Tracker, 
 
     if parent_run_id:
         best_run = best.user_attrs.get(RUN_ID_ATTR)
-        if best_run:
+        if best_run and tracker.has_run(best_run):  # a worker may have logged to another MLflow store
             tracker.set_tags(best_run, {"best_trial": "true"})
         tracker.set_tags(parent_run_id, {"best_trial_number": best.number, "best_trial_run_id": best_run or ""})
         tracker.log_metrics(parent_run_id, {"best_cv_mean": best.value, "n_complete": summary["n_complete"],

@@ -5,12 +5,14 @@ from __future__ import annotations
 import multiprocessing
 import os
 import socket
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import warnings
 
 import optuna
+import sqlalchemy
 import torch
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
@@ -70,14 +72,46 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
                      "mysql://... or journal:PATH")
 
 
-def open_study(settings: SweepSettings, worker: int = 0) -> optuna.Study:
-    """Create or load the study; each worker seeds its sampler differently so they do not repeat each other."""
+class TrialSeededTPE(optuna.samplers.TPESampler):
+    """TPE whose random state is reseeded from (seed, trial number) before each trial.
+
+    One process gives the same sweep for the same --seed, and workers sharing a study, even
+    commands started by hand with the same --seed, hold different trial numbers and so do not
+    draw the same configurations. (Reseeds TPESampler's own generators, which Optuna keeps private.)
+    """
+
+    def __init__(self, seed: int, **kwargs) -> None:
+        super().__init__(seed=seed, **kwargs)
+        self._base_seed = seed
+
+    def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        trial_seed = (self._base_seed * 1_000_003 + trial.number) % 2**32
+        self._rng.rng.seed(trial_seed)
+        self._random_sampler._rng.rng.seed(trial_seed)
+        super().before_trial(study, trial)
+
+
+def open_study(settings: SweepSettings, attempts: int = 5) -> optuna.Study:
+    """Create or load the study. Commands started together against a new database race to create
+    its tables; the loser retries, by then finding them."""
+    for attempt in range(attempts):
+        try:
+            return _create_or_load(settings)
+        except sqlalchemy.exc.SQLAlchemyError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(1.0 + attempt)
+    raise AssertionError("unreachable")
+
+
+def _create_or_load(settings: SweepSettings) -> optuna.Study:
     task = get_task(settings.task)
     return optuna.create_study(
         storage=make_storage(settings.storage),
         study_name=settings.study_name,
         direction=task.direction,
-        sampler=optuna.samplers.TPESampler(seed=settings.seed * 1000 + worker, n_startup_trials=8, multivariate=True),
+        # constant_liar: running trials count as bad, so parallel workers spread out
+        sampler=TrialSeededTPE(settings.seed, n_startup_trials=8, multivariate=True, constant_liar=True),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=6, n_warmup_steps=10),
         load_if_exists=True,
     )
@@ -120,7 +154,7 @@ def recover_stale_trials(study: optuna.Study, tracker: Tracker) -> list[int]:
     # trials failed here or by the heartbeat: close their MLflow runs too
     for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
         run_id = trial.user_attrs.get(RUN_ID_ATTR)
-        if run_id and tracker.client.get_run(run_id).info.status == "RUNNING":
+        if run_id and tracker.has_run(run_id) and tracker.client.get_run(run_id).info.status == "RUNNING":
             tracker.set_tags(run_id, {"state": "FAIL", "failure": trial.user_attrs.get("failure", "worker died")})
             tracker.end_run(run_id, "FAILED")
     return failed
@@ -166,13 +200,13 @@ class Objective:
             self.tracker.end_run(run_id, status)
 
 
-def run_worker(settings: SweepSettings, n_trials: int, timeout: float | None, worker: int = 0) -> None:
+def run_worker(settings: SweepSettings, n_trials: int, timeout: float | None) -> None:
     """One worker: its own process, sharing the study storage and the MLflow store with the others."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     tracker = Tracker(settings.tracking_uri, settings.experiment_name)
-    study = open_study(settings, worker)
+    study = open_study(settings)
     objective = Objective(settings, tracker)
     study.optimize(objective, n_trials=n_trials, timeout=timeout, catch=(TrainingDiverged,), gc_after_trial=False)
 
@@ -186,8 +220,7 @@ def run_workers(settings: SweepSettings, n_trials: int, n_jobs: int, timeout: fl
     open_study(settings)
     context = multiprocessing.get_context("spawn")
     shares = [n_trials // n_jobs + (i < n_trials % n_jobs) for i in range(n_jobs)]
-    workers = [context.Process(target=run_worker, args=(settings, share, timeout, i))
-               for i, share in enumerate(shares) if share]
+    workers = [context.Process(target=run_worker, args=(settings, share, timeout)) for share in shares if share]
     for worker in workers:
         worker.start()
     try:

@@ -12,11 +12,13 @@ import os
 import platform
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterable
 from importlib import metadata
 from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from project.cv import CVResult
@@ -63,13 +65,23 @@ class Tracker:
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
         if self.tracking_uri.startswith("sqlite:///"):
             Path(self.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        self.client = MlflowClient(self.tracking_uri)
-        experiment = self.client.get_experiment_by_name(experiment_name)
-        if experiment is None:
-            self.experiment_id = self.client.create_experiment(
-                experiment_name, artifact_location=_artifact_root(self.tracking_uri, experiment_name))
-        else:
-            self.experiment_id = experiment.experiment_id
+        # processes started together against a new store race to create its tables and the
+        # experiment: the loser retries and finds them
+        for attempt in range(5):
+            try:
+                self.client = MlflowClient(self.tracking_uri)
+                self.experiment_id = self._experiment(experiment_name)
+                break
+            except Exception:  # noqa: BLE001 - MLflow, SQLAlchemy and alembic each raise their own
+                if attempt == 4:
+                    raise
+                time.sleep(1.0 + attempt)
+
+    def _experiment(self, name: str) -> str:
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        return self.client.create_experiment(name, artifact_location=_artifact_root(self.tracking_uri, name))
 
     def start_run(self, name: str, parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> str:
         tags = dict(tags or {})
@@ -112,6 +124,13 @@ class Tracker:
             path = Path(tmp) / name
             path.write_text(json.dumps(payload, indent=2))
             self.client.log_artifact(run_id, str(path))
+
+    def has_run(self, run_id: str) -> bool:
+        try:
+            self.client.get_run(run_id)
+        except MlflowException:
+            return False
+        return True
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status)

@@ -1,0 +1,135 @@
+"""Crashes and concurrency: kill -9 then resume, and two workers on a real PostgreSQL."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import sqlalchemy
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from project.tuning.study import make_storage
+
+REPO = Path(__file__).resolve().parents[1]
+SWEEP = [sys.executable, str(REPO / "experiments" / "sweep.py")]
+
+
+def sweep_args(data_dir: Path, tmp_path: Path, *extra: str) -> list[str]:
+    return ["--data-dir", str(data_dir), "--folds", "2", "--max-epochs", "30", "--hidden-sizes", "16",
+            "--output-dir", str(tmp_path / "out"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", *extra]
+
+
+def trials(storage: str, name: str = "house-prices") -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=name, storage=make_storage(storage)).get_trials(deepcopy=False)
+
+
+def wait_for(predicate, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except (KeyError, ValueError, sqlalchemy.exc.SQLAlchemyError):
+            pass  # the database or the study does not exist yet
+        time.sleep(0.5)
+    raise AssertionError(f"condition not met within {seconds} s")
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_keeps_finished_work(real_data, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'out' / 'optuna.db'}"
+    sweep = subprocess.Popen([*SWEEP, *sweep_args(real_data, tmp_path, "--n-trials", "200", "--n-jobs", "2")],
+                             cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: sum(t.state.is_finished() for t in trials(storage)) >= 3
+                 and any(t.state == TrialState.RUNNING for t in trials(storage)), 180)
+    finally:
+        os.killpg(sweep.pid, signal.SIGKILL)  # the coordinator and both workers, mid-trial
+        sweep.wait()
+    before = {t.number: t.state for t in trials(storage) if t.state.is_finished()}
+    assert any(t.state == TrialState.RUNNING for t in trials(storage))
+
+    rerun = subprocess.run([*SWEEP, *sweep_args(real_data, tmp_path, "--n-trials", "2")], cwd=REPO,
+                           capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "left RUNNING by a dead worker" in rerun.stdout
+    after = trials(storage)
+    assert not [t.number for t in after if t.state == TrialState.RUNNING]
+    assert all(after[n].state == state for n, state in before.items())  # nothing finished was lost
+    new = [t for t in after if t.number not in before and t.state != TrialState.FAIL]
+    assert len(new) == 2 and all(t.state.is_finished() for t in new)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("house-prices")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    assert not [r.info.run_id for r in runs if r.info.status == "RUNNING"]
+    failed = [t for t in after if t.state == TrialState.FAIL]
+    assert failed and all(client.get_run(t.user_attrs["mlflow_run_id"]).info.status == "FAILED"
+                          for t in failed if "mlflow_run_id" in t.user_attrs)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def postgres(tmp_path):
+    """A throw-away PostgreSQL cluster on 127.0.0.1, from Debian's postgresql package."""
+    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not bins:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    bindir = Path(bins[-1]).parent
+    root = Path(tempfile.mkdtemp(prefix="pg-"))  # beside, not under, pytest's private tmp: postgres must reach it
+    run_as = []
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        shutil.chown(root, "postgres")
+        run_as = ["runuser", "-u", "postgres", "--"]
+    port = _free_port()
+    subprocess.run([*run_as, bindir / "initdb", "-D", root / "data", "-A", "trust", "-U", "postgres"],
+                   check=True, capture_output=True)
+    subprocess.run([*run_as, bindir / "pg_ctl", "-D", root / "data", "-l", root / "log", "-w", "-o",
+                    f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start"], check=True, capture_output=True)
+    try:
+        subprocess.run([*run_as, bindir / "createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "optuna"],
+                       check=True, capture_output=True)
+        yield f"postgresql://postgres@127.0.0.1:{port}/optuna"
+    finally:
+        subprocess.run([*run_as, bindir / "pg_ctl", "-D", root / "data", "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_two_workers_share_a_postgresql_study(real_data, tmp_path, postgres):
+    """Two sweep commands started by hand against one PostgreSQL study: no trial lost or run twice."""
+    tracking = ["--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]  # one MLflow store, as with a server
+    commands = [subprocess.Popen([*SWEEP, *sweep_args(real_data, tmp_path / f"w{i}", "--storage", postgres,
+                                                       "--n-trials", "3", "--n-jobs", "1", "--max-epochs", "5"),
+                                  *tracking],
+                                 cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                for i in range(2)]
+    outputs = [c.communicate(timeout=600)[0] for c in commands]
+    assert [c.returncode for c in commands] == [0, 0], "\n".join(o[-1500:] for o in outputs)
+    study = trials(postgres)
+    numbers = [t.number for t in study]
+    assert sorted(numbers) == list(range(6))
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study)
+    # each trial was run by exactly one of the two processes
+    pids = {t.user_attrs["pid"] for t in study}
+    assert len(pids) == 2
+    assert len({t.user_attrs["mlflow_run_id"] for t in study}) == 6
+    assert len({tuple(sorted(t.params.items())) for t in study}) == 6  # the two commands did not repeat each other
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("house-prices").experiment_id], max_results=100)
+    assert sum(r.data.tags.get("trial_number") is not None for r in runs) == 6
