@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argpa
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser)
     parser.add_argument("--n-trials", type=positive_int, default=None,
-                        help="trials this invocation runs (default: 30 for house-prices, 6 for the image tasks)")
+                        help="trials this invocation runs (default: 30 for house-prices, 8 for the image tasks)")
     parser.add_argument("--timeout", type=positive_float, default=None, help="stop starting trials after this many seconds")
     parser.add_argument("--storage", default=None,
                         help="Optuna storage URL (default: sqlite:///<output-dir>/optuna.db; postgresql://... for many machines)")
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     if not storage.startswith(STORAGE_SCHEMES):
         parser.error(f"argument --storage: unknown scheme in {storage!r}; expected sqlite:///PATH, "
                      "postgresql://..., mysql://... or journal:PATH")
-    n_trials = args.n_trials or (30 if task.kind == "regression" else 6)
+    n_trials = args.n_trials or (30 if task.kind == "regression" else 8)
     n_jobs = min(args.n_jobs or ((os.cpu_count() or 1) if task.kind == "regression" else 1), n_trials)
     settings = SweepSettings(
         task=task.name, data_dir=str(args.data_dir), folds=args.folds, seed=args.seed, storage=storage,

@@ -74,7 +74,7 @@ def fit(task: Task, config: TrainConfig, datamodule: FoldDataModule, seed: int,
         callbacks: Sequence[L.Callback] = (), step_offset: int = 0, accelerator: str = "auto") -> StackedModule:
     """Train every member of an already set-up DataModule; raise TrainingDiverged on NaN loss."""
     L.seed_everything(seed, workers=True, verbose=False)
-    datamodule.batch_size = config.batch_size
+    datamodule.batch_size, datamodule.translate = config.batch_size, config.translate
     module = config.build_module(task, datamodule.n_features, datamodule.n_members, seed,
                                  member_ids=datamodule.member_ids())
     module.fold_ids = list(datamodule.folds)

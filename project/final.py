@@ -37,6 +37,15 @@ def refit_and_test(task: Task, config: TrainConfig, data_dir: str | Path, seed: 
 
 def save_model(module: StackedModule, config: TrainConfig, n_features: int, path: Path) -> Path:
     """The trained weights with what is needed to rebuild the net; loads with ``weights_only=True``."""
-    torch.save({"config": config.to_dict(), "n_features": n_features, "fold_ids": module.fold_ids,
-                "state_dict": module.net.state_dict()}, path)
+    torch.save({"config": config.to_dict(), "n_features": n_features, "out_features": module.net.layers[-1].out_features,
+                "fold_ids": module.fold_ids, "state_dict": module.net.state_dict()}, path)
     return path
+
+
+def load_model(path: Path) -> tuple[torch.nn.Module, TrainConfig, dict]:
+    """Rebuild a saved net; ``weights_only=True`` so a tampered file cannot run code when loaded."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    config = TrainConfig(**saved["config"])
+    net = config.build_net(saved["n_features"], saved["out_features"], members=len(saved["fold_ids"]))
+    net.load_state_dict(saved["state_dict"])
+    return net.eval(), config, saved

@@ -12,12 +12,13 @@ import pandas as pd
 import pytest
 import torch
 
-from project.data import DataError, FashionMNISTDataModule, HousePricesDataModule, MNISTDataModule
+from project.data import DataError, FashionMNISTDataModule, HousePricesDataModule, MNISTDataModule, PreprocessOptions
 from project.data import sources
-from project.data.batches import MemberFeatures, StackedBatches
+from project.data.batches import MemberFeatures, StackedBatches, random_translate
 from project.data.images import mnist_pickle_to_idx, read_idx
 from project.data.house_prices import HOUSE_PRICES
-from project.data.tabular import FoldPreprocessor
+from project.data.tabular import FoldPreprocessor, QuantileClipper
+from project.tasks import get_task
 
 from .conftest import make_house_frames
 
@@ -73,9 +74,10 @@ def test_preprocessing_is_fitted_on_training_rows_only(house_dir):
     changed.loc[val, "LotFrontage"] = np.nan
     changed.loc[val, "Neighborhood"] = "NeverSeenInTraining"
     tr = dm.train_rows[0].numpy()
-    before = FoldPreprocessor(HOUSE_PRICES).fit(train.iloc[tr])
-    after = FoldPreprocessor(HOUSE_PRICES).fit(changed.iloc[tr])
-    np.testing.assert_array_equal(before.transform(train.iloc[tr]), after.transform(changed.iloc[tr]))
+    for options in (PreprocessOptions(), get_task("house-prices").datamodule_kwargs["options"]):
+        before = FoldPreprocessor(HOUSE_PRICES, options).fit(train.iloc[tr])
+        after = FoldPreprocessor(HOUSE_PRICES, options).fit(changed.iloc[tr])
+        np.testing.assert_array_equal(before.transform(train.iloc[tr]), after.transform(changed.iloc[tr]))
     # and the DataModule built on the changed file gives the same training features
     write_house(house_dir, changed, pd.read_csv(house_dir / "house-prices/test.csv"))
     dm2 = setup_house(house_dir, fold=0)
@@ -293,3 +295,19 @@ def test_real_files_verify(real_data):
     for dataset in sources.DATASETS:
         paths = sources.fetch_dataset(dataset, real_data)
         assert all(p.is_file() for p in paths.values())
+
+
+def test_quantile_clipper_bounds_held_out_values():
+    clipper = QuantileClipper(0.1).fit(np.arange(11, dtype=float)[:, None])
+    np.testing.assert_allclose(clipper.transform(np.array([[-50.0], [5.0], [1e9]])), [[1.0], [5.0], [9.0]])
+
+
+def test_random_translate_shifts_each_image_within_bounds():
+    images = torch.zeros(64, 6, 6, dtype=torch.uint8)
+    images[:, 2:4, 2:4] = 255
+    moved = random_translate(images, 2, torch.Generator().manual_seed(0))
+    assert moved.shape == images.shape and moved.dtype == torch.uint8
+    assert (moved.flatten(1).sum(1) == 255 * 4).all()  # a centred patch never leaves the frame
+    assert len({tuple(m.nonzero()[0].tolist()) for m in moved}) > 5  # offsets differ between images
+    again = random_translate(images, 2, torch.Generator().manual_seed(0))
+    assert torch.equal(moved, again)

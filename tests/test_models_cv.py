@@ -21,6 +21,13 @@ def test_mlp_shapes_and_linear_special_case():
     torch.testing.assert_close(linear(x), x @ layer.weight + layer.bias)
 
 
+def test_linear_skip_adds_a_linear_path():
+    net = MLP(7, 1, (16,), members=2, linear_skip=True)
+    x = torch.randn(2, 5, 7)
+    torch.testing.assert_close(net(x), net.layers(x) + x @ net.skip.weight + net.skip.bias)
+    assert MLP(7, 1, (), linear_skip=True).skip is None  # a linear model is its own linear path
+
+
 def test_member_initialisation_does_not_depend_on_its_neighbours():
     stacked = MLP(5, 1, (4,), members=3, seed=2, member_ids=[0, 1, 2])
     alone = MLP(5, 1, (4,), members=1, seed=2, member_ids=[2])
@@ -124,3 +131,16 @@ def test_single_member_scores_stay_lists(house_dir):
     assert all(isinstance(r["val_rmse"], float) for h in result.history for r in h)
     # the module's own record keeps one value per member, as the pruning callback reads it
     assert [len(r["val_rmse"]) for r in result.modules[0].history] == [1, 1]
+
+
+def test_saved_model_reloads_with_weights_only(house_dir, tmp_path):
+    from project.final import load_model, save_model
+
+    task, dm = house_task_dm(house_dir)
+    config = TrainConfig(hidden_sizes=(8,), max_epochs=2, batch_size=16)
+    result = cross_validate(task, config, datamodule=dm)
+    path = save_model(result.modules[0], config, dm.n_features, tmp_path / "model.pt")
+    net, loaded_config, saved = load_model(path)
+    assert loaded_config == config and saved["fold_ids"] == [0, 1, 2]
+    x = dm.test_features.x
+    torch.testing.assert_close(net(x), result.modules[0].net.eval()(x))

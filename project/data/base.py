@@ -57,6 +57,7 @@ class FoldDataModule(L.LightningDataModule):
         self.data_dir, self.n_folds, self.seed = Path(data_dir), n_folds, seed
         self.folds: list[int | None] = folds or [None]
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.translate = 0  # training-time random shift of images, in pixels (set per configuration)
         self._ready = False
 
     @property
@@ -106,7 +107,8 @@ class FoldDataModule(L.LightningDataModule):
         per_step = self.n_members * self.batch_size * self.n_features
         chunk = max(1, CHUNK_ELEMENTS // per_step)
         return StackedBatches(self.features, self.targets, self.train_rows, self.batch_size,
-                              shuffle=True, seed=self.seed, member_ids=self.member_ids(), chunk_steps=chunk)
+                              shuffle=True, seed=self.seed, member_ids=self.member_ids(), chunk_steps=chunk,
+                              translate=self.translate)
 
     def val_dataloader(self) -> StackedBatches | list:
         if self.folds == [None]:

@@ -19,8 +19,9 @@ class MemberFeatures:
     """Features per member: a ``[M, N, F]`` tensor, or a shared ``[N, ...]`` tensor plus a per-member
     affine normalisation ``(x - shift[m]) / scale[m]`` applied when a batch is cut."""
 
-    def __init__(self, x: Tensor, shift: Tensor | None = None, scale: Tensor | None = None) -> None:
-        self.x, self.shift, self.scale = x, shift, scale
+    def __init__(self, x: Tensor, shift: Tensor | None = None, scale: Tensor | None = None,
+                 image_shape: tuple[int, int] | None = None) -> None:
+        self.x, self.shift, self.scale, self.image_shape = x, shift, scale, image_shape
         self.shared = shift is not None
 
     @property
@@ -31,20 +32,34 @@ class MemberFeatures:
     def n_features(self) -> int:
         return int(math.prod(self.x.shape[1:])) if self.shared else self.x.shape[-1]
 
-    def gather(self, rows: Tensor) -> Tensor:
-        """``rows`` is ``[..., M, B]``; returns float features ``[..., M, B, F]``."""
+    def gather(self, rows: Tensor, translate: int = 0, generator: torch.Generator | None = None) -> Tensor:
+        """``rows`` is ``[..., M, B]``; returns float features ``[..., M, B, F]``. Images can be shifted
+        by up to ``translate`` pixels each way, independently per sample (training augmentation)."""
         if not self.shared:
             # one index_select over [M * N, F] rows: a plain row copy, faster than broadcast indexing
             members, n_rows = self.x.shape[0], self.x.shape[1]
             flat = rows + n_rows * torch.arange(members)[:, None]
             return self.x.view(members * n_rows, -1).index_select(0, flat.reshape(-1)).view(*rows.shape, -1)
-        x = self.x[rows].reshape(*rows.shape, -1).float()
+        x = self.x[rows]
+        if translate and self.image_shape is not None:
+            x = random_translate(x.reshape(-1, *self.image_shape), translate, generator)
+        x = x.reshape(*rows.shape, -1).float()
         return (x - self.shift[:, None, None]) / self.scale[:, None, None]
 
     def select(self, members: Sequence[int]) -> MemberFeatures:
         if self.shared:
-            return MemberFeatures(self.x, self.shift[list(members)], self.scale[list(members)])
+            return MemberFeatures(self.x, self.shift[list(members)], self.scale[list(members)], self.image_shape)
         return MemberFeatures(self.x[list(members)])
+
+
+def random_translate(images: Tensor, pixels: int, generator: torch.Generator | None) -> Tensor:
+    """Shift each ``[H, W]`` image by its own random offset in ``[-pixels, pixels]``, zero-filled."""
+    n, height, width = images.shape
+    padded = torch.nn.functional.pad(images, (pixels, pixels, pixels, pixels))
+    offsets = torch.randint(0, 2 * pixels + 1, (2, n, 1), generator=generator)
+    rows = (offsets[0] + torch.arange(height))[:, :, None]  # [n, H, 1]
+    cols = (offsets[1] + torch.arange(width))[:, None, :]  # [n, 1, W]
+    return padded[torch.arange(n)[:, None, None], rows, cols]
 
 
 class StackedBatches:
@@ -68,11 +83,13 @@ class StackedBatches:
         seed: int = 0,
         member_ids: Sequence[int] | None = None,
         chunk_steps: int | None = None,
+        translate: int = 0,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.features, self.targets, self.rows = features, targets, [r.long() for r in rows]
-        self.batch_size, self.shuffle, self.chunk_steps = batch_size, shuffle, chunk_steps
+        self.batch_size, self.shuffle, self.chunk_steps, self.translate = batch_size, shuffle, chunk_steps, translate
+        self.augment_generator = torch.Generator().manual_seed(seed * 1_000_003 + 17)
         self.n_rows = max((len(r) for r in self.rows), default=0)
         member_ids = list(range(len(rows))) if member_ids is None else list(member_ids)
         self.generators = [torch.Generator().manual_seed(seed * 1_000_003 + 7919 * m + 1) for m in member_ids]
@@ -96,7 +113,7 @@ class StackedBatches:
         return index, weight
 
     def _batch(self, rows: Tensor, weight: Tensor) -> dict[str, Tensor]:
-        batch = {"x": self.features.gather(rows), "w": weight}
+        batch = {"x": self.features.gather(rows, self.translate, self.augment_generator), "w": weight}
         if self.targets is not None:
             batch["y"] = self.targets[rows]
         return batch

@@ -34,7 +34,8 @@ class FashionMNISTDataModule(FoldDataModule):
             mean.append(pixels.mean())
             std.append(pixels.std())
         shift, scale = torch.stack(mean).float(), torch.stack(std).float()
-        return MemberFeatures(self.images, shift, scale), MemberFeatures(self.test_images, shift, scale)
+        shape = (28, 28)
+        return MemberFeatures(self.images, shift, scale, shape), MemberFeatures(self.test_images, shift, scale, shape)
 
 
 class MNISTDataModule(FashionMNISTDataModule):

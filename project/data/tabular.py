@@ -108,6 +108,7 @@ class PreprocessOptions:
     min_frequency: int = 1  # categories rarer than this in the training rows share one level
     scaler: str = "standard"  # or "robust"
     missing_indicators: bool = True
+    clip_quantile: float | None = None  # clip numeric columns to the training rows' [q, 1 - q] quantiles
 
 
 class SkewedLog1p(TransformerMixin, BaseEstimator):
@@ -128,6 +129,22 @@ class SkewedLog1p(TransformerMixin, BaseEstimator):
         # clip at 0 so a negative value in held-out rows cannot produce NaN
         x[:, self.columns_] = np.log1p(np.clip(x[:, self.columns_], 0, None))
         return x
+
+
+class QuantileClipper(TransformerMixin, BaseEstimator):
+    """Clip each column to the range its fitted rows span between two quantiles, so that an extreme
+    held-out value (a huge living area) cannot push a linear model far outside what it was fitted on."""
+
+    def __init__(self, quantile: float = 0.005) -> None:
+        self.quantile = quantile
+
+    def fit(self, x: np.ndarray, y=None) -> QuantileClipper:
+        x = np.asarray(x, dtype=np.float64)
+        self.low_, self.high_ = np.quantile(x, [self.quantile, 1 - self.quantile], axis=0)
+        return self
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        return np.clip(np.asarray(x, dtype=np.float64), self.low_, self.high_)
 
 
 class FoldPreprocessor:
@@ -151,6 +168,8 @@ class FoldPreprocessor:
         numeric = [c for c in frame.columns if c not in categorical]
         o = self.options
         numeric_steps = [SimpleImputer(strategy="median", add_indicator=o.missing_indicators, keep_empty_features=True)]
+        if o.clip_quantile is not None:
+            numeric_steps.append(QuantileClipper(o.clip_quantile))
         if o.skew_threshold is not None:
             numeric_steps.append(SkewedLog1p(o.skew_threshold))
         numeric_steps.append(RobustScaler() if o.scaler == "robust" else StandardScaler())

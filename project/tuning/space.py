@@ -13,8 +13,8 @@ SPACES = {
         "depth": (0, 2), "width": (32, 512), "batch_size": (32, 64, 128), "max_epochs": (40, 160),
     },
     "classification": {
-        "lr": (2e-4, 3e-3), "weight_decay": (1e-6, 1e-1), "dropout": (0.0, 0.5),
-        "depth": (1, 3), "width": (256, 768), "batch_size": (128, 256, 512), "max_epochs": (8, 16),
+        "lr": (3e-4, 3e-3), "weight_decay": (1e-5, 1e-1), "dropout": (0.1, 0.5), "input_dropout": (0.0, 0.3),
+        "depth": (1, 3), "width": (384, 1024), "batch_size": (128, 256), "max_epochs": (12, 24),
     },
 }
 
@@ -23,7 +23,10 @@ def suggest_config(trial: optuna.Trial, task: Task, fixed: dict) -> TrainConfig:
     """Sample a configuration; values in ``fixed`` are used as they are and not searched."""
     space = SPACES[task.kind]
     values = dict(task.defaults)
-    values["scheduler"] = "onecycle" if task.kind == "classification" else "none"
+    if task.kind == "classification":
+        # a one-cycle schedule and label smoothing: the settings the best public image MLPs train with
+        values.update(scheduler="onecycle", label_smoothing=0.1)
+        values["input_dropout"] = trial.suggest_float("input_dropout", *space["input_dropout"])
     values["lr"] = fixed.get("lr") or trial.suggest_float("lr", *space["lr"], log=True)
     values["weight_decay"] = fixed["weight_decay"] if "weight_decay" in fixed else trial.suggest_float(
         "weight_decay", *space["weight_decay"], log=True)
@@ -34,6 +37,12 @@ def suggest_config(trial: optuna.Trial, task: Task, fixed: dict) -> TrainConfig:
         depth = trial.suggest_int("depth", *space["depth"])
         width = trial.suggest_int("width", *space["width"], log=True) if depth else 0
         values["hidden_sizes"] = (width,) * depth
+    if task.kind == "regression":
+        # on House Prices a cosine decay lets the near-linear models settle (CV 0.1311 -> 0.1279 for
+        # the linear model); a linear path beside the hidden layers lets an MLP start from that model
+        values["scheduler"] = trial.suggest_categorical("scheduler", ["none", "cosine"])
+        if values["hidden_sizes"]:
+            values["linear_skip"] = trial.suggest_categorical("linear_skip", [False, True])
     values["batch_size"] = fixed.get("batch_size") or trial.suggest_categorical("batch_size", space["batch_size"])
     values["max_epochs"] = fixed.get("max_epochs") or trial.suggest_int("max_epochs", *space["max_epochs"], step=4)
     return TrainConfig(**values)
