@@ -54,6 +54,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argpa
                              "(default: all for house-prices, 1 for the image tasks)")
     parser.add_argument("--sequential-folds", action="store_true",
                         help="fit folds one after another instead of as one fold-stacked model")
+    parser.add_argument("--no-pruning", action="store_true", help="run every trial to its last epoch")
     return parser.parse_args(argv), parser
 
 
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = SweepSettings(
         task=task.name, data_dir=str(args.data_dir), folds=args.folds, seed=args.seed, storage=storage,
         study_name=args.study_name or task.name, tracking_uri="", experiment_name=args.experiment_name or task.name,
-        fixed=fixed_params(args), batched=not args.sequential_folds,
+        fixed=fixed_params(args), batched=not args.sequential_folds, pruning=not args.no_pruning,
         validation_folds=args.validation_folds or min(args.folds, DEFAULT_VALIDATION_FOLDS[task.kind]),
         threads=args.threads or max(1, (os.cpu_count() or 1) // n_jobs),
     )

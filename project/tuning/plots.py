@@ -56,7 +56,7 @@ def learning_curves(result: CVResult, fold_ids: list, path: Path) -> Path:
     left.set(title="training loss", xlabel="epoch", yscale="log")
     right.set(title=f"validation {result.metric}", xlabel="epoch")
     if result.metric == "rmse":
-        right.set_ylim(top=min(0.4, max(r.get(key, 0) for h in result.history for r in h)))
+        right.set_ylim(bottom=0, top=min(0.4, max(r.get(key, 0) for h in result.history for r in h)))
     right.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=100)

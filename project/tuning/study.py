@@ -45,6 +45,7 @@ class SweepSettings:
     fixed: dict = field(default_factory=dict)
     batched: bool = True
     validation_folds: int = 0  # train and score folds 0..validation_folds-1 of the K (0: all K)
+    pruning: bool = True
     threads: int | None = None
     parent_run_id: str | None = None
 
@@ -112,7 +113,8 @@ def _create_or_load(settings: SweepSettings) -> optuna.Study:
         direction=task.direction,
         # constant_liar: running trials count as bad, so parallel workers spread out
         sampler=TrialSeededTPE(settings.seed, n_startup_trials=8, multivariate=True, constant_liar=True),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=6, n_warmup_steps=10),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=6, n_warmup_steps=10) if settings.pruning
+        else optuna.pruners.NopPruner(),
         load_if_exists=True,
     )
 
