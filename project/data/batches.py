@@ -15,6 +15,9 @@ import torch
 from torch import Tensor
 
 
+DENSE_LIMIT_BYTES = 2 * 1024**3
+
+
 class MemberFeatures:
     """Features per member: a ``[M, N, F]`` tensor, or a shared ``[N, ...]`` tensor plus a per-member
     affine normalisation ``(x - shift[m]) / scale[m]`` applied when a batch is cut."""
@@ -23,6 +26,7 @@ class MemberFeatures:
                  image_shape: tuple[int, int] | None = None) -> None:
         self.x, self.shift, self.scale, self.image_shape = x, shift, scale, image_shape
         self.shared = shift is not None
+        self._dense: MemberFeatures | None = None
 
     @property
     def n_members(self) -> int:
@@ -35,6 +39,8 @@ class MemberFeatures:
     def gather(self, rows: Tensor, translate: int = 0, generator: torch.Generator | None = None) -> Tensor:
         """``rows`` is ``[..., M, B]``; returns float features ``[..., M, B, F]``. Images can be shifted
         by up to ``translate`` pixels each way, independently per sample (training augmentation)."""
+        if self.shared and not translate and self._normalised() is not None:
+            return self._dense.gather(rows)
         if not self.shared:
             # one index_select over [M * N, F] rows: a plain row copy, faster than broadcast indexing
             members, n_rows = self.x.shape[0], self.x.shape[1]
@@ -45,6 +51,14 @@ class MemberFeatures:
             x = random_translate(x.reshape(-1, *self.image_shape), translate, generator)
         x = x.reshape(*rows.shape, -1).float()
         return (x - self.shift[:, None, None]) / self.scale[:, None, None]
+
+    def _normalised(self) -> MemberFeatures | None:
+        """The normalised float features of every member, computed once when they fit in
+        ``DENSE_LIMIT_BYTES``: cutting batches is then a row copy instead of a conversion per epoch."""
+        if self._dense is None and self.n_members * self.x.numel() * 4 <= DENSE_LIMIT_BYTES:
+            flat = self.x.reshape(self.x.shape[0], -1).float()
+            self._dense = MemberFeatures(torch.stack([(flat - shift) / scale for shift, scale in zip(self.shift, self.scale)]))
+        return self._dense
 
     def select(self, members: Sequence[int]) -> MemberFeatures:
         if self.shared:
