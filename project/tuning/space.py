@@ -30,13 +30,16 @@ def suggest_config(trial: optuna.Trial, task: Task, fixed: dict) -> TrainConfig:
     values["lr"] = fixed.get("lr") or trial.suggest_float("lr", *space["lr"], log=True)
     values["weight_decay"] = fixed["weight_decay"] if "weight_decay" in fixed else trial.suggest_float(
         "weight_decay", *space["weight_decay"], log=True)
-    values["dropout"] = fixed["dropout"] if "dropout" in fixed else trial.suggest_float("dropout", *space["dropout"])
     if "hidden_sizes" in fixed:
         values["hidden_sizes"] = fixed["hidden_sizes"]
     else:
         depth = trial.suggest_int("depth", *space["depth"])
         width = trial.suggest_int("width", *space["width"], log=True) if depth else 0
         values["hidden_sizes"] = (width,) * depth
+    # dropout acts between hidden layers: a linear model has none to search
+    values["dropout"] = fixed.get("dropout", 0.0)
+    if values["hidden_sizes"] and "dropout" not in fixed:
+        values["dropout"] = trial.suggest_float("dropout", *space["dropout"])
     if task.kind == "regression":
         # on House Prices a cosine decay lets the near-linear models settle (CV 0.1311 -> 0.1279 for
         # the linear model); a linear path beside the hidden layers lets an MLP start from that model
