@@ -156,3 +156,49 @@ def test_mlflow_server_serves_the_runs(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_diverged_trial_is_failed_with_its_reason_and_the_sweep_goes_on(real_data, tmp_path, monkeypatch):
+    from project.cv import TrainingDiverged
+    from project.tuning import study as study_module
+
+    real_cv, calls = study_module.cross_validate, []
+
+    def diverge_first(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise TrainingDiverged(1, 3)
+        return real_cv(*args, **kwargs)
+
+    monkeypatch.setattr(study_module, "cross_validate", diverge_first)
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "nan-test")
+    settings = SweepSettings(task="house-prices", data_dir=str(real_data), folds=2, seed=0,
+                             storage=f"sqlite:///{tmp_path / 'optuna.db'}", study_name="n",
+                             tracking_uri=tracker.tracking_uri, experiment_name="nan-test",
+                             fixed={"max_epochs": 2, "hidden_sizes": (8,)})
+    study = optuna.create_study(storage=settings.storage, study_name="n")
+    study.optimize(Objective(settings, tracker), n_trials=2, catch=(TrainingDiverged,))
+    first, second = study.trials
+    assert first.state == optuna.trial.TrialState.FAIL
+    assert first.user_attrs["failure"] == "training loss became NaN or infinite on fold 1 at epoch 3"
+    assert second.state == optuna.trial.TrialState.COMPLETE
+    run = tracker.client.get_run(first.user_attrs["mlflow_run_id"])
+    assert run.info.status == "FAILED" and "fold 1 at epoch 3" in run.data.tags["failure"]
+
+
+@pytest.mark.slow
+def test_kaggle_credentials_never_reach_mlflow(real_data, tmp_path, monkeypatch):
+    secret = "kaggle-secret-0123456789"
+    monkeypatch.setenv("KAGGLE_USERNAME", "someone")
+    monkeypatch.setenv("KAGGLE_KEY", secret)
+    assert train.main(["--data-dir", str(real_data), *TINY, "--hidden-sizes", "8", *common(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "out/summary.json").read_text())
+    client = MlflowClient(summary["mlflow"]["tracking_uri"])
+    run = client.get_run(summary["mlflow"]["run_id"])
+    logged = json.dumps([run.data.params, run.data.tags])
+    assert secret not in logged
+    artifacts = [a for a in (tmp_path / "mlartifacts").rglob("*") if a.is_file()]
+    assert {a.name for a in artifacts} >= {"model.pt", "summary.json", "submission.csv"}
+    for artifact in artifacts:
+        assert secret.encode() not in artifact.read_bytes(), artifact
