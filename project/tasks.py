@@ -33,8 +33,9 @@ TASKS = {
     "house-prices": Task("house-prices", HousePricesDataModule, "regression", "rmse", "minimize", 1,
                          {"drop_outliers": True,
                           "options": PreprocessOptions(clip_quantile=0.005, min_frequency=10)},
+                         # dropout 0.1 here costs CV 0.1438 -> 0.175 (mean of 4 seeds): none by default
                          {"hidden_sizes": (256,), "batch_size": 64, "max_epochs": 100, "lr": 1e-3,
-                          "weight_decay": 1e-2, "dropout": 0.1}),
+                          "weight_decay": 1e-2, "dropout": 0.0}),
     "fashion-mnist": Task("fashion-mnist", FashionMNISTDataModule, "classification", "acc", "maximize", 10,
                           defaults=_IMAGE_DEFAULTS),
     "mnist": Task("mnist", MNISTDataModule, "classification", "acc", "maximize", 10, defaults=_IMAGE_DEFAULTS),

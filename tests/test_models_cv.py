@@ -144,3 +144,30 @@ def test_saved_model_reloads_with_weights_only(house_dir, tmp_path):
     assert loaded_config == config and saved["fold_ids"] == [0, 1, 2]
     x = dm.test_features.x
     torch.testing.assert_close(net(x), result.modules[0].net.eval()(x))
+
+
+def test_own_csv_task_as_the_readme_shows(tmp_path):
+    """The README's recipe for a CSV task of one's own: subclass, register, cross-validate."""
+    from project.data import HousePricesDataModule, TabularSpec
+    from project.tasks import TASKS, Task
+
+    from .conftest import make_house_frames
+
+    train, test = make_house_frames()
+    folder = tmp_path / "my-task"
+    folder.mkdir()
+    train.rename(columns={"Id": "id", "SalePrice": "price"}).to_csv(folder / "train.csv", index=False)
+    test.rename(columns={"Id": "id"}).to_csv(folder / "test.csv", index=False)
+
+    class MyData(HousePricesDataModule):
+        dataset = "my-task"
+
+    TASKS["my-task"] = Task("my-task", MyData, "regression", "rmse", "minimize", 1,
+                            {"spec": TabularSpec(id_column="id", target="price")})
+    try:
+        task = get_task("my-task")
+        result = cross_validate(task, TrainConfig(hidden_sizes=(8,), max_epochs=2, batch_size=16),
+                                data_dir=str(tmp_path), n_folds=3)
+        assert len(result.fold_scores) == 3 and all(s > 0 for s in result.fold_scores)
+    finally:
+        del TASKS["my-task"]
