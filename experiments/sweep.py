@@ -74,7 +74,12 @@ class Progress(threading.Thread):
                 continue
             self.seen.add(trial.number)
             params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
-            value = f"cv_{self.metric}={trial.value:.5f}" if trial.value is not None else trial.user_attrs.get("failure", "")
+            if trial.state == TrialState.PRUNED:  # its value is the last intermediate one, not a CV score
+                value = f"at_prune_{self.metric}={trial.value:.5f}" if trial.value is not None else ""
+            elif trial.value is not None:
+                value = f"cv_{self.metric}={trial.value:.5f}"
+            else:
+                value = trial.user_attrs.get("failure", "")
             self.bar.write(f"trial {trial.number:>3} {trial.state.name:<8} {value}  {params}")
             self.bar.update(1)
 

@@ -148,6 +148,7 @@ def recover_stale_trials(study: optuna.Study, tracker: Tracker) -> list[int]:
     """Mark FAIL the RUNNING trials whose worker on this host has died (kill -9, power loss), and
     their MLflow runs FAILED. Workers on other hosts are left to the storage heartbeat."""
     host, failed = socket.gethostname(), []
+    # Optuna has no public call to fail another process's trial; its storage API does it
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if trial.user_attrs.get("host") == host and not _alive(int(trial.user_attrs.get("pid", -1))):
             study._storage.set_trial_user_attr(trial._trial_id, "failure", "worker process died")
