@@ -50,7 +50,10 @@ def plain_fit(x_train, y_train, x_val, y_val, config: TrainConfig, out_features:
         net.eval()
         with torch.no_grad():
             out = net(x_val)
-            score = (out.argmax(1) == y_val).float().mean() if classification else (out.squeeze(-1) - y_val).square().mean().sqrt()
+            if classification:
+                score = (out.argmax(1) == y_val).float().mean()
+            else:
+                score = (out.squeeze(-1) - y_val).square().mean().sqrt()
     return float(score)
 
 
@@ -158,20 +161,22 @@ def main(argv: list[str] | None = None) -> int:
     image = TrainConfig(hidden_sizes=(256, 256), batch_size=256, max_epochs=1, lr=1e-3)
     linear = TrainConfig(hidden_sizes=(), batch_size=64, max_epochs=100, lr=1e-2)
     mlp = TrainConfig(hidden_sizes=(256,), batch_size=64, max_epochs=100, lr=1e-3, weight_decay=1e-2)
-    cases = {
-        "fashion-mnist-epoch": lambda: case_folds("fashion-mnist-epoch", "fashion-mnist", args.data_dir, image, [0], args.repeats),
-        "house-prices-5fold-linear": lambda: case_folds("house-prices-5fold-linear", "house-prices", args.data_dir, linear, list(range(5)), args.repeats),
-        "house-prices-5fold-mlp": lambda: case_folds("house-prices-5fold-mlp", "house-prices", args.data_dir, mlp, list(range(5)), args.repeats),
-        "sweep-throughput": lambda: case_sweep(args.data_dir, args.sweep_trials),
-    }
-    chosen = list(cases) if args.cases == "all" else args.cases.split(",")
+    fold_cases = {"fashion-mnist-epoch": ("fashion-mnist", image, [0]),
+                  "house-prices-5fold-linear": ("house-prices", linear, list(range(5))),
+                  "house-prices-5fold-mlp": ("house-prices", mlp, list(range(5)))}
+    cases = [*fold_cases, "sweep-throughput"]
+    chosen = cases if args.cases == "all" else args.cases.split(",")
     unknown = [c for c in chosen if c not in cases]
     if unknown:
         parser.error(f"argument --cases: unknown {unknown}; expected some of {', '.join(cases)}")
     results = []
     print(f"{'case':<28}{'plain s':>10}{'project s':>11}{'ratio':>8}{'peak MB':>10}")
     for name in chosen:
-        row = cases[name]()
+        if name in fold_cases:
+            task_name, config, folds = fold_cases[name]
+            row = case_folds(name, task_name, args.data_dir, config, folds, args.repeats)
+        else:
+            row = case_sweep(args.data_dir, args.sweep_trials)
         results.append(row)
         print(f"{row['name']:<28}{row['plain_s']:>10.2f}{row['project_s']:>11.2f}{row['ratio']:>8.2f}{row['peak_mem_mb']:>10.0f}",
               flush=True)

@@ -114,7 +114,7 @@ def cross_validate(
         histories = _split_history(modules[0].history, len(folds))
     else:
         modules, histories = [], []
-        for position, fold in enumerate(folds):
+        for position in range(len(folds)):
             single = _member_view(datamodule, [position])
             module = fit(task, config, single, seed, callbacks, step_offset=position * config.max_epochs,
                          accelerator=accelerator)

@@ -145,7 +145,7 @@ class StackedModule(L.LightningModule):
             optimizer = torch.optim.AdamW(groups, lr=hp.lr, fused=True)
         if hp.scheduler == "none":
             return optimizer
-        self.trainer.estimated_stepping_batches  # loads the training data, which knows its steps per epoch
+        self.trainer.fit_loop.setup_data()  # the training loader knows its optimiser steps per epoch
         total = self.trainer.max_epochs * self.trainer.train_dataloader.steps_per_epoch
         if hp.scheduler == "onecycle":
             scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=hp.lr, total_steps=total)

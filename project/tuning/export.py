@@ -65,8 +65,10 @@ def export_best(study: optuna.Study, settings: SweepSettings, tracker: Tracker, 
         if best_run and tracker.has_run(best_run):  # a worker may have logged to another MLflow store
             tracker.set_tags(best_run, {"best_trial": "true"})
         tracker.set_tags(parent_run_id, {"best_trial_number": best.number, "best_trial_run_id": best_run or ""})
-        tracker.log_metrics(parent_run_id, {"best_cv_mean": best.value, "n_complete": summary["n_complete"],
-                                            **({"test_accuracy": summary["test_accuracy"]} if "test_accuracy" in summary else {})})
+        metrics = {"best_cv_mean": best.value, "n_complete": summary["n_complete"]}
+        if "test_accuracy" in summary:
+            metrics["test_accuracy"] = summary["test_accuracy"]
+        tracker.log_metrics(parent_run_id, metrics)
         for plot in plots:
             tracker.log_artifact(parent_run_id, plot, "plots")
         for name in ("summary.json", "submission.csv", "predictions.csv"):
