@@ -22,6 +22,7 @@ from project.cli import add_common_arguments, fixed_params, output_dir, positive
 from project.data import DataError
 from project.tasks import get_task
 from project.tuning.export import export_best
+from project.tuning.space import start_point
 from project.tuning.study import (
     SweepSettings,
     check_frozen,
@@ -146,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     settings.parent_run_id = parent_run(study, tracker, settings)
 
     before = len(study.trials)
+    if before == 0:
+        study.enqueue_trial(start_point(task, settings.fixed))
     print(f"study {settings.study_name!r} in {storage}: {before} trial(s) so far; running {n_trials} more "
           f"with {n_jobs} worker(s), {settings.validation_folds} of {settings.folds} folds per trial")
     progress = Progress(study, before, n_trials, task.metric)

@@ -202,3 +202,15 @@ def test_kaggle_credentials_never_reach_mlflow(real_data, tmp_path, monkeypatch)
     assert {a.name for a in artifacts} >= {"model.pt", "summary.json", "submission.csv"}
     for artifact in artifacts:
         assert secret.encode() not in artifact.read_bytes(), artifact
+
+
+def test_start_point_drops_what_flags_fix():
+    from project.tasks import get_task
+    from project.tuning.space import START_POINTS, config_from_params, start_point
+
+    task = get_task("fashion-mnist")
+    assert start_point(task, {}) == START_POINTS["classification"]
+    point = start_point(task, {"hidden_sizes": (64,), "lr": 0.01})
+    assert not {"depth", "width", "dropout", "lr"} & set(point)
+    config = config_from_params(task, start_point(task, {}), {})
+    assert config.hidden_sizes == (1024, 1024) and config.dropout == 0.3

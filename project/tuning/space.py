@@ -14,9 +14,27 @@ SPACES = {
     },
     "classification": {
         "lr": (3e-4, 3e-3), "weight_decay": (1e-5, 1e-1), "dropout": (0.1, 0.5), "input_dropout": (0.0, 0.3),
-        "depth": (1, 3), "width": (384, 1024), "batch_size": (128, 256), "max_epochs": (12, 24),
+        "depth": (1, 3), "width": (512, 1024), "batch_size": (128, 256), "max_epochs": (16, 28),
     },
 }
+
+# the first trial of a new study: configurations that measured well on validation folds only
+# (House Prices: the best of an earlier 30-trial sweep, CV 0.1276; Fashion-MNIST: validation
+# accuracy 0.910 on fold 0 in a hand run), so the search starts from a good region
+START_POINTS = {
+    "regression": {"lr": 0.0272, "weight_decay": 0.00468, "depth": 0, "scheduler": "cosine",
+                   "batch_size": 128, "max_epochs": 72},
+    "classification": {"input_dropout": 0.1, "lr": 1e-3, "weight_decay": 1e-2, "depth": 2, "width": 1024,
+                       "dropout": 0.3, "batch_size": 256, "max_epochs": 20},
+}
+# which flag fixes which searched parameters
+_FIXED_BY = {"hidden_sizes": ("depth", "width", "dropout", "linear_skip")}
+
+
+def start_point(task: Task, fixed: dict) -> dict:
+    """The task's start point, without the parameters the command line fixes."""
+    dropped = {p for flag in fixed for p in _FIXED_BY.get(flag, (flag,))}
+    return {k: v for k, v in START_POINTS[task.kind].items() if k not in dropped}
 
 
 def suggest_config(trial: optuna.Trial, task: Task, fixed: dict) -> TrainConfig:
