@@ -20,10 +20,6 @@ class Task:
     datamodule_kwargs: dict = field(default_factory=dict)
     defaults: dict = field(default_factory=dict)  # TrainConfig fields for a single run (train.py)
 
-    @property
-    def module(self) -> type[StackedModule]:
-        return MLPRegressor if self.kind == "regression" else MLPClassifier
-
 
 _IMAGE_DEFAULTS = {"hidden_sizes": (256, 256), "batch_size": 256, "max_epochs": 20, "lr": 1e-3, "dropout": 0.2}
 TASKS = {

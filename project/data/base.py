@@ -80,10 +80,15 @@ class FoldDataModule(L.LightningDataModule):
         else:
             every_fold = kfold_indices(self.n_folds, self.seed, targets, self.stratified)
             splits = [every_fold[f] for f in self.folds]
-        self.train_rows: list[Tensor] = [torch.from_numpy(tr) for tr, _ in splits]
+        train_parts = [self.training_part(tr) for tr, _ in splits]
+        self.train_rows: list[Tensor] = [torch.from_numpy(tr) for tr in train_parts]
         self.val_rows: list[Tensor] = [torch.from_numpy(va) for _, va in splits]
-        self.features, self.test_features = self.fit_features([tr for tr, _ in splits])
+        self.features, self.test_features = self.fit_features(train_parts)
         self._ready = True
+
+    def training_part(self, rows: np.ndarray) -> np.ndarray:
+        """The rows of a fold's training part that are trained on; validation parts are never cut."""
+        return rows
 
     # subclasses: read the raw files, then fit the per-member preprocessing
     def load(self) -> np.ndarray:

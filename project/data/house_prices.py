@@ -103,22 +103,16 @@ class HousePricesDataModule(FoldDataModule):
         self.test_ids = self.test_frame[self.spec.id_column].to_numpy()
         return y
 
-    def _is_outlier(self) -> np.ndarray:
+    def training_part(self, rows: np.ndarray) -> np.ndarray:
         if not self.drop_outliers or "GrLivArea" not in self.train_frame:
-            return np.zeros(len(self.train_frame), dtype=bool)
-        frame = self.train_frame
-        return ((frame["GrLivArea"] > 4000) & (frame[self.spec.target] < 300_000)).to_numpy()
-
-    def setup(self, stage: str | None = None) -> None:
-        super().setup(stage)
-        outlier = self._is_outlier()
-        self.train_rows = [rows[~outlier[rows.numpy()]] for rows in self.train_rows]
+            return rows
+        frame = self.train_frame.iloc[rows]
+        outlier = (frame["GrLivArea"] > 4000) & (frame[self.spec.target] < 300_000)
+        return rows[~outlier.to_numpy()]
 
     def fit_features(self, train_rows: list[np.ndarray]) -> tuple[MemberFeatures, MemberFeatures]:
-        outlier = self._is_outlier()
         train, test = [], []
         for rows in train_rows:
-            rows = rows[~outlier[rows]]
             pre = FoldPreprocessor(self.spec, self.options).fit(self.train_frame.iloc[rows])
             train.append(pre.transform(self.train_frame))
             test.append(pre.transform(self.test_frame))

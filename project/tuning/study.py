@@ -19,6 +19,7 @@ from optuna.trial import TrialState
 
 from project.cv import TrainingDiverged, cross_validate
 from project.tasks import get_task
+from project.tuning.locks import sqlite_creation_lock
 from project.tuning.pruning import FoldPruningCallback
 from project.tuning.space import suggest_config
 from project.tuning.tracking import Tracker
@@ -94,10 +95,11 @@ class TrialSeededTPE(optuna.samplers.TPESampler):
 
 def open_study(settings: SweepSettings, attempts: int = 5) -> optuna.Study:
     """Create or load the study. Commands started together against a new database race to create
-    its tables; the loser retries, by then finding them."""
+    its tables: SQLite is created under a file lock; on a database server the loser retries."""
     for attempt in range(attempts):
         try:
-            return _create_or_load(settings)
+            with sqlite_creation_lock(settings.storage):
+                return _create_or_load(settings)
         except sqlalchemy.exc.SQLAlchemyError:
             if attempt == attempts - 1:
                 raise

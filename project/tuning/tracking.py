@@ -22,6 +22,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from project.cv import CVResult
+from project.tuning.locks import sqlite_creation_lock
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PARENT_TAG = "mlflow.parentRunId"
@@ -63,14 +64,14 @@ class Tracker:
 
     def __init__(self, tracking_uri: str | None, experiment_name: str) -> None:
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
-        if self.tracking_uri.startswith("sqlite:///"):
-            Path(self.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         # processes started together against a new store race to create its tables and the
-        # experiment: the loser retries and finds them
+        # experiment: SQLite stores are created under a file lock, and on a database server the
+        # loser retries and finds them
         for attempt in range(5):
             try:
-                self.client = MlflowClient(self.tracking_uri)
-                self.experiment_id = self._experiment(experiment_name)
+                with sqlite_creation_lock(self.tracking_uri):
+                    self.client = MlflowClient(self.tracking_uri)
+                    self.experiment_id = self._experiment(experiment_name)
                 break
             except Exception:  # noqa: BLE001 - MLflow, SQLAlchemy and alembic each raise their own
                 if attempt == 4:
