@@ -65,13 +65,16 @@ def fold_tensors(datamodule, position: int):
     return x_tr, datamodule.targets[rows_tr], x_va, datamodule.targets[rows_va]
 
 
-def timed(fn, repeats: int) -> float:
-    times = []
+def timed(fns, repeats: int) -> list[float]:
+    """Median seconds of each function; runs alternate, so a change in the machine's load
+    during the case reaches every side alike."""
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, record in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            record.append(time.perf_counter() - start)
+    return [statistics.median(record) for record in times]
 
 
 def peak_mb() -> float:
@@ -94,7 +97,7 @@ def case_folds(name: str, task_name: str, data_dir: Path, config: TrainConfig, f
         cross_validate(task, config, datamodule=dm)
 
     plain(), project()  # warm-up: first-call allocations and kernel selection
-    plain_s, project_s = timed(plain, repeats), timed(project, repeats)
+    plain_s, project_s = timed([plain, project], repeats)
     return {"name": name, "plain_s": round(plain_s, 3), "project_s": round(project_s, 3),
             "ratio": round(project_s / plain_s, 3), "peak_mem_mb": round(peak_mb(), 1)}
 
@@ -113,13 +116,13 @@ def case_sweep(data_dir: Path, n_trials: int) -> dict:
     dm.setup()
     tensors = [fold_tensors(dm, p) for p in range(5)]
     # the same configurations on both sides: random draws from the search space, with the plain
-    # loop's constant learning rate and no linear path, enqueued into the sweep's study
+    # loop's AdamW, constant learning rate and no linear path, enqueued into the sweep's study
     space = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     param_sets = []
     for _ in range(n_trials):
         trial = space.ask()
         suggest_config(trial, task, fixed)
-        params = {**trial.params, "scheduler": "none"}
+        params = {**trial.params, "scheduler": "none", "optimizer": "adamw"}
         if "linear_skip" in params:
             params["linear_skip"] = False
         param_sets.append(params)
@@ -142,7 +145,7 @@ def case_sweep(data_dir: Path, n_trials: int) -> dict:
         start = time.perf_counter()
         run_workers(settings, n_trials, jobs, None)
         project_s = time.perf_counter() - start
-    plain_s = timed(plain, 1)
+    (plain_s,) = timed([plain], 1)
     return {"name": "sweep-throughput", "plain_s": round(plain_s, 3), "project_s": round(project_s, 3),
             "ratio": round(project_s / plain_s, 3), "peak_mem_mb": round(peak_mb(), 1),
             "plain_trials_per_min": round(60 * n_trials / plain_s, 1),

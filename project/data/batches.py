@@ -107,6 +107,7 @@ class StackedBatches:
         self.n_rows = max((len(r) for r in self.rows), default=0)
         member_ids = list(range(len(rows))) if member_ids is None else list(member_ids)
         self.generators = [torch.Generator().manual_seed(seed * 1_000_003 + 7919 * m + 1) for m in member_ids]
+        self._cache: list[dict[str, Tensor]] | None = None
 
     @property
     def steps_per_epoch(self) -> int:
@@ -133,6 +134,15 @@ class StackedBatches:
         return batch
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        if self.shuffle or self.translate:
+            yield from self._batches()
+            return
+        # evaluation batches are the same every epoch: cut them once
+        if self._cache is None:
+            self._cache = list(self._batches())
+        yield from self._cache
+
+    def _batches(self) -> Iterator[dict[str, Tensor]]:
         if self.chunk_steps is None:
             index, weight = self._order(self.n_rows)
             for start in range(0, self.n_rows, self.batch_size):

@@ -119,8 +119,13 @@ class StackedModule(L.LightningModule):
         record = self._epoch_record()
         record[f"val_{self.metric_name}"] = scores.tolist()
         self.history.append(record)
-        # one log call per epoch: each call costs about a millisecond, as much as a small model's epoch
-        self.log_dict({f"val/{self.metric_name}": scores.mean(), "train/loss": torch.tensor(record["train_loss"]).mean()})
+        metrics = {f"val/{self.metric_name}": scores.mean(), "train/loss": torch.tensor(record["train_loss"]).mean()}
+        if self.trainer.loggers:
+            self.log_dict(metrics)
+        else:
+            # what callbacks such as EarlyStopping read, without self.log's bookkeeping: a log call
+            # costs about a millisecond, as much as a small model's whole epoch
+            self.trainer.callback_metrics.update(metrics)
 
     def on_train_epoch_end(self) -> None:
         if not self.history or self.history[-1]["epoch"] != self.current_epoch:
