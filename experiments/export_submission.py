@@ -47,8 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     tracker = Tracker(args.tracking_uri, task.name)
     settings.tracking_uri = tracker.tracking_uri
     summary = export_best(study, settings, tracker, out, study.user_attrs.get("mlflow_parent_run_id"))
-    print(f"best trial {summary['best_trial']}: cv_{task.metric} {summary['cv_mean']:.5f} "
-          f"(re-run {summary['cv_mean_rerun']:.5f}); wrote {out / 'summary.json'}")
+    rerun = "" if summary["cv_mean_rerun"] is None else f" (re-run {summary['cv_mean_rerun']:.5f})"
+    print(f"best trial {summary['best_trial']}: cv_{task.metric} {summary['cv_mean']:.5f}{rerun}; "
+          f"wrote {out / 'summary.json'}")
     if "submission" not in summary:
         return 0
     print(f"submission: {summary['submission']}")

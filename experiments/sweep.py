@@ -172,7 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"best trial {summary['best_trial']}: cv_{task.metric} {summary['cv_mean']:.5f} ± {summary['cv_std']:.5f}")
     print("best params: " + ", ".join(f"{k}={v}" for k, v in summary["best_params"].items()))
     if "test_accuracy" in summary:
-        print(f"refit on the 60k training images, official test accuracy {summary['test_accuracy']:.4f}")
+        members = ", ".join(f"{a:.4f}" for a in summary["test_accuracy_members"])
+        print(f"refit on the 60k training images, official test accuracy {summary['test_accuracy']:.4f} "
+              f"(the average of {len(summary['test_accuracy_members'])} seeds; each alone: {members})")
     for key in ("submission", "predictions"):
         if key in summary:
             print(f"{key}: {summary[key]}")

@@ -62,11 +62,12 @@ def main(argv: list[str] | None = None) -> int:
                 summary["submission"] = str(submission)
                 model = save_model(result.modules[0], config, datamodule.n_features, Path(tmp) / "model.pt")
             else:
-                module, accuracy = refit_and_test(task, config, args.data_dir, args.seed, out / "predictions.csv")
-                tracker.log_metrics(run_id, {"test_accuracy": accuracy})
+                module, scores = refit_and_test(task, config, args.data_dir, args.seed, out / "predictions.csv")
+                tracker.log_metrics(run_id, {"test_accuracy": scores["test_accuracy"]})
                 tracker.log_artifact(run_id, out / "predictions.csv")
-                summary["test_accuracy"] = accuracy
-                print(f"{task.name}: refit on all training images, test accuracy {accuracy:.4f}")
+                summary.update(scores)
+                print(f"{task.name}: refit on all training images ({task.ensemble} seeds averaged), "
+                      f"test accuracy {scores['test_accuracy']:.4f}")
                 model = save_model(module, config, datamodule.n_features, Path(tmp) / "model.pt")
             tracker.log_artifact(run_id, model, "model")
         summary["mlflow"] = {"tracking_uri": tracker.tracking_uri, "experiment_id": tracker.experiment_id,

@@ -61,7 +61,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", type=Path, default=None,
                         help="where summary.json and the submission go (default: experiments/outputs/<task>/)")
     parser.add_argument("--lr", type=positive_float, default=None, help="learning rate (sweep: fixes it)")
-    parser.add_argument("--weight-decay", type=non_negative_float, default=None, help="AdamW weight decay (sweep: fixes it)")
+    parser.add_argument("--weight-decay", type=non_negative_float, default=None, help="weight decay, AdamW's or SGD's (sweep: fixes it)")
     parser.add_argument("--dropout", type=dropout_float, default=None, help="dropout after each hidden layer (sweep: fixes it)")
     parser.add_argument("--hidden-sizes", type=hidden_sizes, default=None,
                         help="hidden widths, e.g. 256,128, or 'none' for the linear model (sweep: fixes width and depth)")

@@ -77,9 +77,12 @@ def fit(task: Task, config: TrainConfig, datamodule: FoldDataModule, seed: int,
     datamodule.batch_size, datamodule.translate = config.batch_size, config.translate
     module = config.build_module(task, datamodule.n_features, datamodule.n_members, seed,
                                  member_ids=datamodule.member_ids())
+    if task.kind == "regression":
+        means = torch.stack([datamodule.targets[rows].float().mean() for rows in datamodule.train_rows])
+        module.net.start_from(means)
     module.fold_ids = list(datamodule.folds)
     module.step_offset = step_offset  # where this fit's epochs sit on a trial-wide step axis
-    trainer = make_trainer(config.max_epochs, callbacks, validate=datamodule.folds != [None], accelerator=accelerator)
+    trainer = make_trainer(config.max_epochs, callbacks, validate=datamodule.validates, accelerator=accelerator)
     trainer.fit(module, datamodule=datamodule)
     if module.diverged is not None:
         raise TrainingDiverged(datamodule.folds[module.diverged["members"][0]], module.diverged["epoch"])

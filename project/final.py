@@ -22,17 +22,21 @@ def house_prices_submission(result: CVResult, datamodule: FoldDataModule, path: 
 
 
 def refit_and_test(task: Task, config: TrainConfig, data_dir: str | Path, seed: int,
-                   predictions_path: Path | None = None) -> tuple[StackedModule, float]:
-    """Refit on every training image, then score the official test split once."""
-    datamodule = task.datamodule(data_dir=data_dir, fold=None, seed=seed, **task.datamodule_kwargs)
+                   predictions_path: Path | None = None) -> tuple[StackedModule, dict]:
+    """Refit on every training image, ``task.ensemble`` members that differ only in their seeds,
+    trained at once; then score the official test split once, with their averaged class
+    probabilities (and each member alone, for comparison)."""
+    datamodule = task.datamodule(data_dir=data_dir, fold=None, seed=seed, replicas=task.ensemble,
+                                 **task.datamodule_kwargs)
     datamodule.prepare_data()
     datamodule.setup()
     module = fit(task, config, datamodule, seed)
     make_trainer(1).test(module, datamodule=datamodule, verbose=False)
+    labels = predict_members(module, datamodule).softmax(dim=-1).mean(dim=0).argmax(dim=-1)
+    accuracy = float((labels == datamodule.test_targets).double().mean())
     if predictions_path is not None:
-        labels = predict_members(module, datamodule)[0].argmax(dim=-1).numpy()
-        write_labels(labels, predictions_path)
-    return module, float(module.test_scores[0])
+        write_labels(labels.numpy(), predictions_path)
+    return module, {"test_accuracy": accuracy, "test_accuracy_members": module.test_scores}
 
 
 def save_model(module: StackedModule, config: TrainConfig, n_features: int, path: Path) -> Path:

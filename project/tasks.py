@@ -19,6 +19,7 @@ class Task:
     out_features: int
     datamodule_kwargs: dict = field(default_factory=dict)
     defaults: dict = field(default_factory=dict)  # TrainConfig fields for a single run (train.py)
+    ensemble: int = 1  # members, differing only in their seeds, whose average the final refit scores
 
 
 _IMAGE_DEFAULTS = {"hidden_sizes": (256, 256), "batch_size": 256, "max_epochs": 20, "lr": 1e-3, "dropout": 0.2}
@@ -29,12 +30,15 @@ TASKS = {
     "house-prices": Task("house-prices", HousePricesDataModule, "regression", "rmse", "minimize", 1,
                          {"drop_outliers": True,
                           "options": PreprocessOptions(clip_quantile=0.005, min_frequency=10)},
-                         # dropout 0.1 here costs CV 0.1438 -> 0.175 (mean of 4 seeds): none by default
+                         # dropout 0.1 here: CV 0.1330 -> 0.1298 (seed 0), 0.1316 -> 0.1292 (seed 1)
                          {"hidden_sizes": (256,), "batch_size": 64, "max_epochs": 100, "lr": 1e-3,
-                          "weight_decay": 1e-2, "dropout": 0.0}),
+                          "weight_decay": 1e-2, "dropout": 0.1}),
+    # the final refit averages 3 seeds: on validation fold 0 (start-point configuration) seeds alone
+    # scored 0.9100, 0.9103, 0.9083 and their average 0.9113
     "fashion-mnist": Task("fashion-mnist", FashionMNISTDataModule, "classification", "acc", "maximize", 10,
-                          defaults=_IMAGE_DEFAULTS),
-    "mnist": Task("mnist", MNISTDataModule, "classification", "acc", "maximize", 10, defaults=_IMAGE_DEFAULTS),
+                          defaults=_IMAGE_DEFAULTS, ensemble=3),
+    "mnist": Task("mnist", MNISTDataModule, "classification", "acc", "maximize", 10, defaults=_IMAGE_DEFAULTS,
+                  ensemble=3),
 }
 
 

@@ -63,6 +63,15 @@ def test_full_fit_has_no_validation(house_dir):
     assert len(dm.train_rows[0]) == 60 and dm.val_dataloader() == []
 
 
+def test_refit_replicas_share_rows_but_not_seeds(house_dir):
+    dm = setup_house(house_dir, fold=None, replicas=3, n_folds=5)
+    assert dm.n_members == 3 and not dm.validates and dm.val_dataloader() == []
+    assert all(torch.equal(rows, dm.train_rows[0]) for rows in dm.train_rows)
+    assert dm.member_ids() == [5, 6, 7]  # replica 0 seeds as the single refit always did
+    with pytest.raises(ValueError, match="replicas=2 is invalid"):
+        HousePricesDataModule(data_dir=house_dir, fold=0, replicas=2)
+
+
 def test_preprocessing_is_fitted_on_training_rows_only(house_dir):
     """Changing the validation rows of a fold leaves the transform of every training row unchanged."""
     train, _ = make_house_frames()

@@ -214,3 +214,30 @@ def test_start_point_drops_what_flags_fix():
     assert not {"depth", "width", "dropout", "lr"} & set(point)
     config = config_from_params(task, start_point(task, {}), {})
     assert config.hidden_sizes == (1024, 1024) and config.dropout == 0.3
+
+
+def test_logged_cv_reads_back_as_it_was_logged(tmp_path):
+    """Image sweeps draw the best trial's curves from its MLflow run instead of training it again."""
+    from project.cv import CVResult
+
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "read-back")
+    history = [[{"epoch": e, "train_loss": 1.0 / (e + 1), "val_acc": 0.5 + e / 10} for e in range(3)]]
+    result = CVResult("acc", [0.7], history, 2.5)
+    run_id = tracker.start_run("trial-0")
+    tracker.log_cv(run_id, result, [3])
+    back = tracker.read_cv(run_id, [3], "acc")
+    assert back.fold_scores == [0.7] and back.history == history
+    assert tracker.read_cv(run_id, [4], "acc") is None  # a fold it never logged
+    assert tracker.read_cv("0" * 32, [3], "acc") is None  # a run this store does not hold
+
+
+@pytest.mark.slow
+def test_baselines_score_the_sweep_folds(real_data, capsys):
+    import baselines
+
+    assert baselines.main(["--data-dir", str(real_data), "--models", "ridge,lasso"]) == 0
+    rows = capsys.readouterr().out.splitlines()[1:]
+    assert [r.split()[0] for r in rows] == ["ridge", "lasso"]
+    for row in rows:
+        cv, _, pooled, err_1299, err_524 = map(float, row.split()[1:6])
+        assert 0.10 < pooled < cv < 0.14 and err_1299 > 1 and err_524 > 1  # the two partial sales

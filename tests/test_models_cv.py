@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from project.cv import TrainingDiverged, cross_validate
+from project.data import FashionMNISTDataModule
 from project.models import MLP, MLPClassifier, MLPRegressor
 from project.models.mlp import StackedLinear
 from project.tasks import TrainConfig, get_task
+from tests.conftest import write_idx_set
 
 
 def test_mlp_shapes_and_linear_special_case():
@@ -19,6 +23,26 @@ def test_mlp_shapes_and_linear_special_case():
     x = torch.randn(1, 5, 7)
     layer = linear.layers[0]
     torch.testing.assert_close(linear(x), x @ layer.weight + layer.bias)
+
+
+def test_regressor_members_start_from_their_training_mean(house_dir):
+    """Before any step each member predicts its own training rows' mean target (log price ~ 12)."""
+    task, dm = house_task_dm(house_dir)
+    module = cross_validate(task, TrainConfig(hidden_sizes=(8,), max_epochs=1, lr=1e-9, linear_skip=True),
+                            datamodule=dm).modules[0]
+    means = torch.stack([dm.targets[rows].mean() for rows in dm.train_rows])
+    torch.testing.assert_close(module.net.layers[-1].bias.reshape(-1), means, atol=1e-5, rtol=0)
+    assert module.net.skip.bias.abs().max() < 1e-5
+
+
+def test_epoch_metrics_reach_lightning_callbacks_without_a_logger(house_dir):
+    """EarlyStopping reads val/rmse from callback_metrics: here it stops after the first epoch."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    task, dm = house_task_dm(house_dir)
+    stop = EarlyStopping(monitor="val/rmse", stopping_threshold=100.0)
+    result = cross_validate(task, TrainConfig(hidden_sizes=(8,), max_epochs=5), datamodule=dm, callbacks=[stop])
+    assert len(result.history[0]) == 1 and stop.stopped_epoch == 0
 
 
 def test_linear_skip_adds_a_linear_path():
@@ -33,6 +57,33 @@ def test_member_initialisation_does_not_depend_on_its_neighbours():
     alone = MLP(5, 1, (4,), members=1, seed=2, member_ids=[2])
     for a, b in zip(stacked.parameters(), alone.parameters()):
         torch.testing.assert_close(a[2:], b)
+
+
+class TinyImages(FashionMNISTDataModule):
+    dataset = "tiny-images"  # no pinned checksums: read as it is
+
+
+def test_refit_ensemble_scores_averaged_probabilities(tmp_path):
+    """The final refit trains the task's ensemble of seeds at once and scores their average once."""
+    from project.final import refit_and_test
+
+    assert get_task("fashion-mnist").ensemble == 3
+    write_idx_set(tmp_path / "tiny-images")
+    task = dataclasses.replace(get_task("fashion-mnist"), datamodule=TinyImages)
+    config = TrainConfig(hidden_sizes=(16,), max_epochs=2, batch_size=32)
+    module, scores = refit_and_test(task, config, tmp_path, seed=0, predictions_path=tmp_path / "p.csv")
+    weights = module.net.layers[0].weight
+    assert weights.shape[0] == 3 and not torch.equal(weights[0], weights[1])  # own initialisation each
+    assert len(scores["test_accuracy_members"]) == 3 and 0 <= scores["test_accuracy"] <= 1
+    dm = task.datamodule(data_dir=tmp_path, fold=None, replicas=3)
+    dm.setup()
+    module.eval()
+    with torch.no_grad():
+        logits = module(dm.test_features.gather(torch.arange(dm.test_size).expand(3, -1)))
+    expected = (logits.softmax(-1).mean(0).argmax(-1) == dm.test_targets).double().mean().item()
+    assert scores["test_accuracy"] == pytest.approx(expected)
+    labels = (tmp_path / "p.csv").read_text().splitlines()
+    assert labels[0] == "id,label" and len(labels) == dm.test_size + 1
 
 
 @pytest.mark.parametrize("bad, message", [

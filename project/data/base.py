@@ -31,8 +31,9 @@ class FoldDataModule(L.LightningDataModule):
     """Serves one fold, several folds stacked as members, or all rows (``fold=None``).
 
     ``fold=k`` trains on the other folds and validates on fold ``k``; a list of folds stacks them
-    as members of one batched model; ``None`` trains one member on every training row and has no
-    validation set (the final refit). Preprocessing is fitted per member on its training rows only.
+    as members of one batched model; ``None`` trains on every training row and has no validation
+    set (the final refit), with ``replicas`` members that differ only in their seeds (an ensemble).
+    Preprocessing is fitted per member on its training rows only.
     """
 
     dataset: str = ""
@@ -46,8 +47,11 @@ class FoldDataModule(L.LightningDataModule):
         seed: int = 0,
         batch_size: int = 64,
         eval_batch_size: int = 4096,
+        replicas: int = 1,
     ) -> None:
         super().__init__()
+        if replicas < 1 or (replicas > 1 and fold is not None):
+            raise ValueError(f"replicas={replicas} is invalid: expected 1, or more with fold=None (the final refit)")
         if fold is not None and n_folds < 2:
             raise ValueError(f"n_folds must be at least 2 for K-fold validation, got {n_folds}")
         folds = [] if fold is None else [fold] if isinstance(fold, int) else list(fold)
@@ -55,7 +59,7 @@ class FoldDataModule(L.LightningDataModule):
         if bad:
             raise ValueError(f"fold {bad[0]} is out of range: expected 0..{n_folds - 1} for n_folds={n_folds}")
         self.data_dir, self.n_folds, self.seed = Path(data_dir), n_folds, seed
-        self.folds: list[int | None] = folds or [None]
+        self.folds: list[int | None] = folds or [None] * replicas
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.translate = 0  # training-time random shift of images, in pixels (set per configuration)
         self._ready = False
@@ -63,6 +67,11 @@ class FoldDataModule(L.LightningDataModule):
     @property
     def n_members(self) -> int:
         return len(self.folds)
+
+    @property
+    def validates(self) -> bool:
+        """False for the final refit on every training row."""
+        return self.folds[0] is not None
 
     def prepare_data(self) -> None:
         # Trainer.fit calls this on every fit: once the data is loaded it has nothing to do. A data set
@@ -74,9 +83,9 @@ class FoldDataModule(L.LightningDataModule):
         if self._ready:
             return
         targets = self.load()
-        if self.folds == [None]:
+        if not self.validates:
             all_rows = np.arange(len(targets))
-            splits = [(all_rows, all_rows[:0])]
+            splits = [(all_rows, all_rows[:0])] * self.n_members
         else:
             every_fold = kfold_indices(self.n_folds, self.seed, targets, self.stratified)
             splits = [every_fold[f] for f in self.folds]
@@ -116,7 +125,7 @@ class FoldDataModule(L.LightningDataModule):
                               translate=self.translate)
 
     def val_dataloader(self) -> StackedBatches | list:
-        if self.folds == [None]:
+        if not self.validates:
             return []
         return StackedBatches(self.features, self.targets, self.val_rows, self.eval_batch_size)
 
@@ -133,4 +142,6 @@ class FoldDataModule(L.LightningDataModule):
         return self.test_features.x.shape[0] if self.test_features.shared else self.test_features.x.shape[1]
 
     def member_ids(self) -> list[int]:
-        return [self.n_folds if f is None else f for f in self.folds]
+        """What seeds each member's initialisation and batches: its fold, or for refit replica r,
+        n_folds + r."""
+        return [self.n_folds + r if f is None else f for r, f in enumerate(self.folds)]

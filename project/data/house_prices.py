@@ -82,8 +82,9 @@ class HousePricesDataModule(FoldDataModule):
         options: PreprocessOptions | None = None,
         drop_outliers: bool = False,
         spec: TabularSpec = HOUSE_PRICES,
+        replicas: int = 1,
     ) -> None:
-        super().__init__(data_dir, n_folds, fold, seed, batch_size, eval_batch_size)
+        super().__init__(data_dir, n_folds, fold, seed, batch_size, eval_batch_size, replicas)
         self.spec, self.options, self.drop_outliers = spec, options or PreprocessOptions(), drop_outliers
 
     @property

@@ -27,18 +27,26 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
 
 def export_best(study: optuna.Study, settings: SweepSettings, tracker: Tracker, out_dir: Path,
                 parent_run_id: str | None) -> dict:
-    """Rebuild the best trial (deterministic, so the same fold models), then write everything."""
+    """Rebuild the best trial's fold models (deterministic: the same models) where the submission
+    needs them, then write everything. Images need only the trial's curves for their plot, which
+    its MLflow run holds, so they are read back rather than trained again."""
     task = get_task(settings.task)
     best = best_trial(study)
+    best_run = best.user_attrs.get(RUN_ID_ATTR)
     config = config_from_params(task, best.params, settings.fixed)
     datamodule = settings.datamodule()
-    result = cross_validate(task, config, seed=settings.seed, batched=settings.batched, datamodule=datamodule)
+    result = None
+    if task.kind == "classification" and best_run:
+        result = tracker.read_cv(best_run, datamodule.folds, task.metric)
+    rerun = result is None
+    if rerun:
+        result = cross_validate(task, config, seed=settings.seed, batched=settings.batched, datamodule=datamodule)
 
     trials = study.get_trials(deepcopy=False)
     summary = {
         "task": task.name, "metric": task.metric, "direction": task.direction,
         "cv_mean": best.value, "cv_std": best.user_attrs.get("cv_std"),
-        "fold_scores": best.user_attrs.get("fold_scores"), "cv_mean_rerun": result.mean,
+        "fold_scores": best.user_attrs.get("fold_scores"), "cv_mean_rerun": result.mean if rerun else None,
         "best_trial": best.number, "best_params": best.params, "config": config.to_dict(),
         "n_trials": len(trials), "n_complete": sum(t.state == TrialState.COMPLETE for t in trials),
         "n_pruned": sum(t.state == TrialState.PRUNED for t in trials),
@@ -52,8 +60,8 @@ def export_best(study: optuna.Study, settings: SweepSettings, tracker: Tracker, 
         summary["submission"] = str(house_prices_submission(result, datamodule, out_dir / "submission.csv"))
         save_model(result.modules[0], config, datamodule.n_features, model_path)
     else:
-        module, accuracy = refit_and_test(task, config, settings.data_dir, settings.seed, out_dir / "predictions.csv")
-        summary["test_accuracy"] = accuracy
+        module, scores = refit_and_test(task, config, settings.data_dir, settings.seed, out_dir / "predictions.csv")
+        summary.update(scores)
         summary["predictions"] = str(out_dir / "predictions.csv")
         save_model(module, config, datamodule.n_features, model_path)
     summary["mlflow"] = {"tracking_uri": tracker.tracking_uri, "experiment_id": tracker.experiment_id,
@@ -61,7 +69,6 @@ def export_best(study: optuna.Study, settings: SweepSettings, tracker: Tracker, 
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
 
     if parent_run_id:
-        best_run = best.user_attrs.get(RUN_ID_ATTR)
         if best_run and tracker.has_run(best_run):  # a worker may have logged to another MLflow store
             tracker.set_tags(best_run, {"best_trial": "true"})
         tracker.set_tags(parent_run_id, {"best_trial_number": best.number, "best_trial_run_id": best_run or ""})

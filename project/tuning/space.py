@@ -19,11 +19,11 @@ SPACES = {
 }
 
 # the first trial of a new study: configurations that measured well on validation folds only
-# (House Prices: the best of an earlier 30-trial sweep, CV 0.1276; Fashion-MNIST: validation
+# (House Prices: the linear model under SGD, CV 0.1228 in a hand run; Fashion-MNIST: validation
 # accuracy 0.910 on fold 0 in a hand run), so the search starts from a good region
 START_POINTS = {
-    "regression": {"lr": 0.0272, "weight_decay": 0.00468, "depth": 0, "scheduler": "cosine",
-                   "batch_size": 128, "max_epochs": 72},
+    "regression": {"lr": 0.01, "weight_decay": 0.05, "depth": 0, "scheduler": "cosine", "optimizer": "sgd",
+                   "batch_size": 128, "max_epochs": 100},
     "classification": {"input_dropout": 0.1, "lr": 1e-3, "weight_decay": 1e-2, "depth": 2, "width": 1024,
                        "dropout": 0.3, "batch_size": 256, "max_epochs": 20},
 }
@@ -60,8 +60,12 @@ def suggest_config(trial: optuna.Trial, task: Task, fixed: dict) -> TrainConfig:
         values["dropout"] = trial.suggest_float("dropout", *space["dropout"])
     if task.kind == "regression":
         # on House Prices a cosine decay lets the near-linear models settle (CV 0.1311 -> 0.1279 for
-        # the linear model); a linear path beside the hidden layers lets an MLP start from that model
+        # the linear model under AdamW, measured before outputs started at the training mean); a
+        # linear path beside the hidden layers lets an MLP start from that model
         values["scheduler"] = trial.suggest_categorical("scheduler", ["none", "cosine"])
+        # SGD with momentum and weight decay settles where ridge regression does, which suits the
+        # linear model best (CV 0.1228, against 0.1268 for the best AdamW setting tried by hand)
+        values["optimizer"] = trial.suggest_categorical("optimizer", ["adamw", "sgd"])
         if values["hidden_sizes"]:
             values["linear_skip"] = trial.suggest_categorical("linear_skip", [False, True])
     values["batch_size"] = fixed.get("batch_size") or trial.suggest_categorical("batch_size", space["batch_size"])

@@ -13,7 +13,7 @@ import platform
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from importlib import metadata
 from pathlib import Path
 
@@ -112,6 +112,22 @@ class Tracker:
                     if key != "epoch":
                         metrics.append(Metric(f"fold{fold}/{key}", float(value), 0, record["epoch"]))
         self._log(run_id, metrics)
+
+    def read_cv(self, run_id: str, fold_ids: Sequence[int], metric: str) -> CVResult | None:
+        """What ``log_cv`` logged, read back: per-fold scores and curves (None if this store lacks the run)."""
+        if not self.has_run(run_id):
+            return None
+        logged = self.client.get_run(run_id).data.metrics
+        scores, history = [], []
+        for fold in fold_ids:
+            if f"fold{fold}_{metric}" not in logged:
+                return None
+            curves = {key: {m.step: m.value for m in self.client.get_metric_history(run_id, f"fold{fold}/{key}")}
+                      for key in ("train_loss", f"val_{metric}")}
+            scores.append(logged[f"fold{fold}_{metric}"])
+            history.append([{"epoch": epoch, **{k: c[epoch] for k, c in curves.items() if epoch in c}}
+                            for epoch in sorted(curves["train_loss"])])
+        return CVResult(metric, scores, history, logged.get("seconds", 0.0))
 
     def _log(self, run_id: str, metrics: list[Metric]) -> None:
         for start in range(0, len(metrics), _BATCH):
