@@ -7,6 +7,7 @@ from scikit-learn, are fitted on each fold's training part, with the
 same per-fold preprocessing and outlier handling as the sweep, and scored on the same whole
 validation folds. Besides the CV mean of fold RMSEs it prints the pooled RMSE without the two
 partial sales (Id 1299 and 524) and the error on each of them: how much of a score is those two rows.
+Each model is one MLflow run in the experiment ``house-prices-baselines``.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ import numpy as np
 from sklearn.ensemble import GradientBoostingRegressor
 from sklearn.linear_model import Lasso, Ridge
 
-from project.cli import REPO_ROOT
+from project.cli import REPO_ROOT, folds_int
+from project.data import DataError
 from project.tasks import get_task
+from project.tuning.tracking import Tracker, environment_tags
 
 PARTIAL_SALES = (1299, 524)
 MODELS = {
@@ -34,11 +37,27 @@ MODELS = {
 }
 
 
+def cross_validate_model(make, datamodule) -> tuple[list[float], np.ndarray]:
+    """Fit a fresh model on each member's training part; return fold RMSEs and every row's error."""
+    x, y = datamodule.features.x.numpy(), datamodule.targets.numpy()
+    errors, scores = np.zeros_like(y), []
+    for m, (train, val) in enumerate(zip(datamodule.train_rows, datamodule.val_rows)):
+        train, val = train.numpy(), val.numpy()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Lasso's convergence notes
+            model = make().fit(x[m, train], y[train])
+        errors[val] = model.predict(x[m, val]) - y[val]
+        scores.append(float(np.sqrt(np.mean(errors[val] ** 2))))
+    return scores, errors
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=REPO_ROOT / "data", help="(default: data/)")
-    parser.add_argument("--folds", type=int, default=5, help="CV folds (default: %(default)s)")
+    parser.add_argument("--folds", type=folds_int, default=5, help="CV folds (default: %(default)s)")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated (default: %(default)s)")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the repo)")
     args = parser.parse_args(argv)
     chosen = args.models.split(",")
     unknown = [m for m in chosen if m not in MODELS]
@@ -47,27 +66,31 @@ def main(argv: list[str] | None = None) -> int:
     task = get_task("house-prices")
     dm = task.datamodule(data_dir=args.data_dir, n_folds=args.folds, fold=list(range(args.folds)),
                          **task.datamodule_kwargs)
-    dm.prepare_data()
-    dm.setup()
-    x, y = dm.features.x.numpy(), dm.targets.numpy()
+    try:
+        dm.prepare_data()
+        dm.setup()
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    tracker = Tracker(args.tracking_uri, "house-prices-baselines")
     ids = dm.train_frame[dm.spec.id_column].to_numpy()
-    special = np.isin(ids, PARTIAL_SALES)
-    print(f"{'model':<28}{'CV RMSE':>9}{'std':>8}{'pooled w/o 2':>14}"
-          + "".join(f"{f'err {i}':>10}" for i in PARTIAL_SALES) + f"{'seconds':>9}")
+    present = [i for i in PARTIAL_SALES if (ids == i).any()]
+    print(f"{'model':<12}{'CV RMSE':>9}{'std':>8}{'pooled w/o 2':>14}" + "".join(f"{f'err {i}':>10}" for i in present)
+          + f"{'seconds':>9}")
     for name in chosen:
-        make = MODELS[name]
         start = time.perf_counter()
-        errors, scores = np.zeros_like(y), []
-        for m, (train, val) in enumerate(zip(dm.train_rows, dm.val_rows)):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # Lasso's convergence notes
-                model = make().fit(x[m, train.numpy()], y[train.numpy()])
-            errors[val.numpy()] = model.predict(x[m, val.numpy()]) - y[val.numpy()]
-            scores.append(float(np.sqrt(np.mean(errors[val.numpy()] ** 2))))
-        pooled = float(np.sqrt(np.mean(errors[~special] ** 2)))
-        row = f"{name:<28}{np.mean(scores):>9.4f}{np.std(scores):>8.4f}{pooled:>14.4f}"
-        row += "".join(f"{errors[ids == i][0]:>10.2f}" if (ids == i).any() else f"{'-':>10}" for i in PARTIAL_SALES)
-        print(row + f"{time.perf_counter() - start:>9.1f}", flush=True)
+        scores, errors = cross_validate_model(MODELS[name], dm)
+        pooled = float(np.sqrt(np.mean(errors[~np.isin(ids, PARTIAL_SALES)] ** 2)))
+        special = {i: float(errors[ids == i][0]) for i in present}
+        run_id = tracker.start_run(name, tags={**environment_tags(), "kind": "baseline"})
+        tracker.log_params(run_id, {"model": repr(MODELS[name]()), "folds": args.folds})
+        tracker.log_metrics(run_id, {"cv_mean": float(np.mean(scores)), "cv_std": float(np.std(scores)),
+                                     "rmse_without_partial_sales": pooled,
+                                     **{f"fold{k}_rmse": v for k, v in enumerate(scores)},
+                                     **{f"error_id{i}": e for i, e in special.items()}})
+        tracker.end_run(run_id)
+        print(f"{name:<12}{np.mean(scores):>9.4f}{np.std(scores):>8.4f}{pooled:>14.4f}"
+              + "".join(f"{e:>10.2f}" for e in special.values()) + f"{time.perf_counter() - start:>9.1f}", flush=True)
     return 0
 
 

@@ -16,7 +16,7 @@ import torch
 from project.cli import add_common_arguments, fixed_params, output_dir
 from project.cv import TrainingDiverged, cross_validate
 from project.data import DataError
-from project.final import house_prices_submission, refit_and_test, save_model
+from project.final import house_prices_submission, refit_and_test, save_model, test_metrics
 from project.tasks import TrainConfig, get_task
 from project.tuning.tracking import Tracker, environment_tags
 
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                 model = save_model(result.modules[0], config, datamodule.n_features, Path(tmp) / "model.pt")
             else:
                 module, scores = refit_and_test(task, config, args.data_dir, args.seed, out / "predictions.csv")
-                tracker.log_metrics(run_id, {"test_accuracy": scores["test_accuracy"]})
+                tracker.log_metrics(run_id, test_metrics(scores))
                 tracker.log_artifact(run_id, out / "predictions.csv")
                 summary.update(scores)
                 print(f"{task.name}: refit on all training images ({task.ensemble} seeds averaged), "

@@ -39,6 +39,12 @@ def refit_and_test(task: Task, config: TrainConfig, data_dir: str | Path, seed: 
     return module, {"test_accuracy": accuracy, "test_accuracy_members": module.test_scores}
 
 
+def test_metrics(scores: dict) -> dict[str, float]:
+    """The refit's test figures as MLflow metrics: the ensemble's, then each seed's alone."""
+    members = {f"test_accuracy_seed{m}": a for m, a in enumerate(scores["test_accuracy_members"])}
+    return {"test_accuracy": scores["test_accuracy"], **members}
+
+
 def save_model(module: StackedModule, config: TrainConfig, n_features: int, path: Path) -> Path:
     """The trained weights with what is needed to rebuild the net; loads with ``weights_only=True``."""
     torch.save({"config": config.to_dict(), "n_features": n_features, "out_features": module.net.layers[-1].out_features,

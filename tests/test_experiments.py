@@ -232,12 +232,18 @@ def test_logged_cv_reads_back_as_it_was_logged(tmp_path):
 
 
 @pytest.mark.slow
-def test_baselines_score_the_sweep_folds(real_data, capsys):
+def test_baselines_score_the_sweep_folds(real_data, tmp_path, capsys):
     import baselines
 
-    assert baselines.main(["--data-dir", str(real_data), "--models", "ridge,lasso"]) == 0
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert baselines.main(["--data-dir", str(real_data), "--models", "ridge,lasso", "--tracking-uri", uri]) == 0
     rows = capsys.readouterr().out.splitlines()[1:]
     assert [r.split()[0] for r in rows] == ["ridge", "lasso"]
     for row in rows:
         cv, _, pooled, err_1299, err_524 = map(float, row.split()[1:6])
         assert 0.10 < pooled < cv < 0.14 and err_1299 > 1 and err_524 > 1  # the two partial sales
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("house-prices-baselines")
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["lasso", "ridge"]
+    assert all(r.info.status == "FINISHED" and 0.10 < r.data.metrics["cv_mean"] < 0.14 for r in runs)

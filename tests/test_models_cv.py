@@ -65,7 +65,7 @@ class TinyImages(FashionMNISTDataModule):
 
 def test_refit_ensemble_scores_averaged_probabilities(tmp_path):
     """The final refit trains the task's ensemble of seeds at once and scores their average once."""
-    from project.final import refit_and_test
+    from project.final import refit_and_test, test_metrics
 
     assert get_task("fashion-mnist").ensemble == 3
     write_idx_set(tmp_path / "tiny-images")
@@ -75,6 +75,8 @@ def test_refit_ensemble_scores_averaged_probabilities(tmp_path):
     weights = module.net.layers[0].weight
     assert weights.shape[0] == 3 and not torch.equal(weights[0], weights[1])  # own initialisation each
     assert len(scores["test_accuracy_members"]) == 3 and 0 <= scores["test_accuracy"] <= 1
+    assert list(test_metrics(scores)) == ["test_accuracy", "test_accuracy_seed0", "test_accuracy_seed1",
+                                          "test_accuracy_seed2"]
     dm = task.datamodule(data_dir=tmp_path, fold=None, replicas=3)
     dm.setup()
     module.eval()

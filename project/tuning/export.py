@@ -10,7 +10,7 @@ import optuna
 from optuna.trial import TrialState
 
 from project.cv import cross_validate
-from project.final import house_prices_submission, refit_and_test, save_model
+from project.final import house_prices_submission, refit_and_test, save_model, test_metrics
 from project.tasks import get_task
 from project.tuning.plots import learning_curves, study_plots
 from project.tuning.space import config_from_params
@@ -74,7 +74,7 @@ def export_best(study: optuna.Study, settings: SweepSettings, tracker: Tracker, 
         tracker.set_tags(parent_run_id, {"best_trial_number": best.number, "best_trial_run_id": best_run or ""})
         metrics = {"best_cv_mean": best.value, "n_complete": summary["n_complete"]}
         if "test_accuracy" in summary:
-            metrics["test_accuracy"] = summary["test_accuracy"]
+            metrics.update(test_metrics(summary))
         tracker.log_metrics(parent_run_id, metrics)
         for plot in plots:
             tracker.log_artifact(parent_run_id, plot, "plots")
