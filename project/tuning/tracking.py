@@ -115,9 +115,10 @@ class Tracker:
 
     def read_cv(self, run_id: str, fold_ids: Sequence[int], metric: str) -> CVResult | None:
         """What ``log_cv`` logged, read back: per-fold scores and curves (None if this store lacks the run)."""
-        if not self.has_run(run_id):
+        try:
+            logged = self.client.get_run(run_id).data.metrics
+        except MlflowException:
             return None
-        logged = self.client.get_run(run_id).data.metrics
         scores, history = [], []
         for fold in fold_ids:
             if f"fold{fold}_{metric}" not in logged:
