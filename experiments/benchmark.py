@@ -35,7 +35,7 @@ def plain_fit(x_train, y_train, x_val, y_val, config: TrainConfig, out_features:
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
-            layers += [nn.ReLU(), nn.Dropout(config.dropout)]
+            layers += [nn.ReLU(), nn.Dropout(config.dropout)] if config.dropout else [nn.ReLU()]
     net = nn.Sequential(*layers)
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     loss_fn = nn.CrossEntropyLoss() if classification else nn.MSELoss()

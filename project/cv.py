@@ -155,5 +155,6 @@ def predict_members(module: StackedModule, datamodule: FoldDataModule) -> torch.
     positions = [datamodule.folds.index(f) for f in module.fold_ids]
     view = _member_view(datamodule, positions) if positions != list(range(datamodule.n_members)) else datamodule
     module.eval()
-    outputs = [module(batch["x"].to(module.device)).cpu() for batch in view.predict_dataloader()]
+    outputs = [module.predict_step(module.transfer_batch_to_device(batch, module.device, 0), 0).cpu()
+               for batch in view.predict_dataloader()]
     return torch.cat(outputs, dim=1)

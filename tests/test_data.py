@@ -319,3 +319,31 @@ def test_random_translate_shifts_each_image_within_bounds():
     assert len({tuple(m.nonzero()[0].tolist()) for m in moved}) > 5  # offsets differ between images
     again = random_translate(images, 2, torch.Generator().manual_seed(0))
     assert torch.equal(moved, again)
+
+
+def test_sparse_rows_travel_as_their_nonzero_entries():
+    """One-hot tables are mostly zeros: batches carry each row's nonzero columns and values, which
+    rebuild the dense features exactly; dense rows and images carry none."""
+    torch.manual_seed(0)
+    x = torch.zeros(2, 30, 12).scatter_(-1, torch.rand(2, 30, 12).argsort(-1)[..., :4], torch.randn(2, 30, 4))
+    x[1, 4] = 0  # an all-zero row
+    x[0, 3] = torch.arange(12) < 6  # the widest row: half its columns
+    features = MemberFeatures(x)
+    index, value = features.nonzero()
+    assert index.dtype == torch.int32 and index.shape == value.shape
+    assert index.shape[-1] == 6
+    rebuilt = torch.zeros_like(x).scatter_add_(-1, index.long(), value)
+    torch.testing.assert_close(rebuilt, x, rtol=0, atol=0)
+
+    batches = StackedBatches(features, torch.zeros(30), [torch.arange(30), torch.arange(20)], batch_size=8,
+                             shuffle=True, chunk_steps=2)
+    chunk = next(iter(batches))
+    assert chunk["nz_index"].shape[:-1] == chunk["x"].shape[:-1]
+    rebuilt = torch.zeros_like(chunk["x"]).scatter_add_(-1, chunk["nz_index"].long(), chunk["nz_value"])
+    torch.testing.assert_close(rebuilt, chunk["x"], rtol=0, atol=0)
+
+    assert MemberFeatures(torch.randn(2, 30, 12)).nonzero() is None
+    assert "nz_index" not in next(iter(StackedBatches(MemberFeatures(torch.randn(1, 30, 12)), None,
+                                                      [torch.arange(30)], batch_size=8)))
+    images = MemberFeatures(torch.zeros(30, 28, 28, dtype=torch.uint8), torch.zeros(1), torch.ones(1), (28, 28))
+    assert images.nonzero() is None

@@ -247,3 +247,17 @@ def test_baselines_score_the_sweep_folds(real_data, tmp_path, capsys):
     runs = client.search_runs([experiment.experiment_id])
     assert sorted(r.info.run_name for r in runs) == ["lasso", "ridge"]
     assert all(r.info.status == "FINISHED" and 0.10 < r.data.metrics["cv_mean"] < 0.14 for r in runs)
+
+
+@pytest.mark.slow
+def test_plain_reference_times_the_d2l_loop_on_the_project_folds(real_data, tmp_path, capsys):
+    import plain_reference
+
+    out = tmp_path / "plain.json"
+    assert plain_reference.main(["--data-dir", str(real_data), "--cases", "house-prices-5fold-linear",
+                                 "--repeats", "2", "--json", str(out)]) == 0
+    (case,) = json.loads(out.read_text())["cases"]
+    assert case["name"] == "house-prices-5fold-linear" and len(case["runs_s"]) == 2 and case["plain_s"] > 0
+    with pytest.raises(SystemExit) as exit_info:
+        plain_reference.main(["--cases", "house-prices-mlp"])
+    assert exit_info.value.code == 2 and "argument --cases: unknown ['house-prices-mlp']" in capsys.readouterr().err

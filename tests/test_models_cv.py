@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from project.cv import TrainingDiverged, cross_validate
-from project.data import FashionMNISTDataModule
+from project.data import FashionMNISTDataModule, batches
+from project.data.batches import MemberFeatures
 from project.models import MLP, MLPClassifier, MLPRegressor
 from project.models.mlp import StackedLinear
+from project.models.optim import FusedAdamW
 from project.tasks import TrainConfig, get_task
 from tests.conftest import write_idx_set
 
@@ -224,3 +226,65 @@ def test_own_csv_task_as_the_readme_shows(tmp_path):
         assert len(result.fold_scores) == 3 and all(s > 0 for s in result.fold_scores)
     finally:
         del TASKS["my-task"]
+
+
+def test_first_layer_on_nonzero_entries_matches_the_dense_one():
+    torch.manual_seed(0)
+    x = torch.randn(3, 10, 20) * (torch.rand(3, 10, 20) < 0.3)
+    features = MemberFeatures(x)
+    layers = [StackedLinear(20, 16, [1, 2, 3]) for _ in range(2)]
+    layers[1].load_state_dict(layers[0].state_dict())
+    grad = torch.randn(3, 10, 16)
+    dense = layers[0](x)
+    sparse = layers[1](x, features.nonzero())
+    torch.testing.assert_close(sparse, dense)
+    dense.backward(grad)
+    sparse.backward(grad)
+    for a, b in zip(layers[0].parameters(), layers[1].parameters()):
+        torch.testing.assert_close(b.grad, a.grad)
+
+
+def test_cv_on_nonzero_entries_matches_dense_features(house_dir, monkeypatch):
+    """The real House Prices rows are a third nonzero and train through the nonzero path; the
+    miniature's are denser, so the limit is raised here to send them down both paths."""
+    config = TrainConfig(hidden_sizes=(16,), max_epochs=3, batch_size=16, lr=1e-2)
+    task, dense_dm = house_task_dm(house_dir)
+    assert dense_dm.features.nonzero() is None  # decided once, here
+    monkeypatch.setattr(batches, "SPARSE_DENSITY", 1.0)
+    _, sparse_dm = house_task_dm(house_dir)
+    assert sparse_dm.features.nonzero() is not None
+    dense, sparse = (cross_validate(task, config, datamodule=dm) for dm in (dense_dm, sparse_dm))
+    torch.testing.assert_close(torch.tensor(sparse.fold_scores), torch.tensor(dense.fold_scores), rtol=1e-4, atol=1e-6)
+
+
+def test_fused_adamw_takes_torchs_steps_exactly():
+    """Same update as torch.optim.AdamW(fused=True), bit for bit: two parameter groups, a learning
+    rate schedule, a step where one parameter has no gradient, and a reload mid-way."""
+    torch.manual_seed(0)
+    start = [torch.randn(3, 4), torch.randn(4), torch.randn(2, 3)]
+
+    def run(make, reload_at=None):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        groups = [{"params": params[::2], "weight_decay": 0.1}, {"params": params[1:2], "weight_decay": 0.0}]
+        optimizer = make(groups)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=6)
+        for step in range(6):
+            if step == reload_at:
+                state = optimizer.state_dict()
+                optimizer = make(groups)
+                optimizer.load_state_dict(state)
+                schedule.optimizer = optimizer
+            optimizer.zero_grad()
+            loss = sum((p * (k + 1)).sin().sum() for k, p in enumerate(params) if not (step == 2 and k == 1))
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+        return params, optimizer
+
+    torch_params, torch_optimizer = run(lambda g: torch.optim.AdamW(g, lr=0.1, fused=True))
+    for reload_at in (None, 4):
+        params, optimizer = run(lambda g: FusedAdamW(g, lr=0.1), reload_at)
+        for a, b in zip(params, torch_params):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        for a, b in zip(optimizer.state.values(), torch_optimizer.state.values()):
+            assert all(torch.equal(a[key], b[key]) for key in ("step", "exp_avg", "exp_avg_sq"))

@@ -1,8 +1,9 @@
 """A plain MLP whose weights carry a leading member dimension, so K fold models train as one.
 
 With ``members=1`` it is the ordinary MLP of the d2l chapters; ``hidden_sizes=()`` is the linear
-model. Inputs are ``[M, B, F]`` and outputs ``[M, B, out]``; every layer is a batched matmul, so
-member ``m`` only ever sees its own weights, inputs and dropout masks.
+model. Inputs are ``[M, B, F]`` and outputs ``[M, B, out]``; every layer is a batched matmul (or,
+for sparse inputs, a sum of the weight rows of their nonzero entries), so member ``m`` only ever
+sees its own weights, inputs and dropout masks.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -35,7 +37,11 @@ class StackedLinear(nn.Module):
             self.weight[m].uniform_(-bound, bound, generator=generator)
             self.bias[m].uniform_(-bound, bound, generator=generator)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, nonzero: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """``nonzero``: x's nonzero entries as column indices and values ``[M, B, K]`` (padding
+        entries have value 0), for a wide layer to sum K weight rows per sample instead of a matmul."""
+        if nonzero is not None and self.out_features > 1:
+            return _NonzeroLinear.apply(x, *nonzero, self.weight, self.bias)
         if self.out_features == 1:
             # a regression head: on CPU a batched matrix-vector product takes several times as long
             # (forward and backward) as this multiply-and-sum over the features
@@ -44,6 +50,29 @@ class StackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"members={self.weight.shape[0]}, in_features={self.in_features}, out_features={self.out_features}"
+
+
+class _NonzeroLinear(torch.autograd.Function):
+    """``baddbmm(bias, x, weight)`` with the product summed over x's nonzero entries only (one
+    ``embedding_bag`` over the members' stacked weight rows); the backward pass is the dense one."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, index: Tensor, value: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        members, in_features, out_features = weight.shape
+        batch, width = index.shape[1], index.shape[2]
+        rows = index + in_features * torch.arange(members, dtype=index.dtype, device=index.device)[:, None, None]
+        out = F.embedding_bag(rows.view(-1, width), weight.reshape(-1, out_features),
+                              per_sample_weights=value.view(-1, width), mode="sum")
+        ctx.save_for_backward(x, weight)
+        return out.view(members, batch, out_features) + bias
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x = torch.bmm(grad, weight.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.bmm(x.transpose(1, 2), grad) if ctx.needs_input_grad[3] else None
+        grad_bias = grad.sum(dim=1, keepdim=True) if ctx.needs_input_grad[4] else None
+        return grad_x, None, None, grad_weight, grad_bias
 
 
 class MLP(nn.Module):
@@ -102,6 +131,10 @@ class MLP(nn.Module):
         if self.skip is not None:
             self.skip.bias.zero_()
 
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.layers(x)
+    def forward(self, x: Tensor, nonzero: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """``nonzero`` (optional): x's nonzero entries, which the first layer can sum instead of
+        multiplying every feature (see ``StackedLinear``); unused behind input dropout."""
+        out = x
+        for i, layer in enumerate(self.layers):
+            out = layer(out, nonzero) if i == 0 and isinstance(layer, StackedLinear) else layer(out)
         return out if self.skip is None else out + self.skip(x)

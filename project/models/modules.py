@@ -15,9 +15,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from project.models.metrics import StackedAccuracy, StackedRMSE
+from project.models.optim import FusedAdamW
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("none", "cosine", "onecycle")
+
+
+def nonzero_entries(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor] | None:
+    """The batch's nonzero feature entries (index, value) where its features are sparse."""
+    return (batch["nz_index"], batch["nz_value"]) if "nz_index" in batch else None
 
 
 class StackedModule(L.LightningModule):
@@ -61,8 +67,8 @@ class StackedModule(L.LightningModule):
         one (padding rows weigh 0), which makes it the mean over the member's own rows."""
         raise NotImplementedError
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+    def forward(self, x: Tensor, nonzero: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        return self.net(x, nonzero)
 
     def on_train_epoch_start(self) -> None:
         self._loss_sum = torch.zeros(self.n_members, device=self.device)
@@ -77,9 +83,11 @@ class StackedModule(L.LightningModule):
         optimizer, scheduler = self.optimizers(use_pl_optimizer=False), self.lr_schedulers()
         x, y, rows = batch["x"], batch["y"], batch["w"].sum(dim=-1)
         weight = batch["w"] / rows.clamp(min=1).unsqueeze(-1)  # each member's rows average to its loss
+        nonzero = nonzero_entries(batch)
         losses = []
         for step in range(x.shape[0]):
-            per_member = self.member_loss(self(x[step]), y[step], weight[step])
+            entries = None if nonzero is None else (nonzero[0][step], nonzero[1][step])
+            per_member = self.member_loss(self(x[step], entries), y[step], weight[step])
             optimizer.zero_grad(set_to_none=True)
             per_member.sum().backward()
             optimizer.step()
@@ -91,13 +99,13 @@ class StackedModule(L.LightningModule):
         self._weight_sum += rows.sum(dim=0)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self.val_metric.update(self(batch["x"]), batch["y"], batch["w"])
+        self.val_metric.update(self(batch["x"], nonzero_entries(batch)), batch["y"], batch["w"])
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self.validation_step(batch, batch_idx)
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        return self(batch["x"])
+        return self(batch["x"], nonzero_entries(batch))
 
     def on_train_start(self) -> None:
         self.val_metric.reset()
@@ -143,11 +151,11 @@ class StackedModule(L.LightningModule):
         decay = [p for name, p in self.net.named_parameters() if name.endswith("weight")]
         no_decay = [p for name, p in self.net.named_parameters() if not name.endswith("weight")]
         groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        # fused kernels (CPU and CUDA): on a small model, torch's per-tensor loops cost more than the update
         if hp.optimizer == "sgd":
-            optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum)
+            optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, fused=True)
         else:
-            # the fused kernel (CPU and CUDA) takes a third off a small model's step time
-            optimizer = torch.optim.AdamW(groups, lr=hp.lr, fused=True)
+            optimizer = FusedAdamW(groups, lr=hp.lr)
         if hp.scheduler == "none":
             return optimizer
         self.trainer.fit_loop.setup_data()  # the training loader knows its optimiser steps per epoch
@@ -174,8 +182,8 @@ class MLPRegressor(StackedModule):
     def make_metric(self) -> StackedRMSE:
         return StackedRMSE(self.n_members)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x).squeeze(-1)
+    def forward(self, x: Tensor, nonzero: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        return self.net(x, nonzero).squeeze(-1)
 
     def member_loss(self, output: Tensor, target: Tensor, weight: Tensor) -> Tensor:
         if self.loss_name == "huber":
