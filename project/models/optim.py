@@ -23,7 +23,7 @@ class FusedAdamW(torch.optim.AdamW):
     """``torch.optim.AdamW(fused=True)`` (no AMSGrad, no maximize), with each group's tensor lists
     kept between steps. Parameters without a gradient are skipped, as torch skips them."""
 
-    def __init__(self, params: Iterable, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2) -> None:
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
         self._buckets: list[Bucket] | None = None
