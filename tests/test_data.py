@@ -329,7 +329,7 @@ def test_sparse_rows_travel_as_their_nonzero_entries():
     x[1, 4] = 0  # an all-zero row
     x[0, 3] = torch.arange(12) < 6  # the widest row: half its columns
     features = MemberFeatures(x)
-    index, value = features.nonzero()
+    index, value = features.nonzero
     assert index.dtype == torch.int32 and index.shape == value.shape
     assert index.shape[-1] == 6
     rebuilt = torch.zeros_like(x).scatter_add_(-1, index.long(), value)
@@ -342,8 +342,8 @@ def test_sparse_rows_travel_as_their_nonzero_entries():
     rebuilt = torch.zeros_like(chunk["x"]).scatter_add_(-1, chunk["nz_index"].long(), chunk["nz_value"])
     torch.testing.assert_close(rebuilt, chunk["x"], rtol=0, atol=0)
 
-    assert MemberFeatures(torch.randn(2, 30, 12)).nonzero() is None
+    assert MemberFeatures(torch.randn(2, 30, 12)).nonzero is None
     assert "nz_index" not in next(iter(StackedBatches(MemberFeatures(torch.randn(1, 30, 12)), None,
                                                       [torch.arange(30)], batch_size=8)))
     images = MemberFeatures(torch.zeros(30, 28, 28, dtype=torch.uint8), torch.zeros(1), torch.ones(1), (28, 28))
-    assert images.nonzero() is None
+    assert images.nonzero is None

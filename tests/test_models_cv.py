@@ -236,7 +236,7 @@ def test_first_layer_on_nonzero_entries_matches_the_dense_one():
     layers[1].load_state_dict(layers[0].state_dict())
     grad = torch.randn(3, 10, 16)
     dense = layers[0](x)
-    sparse = layers[1](x, features.nonzero())
+    sparse = layers[1](x, features.nonzero)
     torch.testing.assert_close(sparse, dense)
     dense.backward(grad)
     sparse.backward(grad)
@@ -249,10 +249,10 @@ def test_cv_on_nonzero_entries_matches_dense_features(house_dir, monkeypatch):
     miniature's are denser, so the limit is raised here to send them down both paths."""
     config = TrainConfig(hidden_sizes=(16,), max_epochs=3, batch_size=16, lr=1e-2)
     task, dense_dm = house_task_dm(house_dir)
-    assert dense_dm.features.nonzero() is None  # decided once, here
+    assert dense_dm.features.nonzero is None  # decided once, here
     monkeypatch.setattr(batches, "SPARSE_DENSITY", 1.0)
     _, sparse_dm = house_task_dm(house_dir)
-    assert sparse_dm.features.nonzero() is not None
+    assert sparse_dm.features.nonzero is not None
     dense, sparse = (cross_validate(task, config, datamodule=dm) for dm in (dense_dm, sparse_dm))
     torch.testing.assert_close(torch.tensor(sparse.fold_scores), torch.tensor(dense.fold_scores), rtol=1e-4, atol=1e-6)
 

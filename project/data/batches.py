@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -29,7 +30,6 @@ class MemberFeatures:
         self.x, self.shift, self.scale, self.image_shape = x, shift, scale, image_shape
         self.shared = shift is not None
         self._dense: MemberFeatures | None = None
-        self._nonzero: tuple[Tensor, Tensor] | None | bool = False  # False: not computed yet
 
     @property
     def n_members(self) -> int:
@@ -45,10 +45,7 @@ class MemberFeatures:
         if self.shared and not translate and self._normalised() is not None:
             return self._dense.gather(rows)
         if not self.shared:
-            # one index_select over [M * N, F] rows: a plain row copy, faster than broadcast indexing
-            members, n_rows = self.x.shape[0], self.x.shape[1]
-            flat = rows + n_rows * torch.arange(members)[:, None]
-            return self.x.view(members * n_rows, -1).index_select(0, flat.reshape(-1)).view(*rows.shape, -1)
+            return member_rows(self.x, rows)
         x = self.x[rows]
         if translate and self.image_shape is not None:
             x = random_translate(x.reshape(-1, *self.image_shape), translate, generator)
@@ -58,28 +55,26 @@ class MemberFeatures:
     def gather_nonzero(self, rows: Tensor) -> tuple[Tensor, Tensor] | None:
         """The nonzero entries of the rows ``gather`` returns, as column indices and values
         ``[..., M, B, K]``; None where the features are not sparse (see ``nonzero``)."""
-        nonzero = self.nonzero()
-        if nonzero is None:
+        if self.nonzero is None:
             return None
-        members, n_rows = self.x.shape[0], self.x.shape[1]
-        flat = (rows + n_rows * torch.arange(members)[:, None]).reshape(-1)
-        return tuple(t.view(members * n_rows, -1).index_select(0, flat).view(*rows.shape, -1) for t in nonzero)
+        index, value = self.nonzero
+        return member_rows(index, rows), member_rows(value, rows)
 
+    @cached_property
     def nonzero(self) -> tuple[Tensor, Tensor] | None:
         """Each row's nonzero entries, ``[M, N, K]`` int32 column indices and their values, padded with
         (column 0, value 0) to the largest count K; computed once. One-hot encoded tables are mostly
         zeros, and a first layer that sums K weight rows per sample does a fraction of the work of
         a matmul over all F columns. None for images and for rows more than SPARSE_DENSITY nonzero."""
-        if self._nonzero is False:
-            self._nonzero = None
-            if not self.shared and self.x.numel():
-                zero = self.x == 0
-                width = int((~zero).sum(dim=-1).max())
-                if width <= SPARSE_DENSITY * self.x.shape[-1]:
-                    # a stable sort of the zero flags puts each row's nonzero columns first, in order
-                    columns = torch.sort(zero.to(torch.uint8), dim=-1, stable=True).indices[..., :max(width, 1)]
-                    self._nonzero = (columns.to(torch.int32), self.x.gather(-1, columns))
-        return self._nonzero
+        if self.shared or not self.x.numel():
+            return None
+        zero = self.x == 0
+        width = int((~zero).sum(dim=-1).max())
+        if width > SPARSE_DENSITY * self.x.shape[-1]:
+            return None
+        # a stable sort of the zero flags puts each row's nonzero columns first, in order
+        columns = torch.sort(zero.to(torch.uint8), dim=-1, stable=True).indices[..., :max(width, 1)]
+        return columns.to(torch.int32), self.x.gather(-1, columns)
 
     def _normalised(self) -> MemberFeatures | None:
         """The normalised float features of every member, computed once when they fit in
@@ -93,6 +88,14 @@ class MemberFeatures:
         if self.shared:
             return MemberFeatures(self.x, self.shift[list(members)], self.scale[list(members)], self.image_shape)
         return MemberFeatures(self.x[list(members)])
+
+
+def member_rows(table: Tensor, rows: Tensor) -> Tensor:
+    """``table[m, rows[..., m, b]]`` for a ``[M, N, C]`` table and ``[..., M, B]`` rows: one index_select
+    over the ``[M * N, C]`` rows, a plain row copy, faster than broadcast indexing."""
+    members, n_rows = table.shape[0], table.shape[1]
+    flat = rows + n_rows * torch.arange(members)[:, None]
+    return table.view(members * n_rows, -1).index_select(0, flat.reshape(-1)).view(*rows.shape, -1)
 
 
 def random_translate(images: Tensor, pixels: int, generator: torch.Generator | None) -> Tensor:
