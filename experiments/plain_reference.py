@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from project.cli import REPO_ROOT, positive_int
+from project.data import DataError
 from project.tasks import get_task
 
 # name: (task, hidden sizes, batch size, epochs, learning rate, weight decay, folds), as in benchmark.py
@@ -82,7 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for name in chosen:
         task_name, hidden, batch_size, epochs, lr, weight_decay, folds = CASES[name]
-        data = load_folds(task_name, args.data_dir, folds)
+        try:
+            data = load_folds(task_name, args.data_dir, folds)
+        except DataError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
         classes = 10 if task_name != "house-prices" else 0
 
         def run():
