@@ -54,7 +54,12 @@ class CVResult:
 
 def make_trainer(max_epochs: int, callbacks: Sequence[L.Callback] = (), validate: bool = True,
                  accelerator: str = "auto") -> L.Trainer:
-    """A Trainer stripped for many small fits: no logger, checkpoints, progress bar or summary."""
+    """A Trainer stripped for many small fits: no logger, checkpoints, progress bar or summary.
+
+    Deterministic algorithms stay on, but torch's filling of every new tensor with NaN under them
+    is switched off: a debugging aid for kernels that read memory they never wrote (none here), it
+    costs a pass over each intermediate tensor, 4 % of a House Prices MLP fit (2.49 -> 2.40 s)."""
+    torch.utils.deterministic.fill_uninitialized_memory = False
     return L.Trainer(
         max_epochs=max_epochs,
         accelerator=accelerator,

@@ -11,7 +11,7 @@ from project.cv import TrainingDiverged, cross_validate
 from project.data import FashionMNISTDataModule, batches
 from project.data.batches import MemberFeatures
 from project.models import MLP, MLPClassifier, MLPRegressor
-from project.models.mlp import StackedLinear
+from project.models.mlp import StackedLinear, nonzero_rows
 from project.models.optim import FusedAdamW
 from project.tasks import TrainConfig, get_task
 from tests.conftest import write_idx_set
@@ -142,6 +142,28 @@ def test_batched_folds_match_sequential_training(house_dir):
             torch.testing.assert_close(p_batched[position : position + 1], p_alone, rtol=1e-4, atol=1e-5)
 
 
+def test_an_epochs_last_mini_batch_trains_on_its_rows_only(house_dir, monkeypatch):
+    """Padding rows (weight 0) fill the end of an epoch's last mini-batch: each step is cut to the
+    rows some member still has, which changes the work and nothing else."""
+    task, dm = house_task_dm(house_dir, folds=7)
+    sizes = sorted({len(rows) for rows in dm.train_rows})
+    assert sizes == [51, 52]  # so the cut last step still pads the smaller members
+    config = TrainConfig(hidden_sizes=(16,), max_epochs=2, batch_size=16, lr=1e-2, weight_decay=1e-2)
+    widths, forward = [], MLPRegressor.forward
+
+    def spy(self, x, nonzero=None):
+        if self.training:
+            widths.append(x.shape[1])
+        return forward(self, x, nonzero)
+
+    monkeypatch.setattr(MLPRegressor, "forward", spy)
+    batched = cross_validate(task, config, datamodule=dm)
+    assert widths == [16, 16, 16, 4] * 2
+    monkeypatch.undo()
+    sequential = cross_validate(task, config, datamodule=dm, batched=False)  # alone, the 51-row folds cut to 3
+    torch.testing.assert_close(torch.tensor(batched.fold_scores), torch.tensor(sequential.fold_scores), rtol=1e-5, atol=1e-6)
+
+
 def test_same_seed_same_cv_score(house_dir):
     task, dm = house_task_dm(house_dir)
     config = TrainConfig(hidden_sizes=(16,), dropout=0.3, max_epochs=3, batch_size=8)
@@ -236,7 +258,8 @@ def test_first_layer_on_nonzero_entries_matches_the_dense_one():
     layers[1].load_state_dict(layers[0].state_dict())
     grad = torch.randn(3, 10, 16)
     dense = layers[0](x)
-    sparse = layers[1](x, features.nonzero)
+    index, value = features.nonzero
+    sparse = layers[1](x, (nonzero_rows(index, 20), value))
     torch.testing.assert_close(sparse, dense)
     dense.backward(grad)
     sparse.backward(grad)

@@ -38,8 +38,9 @@ class StackedLinear(nn.Module):
             self.bias[m].uniform_(-bound, bound, generator=generator)
 
     def forward(self, x: Tensor, nonzero: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """``nonzero``: x's nonzero entries as column indices and values ``[M, B, K]`` (padding
-        entries have value 0), for a wide layer to sum K weight rows per sample instead of a matmul."""
+        """``nonzero``: x's nonzero entries as rows of the members' stacked weights (``nonzero_rows``)
+        and values ``[M, B, K]`` (padding entries have value 0), for a wide layer to sum K weight rows
+        per sample instead of a matmul."""
         if nonzero is not None and self.out_features > 1:
             return _NonzeroLinear.apply(x, *nonzero, self.weight, self.bias)
         if self.out_features == 1:
@@ -52,19 +53,25 @@ class StackedLinear(nn.Module):
         return f"members={self.weight.shape[0]}, in_features={self.in_features}, out_features={self.out_features}"
 
 
+def nonzero_rows(index: Tensor, n_features: int) -> Tensor:
+    """Column indices ``[..., M, B, K]`` of each member's nonzero entries as rows of the members'
+    stacked weights ``[M * F, out]``: member m's column c is row ``m * F + c``. Computed once per
+    chunk of mini-batches rather than once per step."""
+    members = index.shape[-3]
+    return index + n_features * torch.arange(members, dtype=index.dtype, device=index.device)[:, None, None]
+
+
 class _NonzeroLinear(torch.autograd.Function):
     """``baddbmm(bias, x, weight)`` with the product summed over x's nonzero entries only (one
     ``embedding_bag`` over the members' stacked weight rows); the backward pass is the dense one."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, index: Tensor, value: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-        members, in_features, out_features = weight.shape
-        batch, width = index.shape[1], index.shape[2]
-        rows = index + in_features * torch.arange(members, dtype=index.dtype, device=index.device)[:, None, None]
-        out = F.embedding_bag(rows.view(-1, width), weight.reshape(-1, out_features),
-                              per_sample_weights=value.view(-1, width), mode="sum")
+    def forward(ctx, x: Tensor, rows: Tensor, value: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        members, batch, width = rows.shape
+        out = F.embedding_bag(rows.reshape(-1, width), weight.reshape(-1, weight.shape[-1]),
+                              per_sample_weights=value.reshape(-1, width), mode="sum")
         ctx.save_for_backward(x, weight)
-        return out.view(members, batch, out_features) + bias
+        return out.view(members, batch, -1).add_(bias)
 
     @staticmethod
     def backward(ctx, grad: Tensor):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from project.models.metrics import StackedAccuracy, StackedRMSE
+from project.models.mlp import nonzero_rows
 from project.models.optim import FusedAdamW
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -22,8 +23,11 @@ SCHEDULERS = ("none", "cosine", "onecycle")
 
 
 def nonzero_entries(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor] | None:
-    """The batch's nonzero feature entries (index, value) where its features are sparse."""
-    return (batch["nz_index"], batch["nz_value"]) if "nz_index" in batch else None
+    """The batch's nonzero feature entries where its features are sparse: (rows of the members'
+    stacked first-layer weights, values), see ``nonzero_rows``."""
+    if "nz_index" not in batch:
+        return None
+    return nonzero_rows(batch["nz_index"], batch["x"].shape[-1]), batch["nz_value"]
 
 
 class StackedModule(L.LightningModule):
@@ -81,15 +85,20 @@ class StackedModule(L.LightningModule):
         the like): on small models those hooks cost more than the step itself. Mixed precision and
         gradient clipping plugins are therefore not applied inside a chunk."""
         optimizer, scheduler = self.optimizers(use_pl_optimizer=False), self.lr_schedulers()
-        x, y, rows = batch["x"], batch["y"], batch["w"].sum(dim=-1)
+        rows = batch["w"].sum(dim=-1)
         weight = batch["w"] / rows.clamp(min=1).unsqueeze(-1)  # each member's rows average to its loss
-        nonzero = nonzero_entries(batch)
+        parts = [batch["x"], batch["y"], weight, *(nonzero_entries(batch) or ())]
+        # padding rows (weight 0) sit at the end of a member's epoch, so an epoch's last mini-batch
+        # is mostly padding: each step is cut to the rows some member still has (one sync a chunk)
+        widths = (batch["w"] != 0).sum(dim=-1).amax(dim=-1).tolist()
+        full = batch["w"].shape[-1]
+        ones = torch.ones(self.n_members, device=self.device)  # the gradient of the members' summed loss
         losses = []
-        for step in range(x.shape[0]):
-            entries = None if nonzero is None else (nonzero[0][step], nonzero[1][step])
-            per_member = self.member_loss(self(x[step], entries), y[step], weight[step])
+        for step, width in enumerate(widths):
+            x, y, w, *nonzero = (part[step] if width == full else part[step, :, :width] for part in parts)
+            per_member = self.member_loss(self(x, tuple(nonzero) or None), y, w)
             optimizer.zero_grad(set_to_none=True)
-            per_member.sum().backward()
+            per_member.backward(ones)
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()

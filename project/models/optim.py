@@ -53,9 +53,9 @@ class FusedAdamW(torch.optim.AdamW):
         buckets = self._buckets
         if buckets is None or any(p.grad is None for _, params, *_ in buckets for p in params):
             buckets = self._collect()
+        torch._foreach_add_([step for *_, steps in buckets for step in steps], 1)
         for group, params, exp_avgs, exp_avg_sqs, steps in buckets:
             beta1, beta2 = group["betas"]
-            torch._foreach_add_(steps, 1)
             torch._fused_adamw_(params, [p.grad for p in params], exp_avgs, exp_avg_sqs, [], steps,
                                 lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
                                 eps=group["eps"], amsgrad=False, maximize=False)
