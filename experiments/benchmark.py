@@ -24,6 +24,7 @@ from torch import nn
 
 from project.cli import REPO_ROOT, positive_int
 from project.cv import cross_validate
+from project.data import DataError
 from project.tasks import TrainConfig, get_task
 
 
@@ -174,18 +175,23 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"argument --cases: unknown {unknown}; expected some of {', '.join(cases)}")
     results = []
     print(f"{'case':<28}{'plain s':>10}{'project s':>11}{'ratio':>8}{'peak MB':>10}")
-    for name in chosen:
-        if name in fold_cases:
-            task_name, config, folds = fold_cases[name]
-            row = case_folds(name, task_name, args.data_dir, config, folds, args.repeats)
-        else:
-            row = case_sweep(args.data_dir, args.sweep_trials)
-        results.append(row)
-        print(f"{row['name']:<28}{row['plain_s']:>10.2f}{row['project_s']:>11.2f}{row['ratio']:>8.2f}{row['peak_mem_mb']:>10.0f}",
-              flush=True)
-    payload = {"cases": results, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
-    if args.json:
-        args.json.write_text(json.dumps(payload, indent=2))
+    try:
+        for name in chosen:
+            if name in fold_cases:
+                task_name, config, folds = fold_cases[name]
+                row = case_folds(name, task_name, args.data_dir, config, folds, args.repeats)
+            else:
+                row = case_sweep(args.data_dir, args.sweep_trials)
+            results.append(row)
+            print(f"{row['name']:<28}{row['plain_s']:>10.2f}{row['project_s']:>11.2f}{row['ratio']:>8.2f}"
+                  f"{row['peak_mem_mb']:>10.0f}", flush=True)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    finally:  # the cases already measured are kept, whatever stops the run
+        if args.json:
+            payload = {"cases": results, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+            args.json.write_text(json.dumps(payload, indent=2))
     return 0
 
 

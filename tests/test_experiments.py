@@ -261,3 +261,18 @@ def test_plain_reference_times_the_d2l_loop_on_the_project_folds(real_data, tmp_
     with pytest.raises(SystemExit) as exit_info:
         plain_reference.main(["--cases", "house-prices-mlp"])
     assert exit_info.value.code == 2 and "argument --cases: unknown ['house-prices-mlp']" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_benchmark_keeps_the_cases_it_measured_when_the_data_is_bad(real_data, tmp_path, capsys):
+    import benchmark
+
+    (tmp_path / "fashion-mnist").symlink_to(real_data / "fashion-mnist")
+    (tmp_path / "house-prices").mkdir()
+    lines = (real_data / "house-prices/train.csv").read_text().splitlines(keepends=True)
+    (tmp_path / "house-prices/train.csv").write_text("".join(lines[:100]))  # truncated
+    out = tmp_path / "bench.json"
+    assert benchmark.main(["--data-dir", str(tmp_path), "--cases", "fashion-mnist-epoch,house-prices-5fold-linear",
+                           "--repeats", "1", "--json", str(out)]) == 1
+    assert [case["name"] for case in json.loads(out.read_text())["cases"]] == ["fashion-mnist-epoch"]
+    assert "house-prices/train.csv: checksum mismatch" in capsys.readouterr().err
