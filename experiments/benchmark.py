@@ -30,6 +30,9 @@ from project.tasks import TrainConfig, get_task
 
 def plain_fit(x_train, y_train, x_val, y_val, config: TrainConfig, out_features: int, classification: bool, seed: int):
     """The d2l-style loop: nn.Linear layers, AdamW, randperm mini-batches, a validation pass per epoch."""
+    # torch's defaults, whatever global flags the project's Trainer left set in this process
+    torch.use_deterministic_algorithms(False)
+    torch.utils.deterministic.fill_uninitialized_memory = True
     torch.manual_seed(seed)
     sizes = [x_train.shape[1], *config.hidden_sizes, out_features]
     layers: list[nn.Module] = []
