@@ -22,6 +22,7 @@ from project.cli import add_common_arguments, fixed_params, output_dir, positive
 from project.data import DataError
 from project.tasks import get_task
 from project.tuning.export import export_best
+from project.tuning.recovery import recover_stale_trials
 from project.tuning.space import start_point
 from project.tuning.study import (
     SweepSettings,
@@ -29,7 +30,6 @@ from project.tuning.study import (
     STORAGE_SCHEMES,
     default_storage,
     open_study,
-    recover_stale_trials,
     run_workers,
 )
 from project.tuning.tracking import Tracker, environment_tags

@@ -46,19 +46,36 @@ def wait_for(predicate, seconds: float) -> None:
     raise AssertionError(f"condition not met within {seconds} s")
 
 
+FAULT_SWEEP = [sys.executable, str(REPO / "tests" / "fault_sweep.py")]
+# where in a trial's life the whole sweep is killed: from outside at any moment once three trials
+# have finished, or from inside (tests/fault_sweep.py) at a named point of trial 4 or later (by then
+# at least three have finished: two workers run at most two trials at once)
+KILL_POINTS = ["outside", "created", "mid-fold", "logging", "run-ended"]
+
+
+def kill_sweep_at(point: str, args: list[str], storage: str) -> None:
+    if point == "outside":
+        sweep = subprocess.Popen([*SWEEP, *args], cwd=REPO, start_new_session=True,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: sum(t.state.is_finished() for t in trials(storage)) >= 3
+                     and any(t.state == TrialState.RUNNING for t in trials(storage)), 180)
+        finally:
+            os.killpg(sweep.pid, signal.SIGKILL)  # the coordinator and both workers, mid-trial
+            sweep.wait()
+        return
+    sweep = subprocess.run([*FAULT_SWEEP, *args], cwd=REPO, start_new_session=True, capture_output=True, text=True,
+                           env={**os.environ, "FAULT": point}, timeout=300)
+    assert sweep.returncode == -signal.SIGKILL, sweep.stderr[-2000:]
+
+
 @pytest.mark.slow
-def test_kill_9_then_resume_keeps_finished_work(real_data, tmp_path):
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_kill_9_then_resume_keeps_finished_work(real_data, tmp_path, point):
     storage = f"sqlite:///{tmp_path / 'out' / 'optuna.db'}"
-    sweep = subprocess.Popen([*SWEEP, *sweep_args(real_data, tmp_path, "--n-trials", "200", "--n-jobs", "2")],
-                             cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for(lambda: sum(t.state.is_finished() for t in trials(storage)) >= 3
-                 and any(t.state == TrialState.RUNNING for t in trials(storage)), 180)
-    finally:
-        os.killpg(sweep.pid, signal.SIGKILL)  # the coordinator and both workers, mid-trial
-        sweep.wait()
+    kill_sweep_at(point, sweep_args(real_data, tmp_path, "--n-trials", "200", "--n-jobs", "2"), storage)
     before = {t.number: t.state for t in trials(storage) if t.state.is_finished()}
-    assert any(t.state == TrialState.RUNNING for t in trials(storage))
+    assert len(before) >= 3 and any(t.state == TrialState.RUNNING for t in trials(storage))
 
     rerun = subprocess.run([*SWEEP, *sweep_args(real_data, tmp_path, "--n-trials", "2")], cwd=REPO,
                            capture_output=True, text=True, timeout=600)
@@ -76,6 +93,8 @@ def test_kill_9_then_resume_keeps_finished_work(real_data, tmp_path):
     failed = [t for t in after if t.state == TrialState.FAIL]
     assert failed and all(client.get_run(t.user_attrs["mlflow_run_id"]).info.status == "FAILED"
                           for t in failed if "mlflow_run_id" in t.user_attrs)
+    if point == "created":  # killed before its worker claimed it: failed all the same
+        assert any(t.user_attrs.get("failure") == "worker process died before it claimed the trial" for t in failed)
 
 
 def _free_port() -> int:
@@ -126,7 +145,7 @@ def test_two_workers_share_a_postgresql_study(real_data, tmp_path, postgres):
     assert sorted(numbers) == list(range(6))
     assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study)
     # each trial was run by exactly one of the two processes
-    pids = {t.user_attrs["pid"] for t in study}
+    pids = {t.user_attrs["worker"]["pid"] for t in study}
     assert len(pids) == 2
     assert len({t.user_attrs["mlflow_run_id"] for t in study}) == 6
     assert len({tuple(sorted(t.params.items())) for t in study}) == 6  # the two commands did not repeat each other

@@ -14,7 +14,8 @@ from project.final import house_prices_submission, refit_and_test, save_model, t
 from project.tasks import get_task
 from project.tuning.plots import learning_curves, study_plots
 from project.tuning.space import config_from_params
-from project.tuning.study import RUN_ID_ATTR, SweepSettings
+from project.tuning.recovery import RUN_ID_ATTR
+from project.tuning.study import SweepSettings
 from project.tuning.tracking import Tracker
 
 

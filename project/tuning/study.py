@@ -1,10 +1,8 @@
-"""The Optuna study: storage, the objective, workers, and recovery of trials a crash left behind."""
+"""The Optuna study: storage, the sampler, the objective and the worker processes."""
 
 from __future__ import annotations
 
 import multiprocessing
-import os
-import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,11 +19,11 @@ from project.cv import TrainingDiverged, cross_validate
 from project.tasks import get_task
 from project.tuning.locks import sqlite_creation_lock
 from project.tuning.pruning import FoldPruningCallback
+from project.tuning.recovery import RUN_ID_ATTR, claim
 from project.tuning.space import suggest_config
 from project.tuning.tracking import Tracker
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
-RUN_ID_ATTR = "mlflow_run_id"
 # settings a resumed study must share with the one that created it: its trials would not compare
 FROZEN = ("task", "folds", "validation_folds", "seed", "fixed", "batched")
 STORAGE_SCHEMES = ("sqlite:", "postgresql", "mysql", "journal:")
@@ -75,7 +73,8 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
 
 
 class TrialSeededTPE(optuna.samplers.TPESampler):
-    """TPE whose random state is reseeded from (seed, trial number) before each trial.
+    """TPE whose random state is reseeded from (seed, trial number) before each trial, and which
+    records this process as the trial's worker the moment the trial exists (see recovery.py).
 
     One process gives the same sweep for the same --seed, and workers sharing a study, even
     commands started by hand with the same --seed, hold different trial numbers and so do not
@@ -87,6 +86,7 @@ class TrialSeededTPE(optuna.samplers.TPESampler):
         self._base_seed = seed
 
     def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        claim(study, trial)
         trial_seed = (self._base_seed * 1_000_003 + trial.number) % 2**32
         self._rng.rng.seed(trial_seed)
         self._random_sampler._rng.rng.seed(trial_seed)
@@ -136,35 +136,6 @@ def check_frozen(study: optuna.Study, settings: SweepSettings) -> None:
                              f"this run has {current[key]!r} ({flag}); give --study-name a new name to start a new study")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def recover_stale_trials(study: optuna.Study, tracker: Tracker) -> list[int]:
-    """Mark FAIL the RUNNING trials whose worker on this host has died (kill -9, power loss), and
-    their MLflow runs FAILED. Workers on other hosts are left to the storage heartbeat."""
-    host, failed = socket.gethostname(), []
-    # Optuna has no public call to fail another process's trial; its storage API does it
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if trial.user_attrs.get("host") == host and not _alive(int(trial.user_attrs.get("pid", -1))):
-            study._storage.set_trial_user_attr(trial._trial_id, "failure", "worker process died")
-            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-            failed.append(trial.number)
-    # trials failed here or by the heartbeat: close their MLflow runs too
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
-        run_id = trial.user_attrs.get(RUN_ID_ATTR)
-        if run_id and tracker.has_run(run_id) and tracker.client.get_run(run_id).info.status == "RUNNING":
-            tracker.set_tags(run_id, {"state": "FAIL", "failure": trial.user_attrs.get("failure", "worker died")})
-            tracker.end_run(run_id, "FAILED")
-    return failed
-
-
 class Objective:
     """Mean validation score over the K folds; one MLflow child run per trial."""
 
@@ -174,8 +145,6 @@ class Objective:
         self.datamodule = settings.datamodule()  # set up once per worker: preprocessing does not depend on the trial
 
     def __call__(self, trial: optuna.Trial) -> float:
-        trial.set_user_attr("host", socket.gethostname())
-        trial.set_user_attr("pid", os.getpid())
         config = suggest_config(trial, self.task, self.settings.fixed)
         run_id = self.tracker.start_run(f"trial-{trial.number}", self.settings.parent_run_id,
                                         {"trial_number": str(trial.number), "study": self.settings.study_name})

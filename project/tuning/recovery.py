@@ -1,0 +1,102 @@
+"""Which process runs a trial, and recovery of the trials that dead workers left RUNNING.
+
+A worker records itself on a trial (one ``worker`` attribute: host and pid, written at once) from
+the sampler's ``before_trial`` hook, the first moment Optuna hands a new trial to its creator. A
+trial can still be killed between its creation and that write, so start-up recovery also fails
+an unclaimed RUNNING trial once it is older than ``CLAIM_WITHIN`` seconds: a live worker claims its
+trial within milliseconds (a SQLite write waits at most its 5 s busy timeout), so an older
+unclaimed trial has no worker. A younger one is looked at again when it reaches that age.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from datetime import datetime
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from project.tuning.tracking import Tracker
+
+WORKER_ATTR = "worker"
+RUN_ID_ATTR = "mlflow_run_id"
+CLAIM_WITHIN = 10.0  # seconds; the storage heartbeat's interval
+
+
+def this_worker() -> dict[str, str | int]:
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+def claim(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Record this process as the trial's worker (one write, so it is never half-recorded)."""
+    # Optuna's public set_user_attr needs a Trial, which does not exist yet inside before_trial
+    study._storage.set_trial_user_attr(trial._trial_id, WORKER_ATTR, this_worker())
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:  # os.kill(0 or -1, ...) would signal a whole process group
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _why_dead(trial: FrozenTrial, host: str, now: datetime) -> str | None:
+    """The reason ``trial`` has no live worker, or None while it may have one."""
+    worker = trial.user_attrs.get(WORKER_ATTR)
+    if worker is None:
+        age = (now - trial.datetime_start).total_seconds() if trial.datetime_start else CLAIM_WITHIN
+        return "worker process died before it claimed the trial" if age >= CLAIM_WITHIN else None
+    if worker.get("host") == host and not _alive(int(worker.get("pid", 0))):
+        return "worker process died"
+    return None  # alive here, or on another host: left to the storage heartbeat
+
+
+def _fail(study: optuna.Study, trial: FrozenTrial, reason: str) -> bool:
+    # Optuna has no public call to fail another process's trial; its storage API does it
+    try:
+        study._storage.set_trial_user_attr(trial._trial_id, "failure", reason)
+        return study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False  # its worker was alive after all and finished it meanwhile
+
+
+def recover_stale_trials(study: optuna.Study, tracker: Tracker) -> list[int]:
+    """Mark FAIL the RUNNING trials whose worker has died (kill -9, power loss), and their MLflow
+    runs FAILED; returns their numbers. Waits at most ``CLAIM_WITHIN`` seconds, and only when a
+    trial was created moments ago and is not claimed yet."""
+    host, failed = socket.gethostname(), []
+    numbers = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    while numbers:
+        now, young = datetime.now(), set()
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if trial.number not in numbers:
+                continue  # started after this recovery began: a live worker's
+            reason = _why_dead(trial, host, now)
+            if reason is None:
+                if WORKER_ATTR not in trial.user_attrs:
+                    young.add(trial.number)
+            elif _fail(study, trial, reason):
+                failed.append(trial.number)
+        numbers = young
+        if numbers:
+            time.sleep(1.0)
+    _close_failed_runs(study, tracker)
+    return sorted(failed)
+
+
+def _close_failed_runs(study: optuna.Study, tracker: Tracker) -> None:
+    """FAIL trials, whether failed here or by the storage heartbeat, get FAILED MLflow runs: a run
+    may still say RUNNING, or FINISHED when its worker died after ending it but before Optuna
+    recorded the trial's end."""
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        run_id = trial.user_attrs.get(RUN_ID_ATTR)
+        if run_id and tracker.has_run(run_id) and tracker.client.get_run(run_id).info.status != "FAILED":
+            tracker.set_tags(run_id, {"state": "FAIL", "failure": trial.user_attrs.get("failure", "worker died")})
+            tracker.end_run(run_id, "FAILED")
