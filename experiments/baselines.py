@@ -22,8 +22,9 @@ import numpy as np
 from sklearn.ensemble import GradientBoostingRegressor
 from sklearn.linear_model import Lasso, Ridge
 
-from project.cli import REPO_ROOT, folds_int
+from project.cli import folds_int
 from project.data import DataError
+from project.paths import REPO_ROOT
 from project.tasks import get_task
 from project.tuning.tracking import Tracker, environment_tags
 
@@ -39,9 +40,10 @@ MODELS = {
 
 def cross_validate_model(make, datamodule) -> tuple[list[float], np.ndarray]:
     """Fit a fresh model on each member's training part; return fold RMSEs and every row's error."""
-    x, y = datamodule.features.x.numpy(), datamodule.targets.numpy()
+    members = datamodule.members
+    x, y = members.features.x.numpy(), datamodule.targets.numpy()
     errors, scores = np.zeros_like(y), []
-    for m, (train, val) in enumerate(zip(datamodule.train_rows, datamodule.val_rows)):
+    for m, (train, val) in enumerate(zip(members.train_rows, members.val_rows)):
         train, val = train.numpy(), val.numpy()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Lasso's convergence notes

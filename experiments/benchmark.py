@@ -22,25 +22,23 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from project.cli import REPO_ROOT, positive_int
+from project.cli import positive_int
 from project.cv import cross_validate
 from project.data import DataError
+from project.models import create_model
+from project.paths import REPO_ROOT
 from project.tasks import TrainConfig, get_task
+
+EVAL_ROWS = 4096  # validation rows per forward pass, on both sides
 
 
 def plain_fit(x_train, y_train, x_val, y_val, config: TrainConfig, out_features: int, classification: bool, seed: int):
-    """The d2l-style loop: nn.Linear layers, AdamW, randperm mini-batches, a validation pass per epoch."""
+    """The d2l-style loop over the same plain model: AdamW, randperm mini-batches, a validation pass per epoch."""
     # torch's defaults, whatever global flags the project's Trainer left set in this process
     torch.use_deterministic_algorithms(False)
     torch.utils.deterministic.fill_uninitialized_memory = True
     torch.manual_seed(seed)
-    sizes = [x_train.shape[1], *config.hidden_sizes, out_features]
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            layers += [nn.ReLU(), nn.Dropout(config.dropout)] if config.dropout else [nn.ReLU()]
-    net = nn.Sequential(*layers)
+    net = create_model(config.model, tuple(x_train.shape[1:]), out_features, **config.model_kwargs)
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     loss_fn = nn.CrossEntropyLoss() if classification else nn.MSELoss()
     for _ in range(config.max_epochs):
@@ -53,7 +51,7 @@ def plain_fit(x_train, y_train, x_val, y_val, config: TrainConfig, out_features:
             optimizer.step()
         net.eval()
         with torch.no_grad():
-            out = net(x_val)
+            out = torch.cat([net(part) for part in x_val.split(EVAL_ROWS)])
             if classification:
                 score = (out.argmax(1) == y_val).float().mean()
             else:
@@ -62,10 +60,10 @@ def plain_fit(x_train, y_train, x_val, y_val, config: TrainConfig, out_features:
 
 
 def fold_tensors(datamodule, position: int):
-    rows_tr, rows_va = datamodule.train_rows[position], datamodule.val_rows[position]
-    features = datamodule.features.select([position])
-    x_tr = features.gather(rows_tr[None])[0]
-    x_va = features.gather(rows_va[None])[0]
+    members = datamodule.members.select([position])
+    rows_tr, rows_va = members.train_rows[0], members.val_rows[0]
+    x_tr = members.features.gather(rows_tr[None])[0]
+    x_va = members.features.gather(rows_va[None])[0]
     return x_tr, datamodule.targets[rows_tr], x_va, datamodule.targets[rows_va]
 
 
@@ -85,7 +83,8 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def case_folds(name: str, task_name: str, data_dir: Path, config: TrainConfig, folds: list[int], repeats: int) -> dict:
+def case_folds(name: str, task_name: str, data_dir: Path, config: TrainConfig, folds: list[int], stacking: str,
+               repeats: int) -> dict:
     task = get_task(task_name)
     dm = task.datamodule(data_dir=data_dir, n_folds=5, fold=folds, **task.datamodule_kwargs)
     dm.prepare_data()
@@ -97,13 +96,15 @@ def case_folds(name: str, task_name: str, data_dir: Path, config: TrainConfig, f
         for p, t in enumerate(tensors):
             plain_fit(*t, config, task.out_features, classification, seed=p)
 
-    def project():
-        cross_validate(task, config, datamodule=dm)
+    layouts = []
 
-    plain(), project()  # warm-up: first-call allocations and kernel selection
+    def project():
+        layouts.append(cross_validate(task, config, datamodule=dm, stacking=stacking).layout)
+
+    plain(), project()  # warm-up: first-call allocations, kernel selection, the engine's layout measurement
     plain_s, project_s = timed([plain, project], repeats)
     return {"name": name, "plain_s": round(plain_s, 3), "project_s": round(project_s, 3),
-            "ratio": round(project_s / plain_s, 3), "peak_mem_mb": round(peak_mb(), 1)}
+            "ratio": round(project_s / plain_s, 3), "peak_mem_mb": round(peak_mb(), 1), "layout": layouts[-1]}
 
 
 def case_sweep(data_dir: Path, n_trials: int) -> dict:
@@ -125,12 +126,12 @@ def case_sweep(data_dir: Path, n_trials: int) -> dict:
     param_sets = []
     for _ in range(n_trials):
         trial = space.ask()
-        suggest_config(trial, task, fixed)
+        suggest_config(trial, task, "mlp", fixed)
         params = {**trial.params, "scheduler": "none", "optimizer": "adamw"}
         if "linear_skip" in params:
             params["linear_skip"] = False
         param_sets.append(params)
-    configs = [config_from_params(task, params, fixed) for params in param_sets]
+    configs = [config_from_params(task, "mlp", params, fixed) for params in param_sets]
 
     def plain():
         for config in configs:
@@ -165,29 +166,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", default="all", help="comma-separated case names (default: all)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
-    image = TrainConfig(hidden_sizes=(256, 256), batch_size=256, max_epochs=1, lr=1e-3)
-    linear = TrainConfig(hidden_sizes=(), batch_size=64, max_epochs=100, lr=1e-2)
-    mlp = TrainConfig(hidden_sizes=(256,), batch_size=64, max_epochs=100, lr=1e-3, weight_decay=1e-2)
-    fold_cases = {"fashion-mnist-epoch": ("fashion-mnist", image, [0]),
-                  "house-prices-5fold-linear": ("house-prices", linear, list(range(5))),
-                  "house-prices-5fold-mlp": ("house-prices", mlp, list(range(5)))}
+    image = TrainConfig(model_kwargs={"hidden_sizes": (256, 256)}, batch_size=256, max_epochs=1, lr=1e-3)
+    linear = TrainConfig(model_kwargs={"hidden_sizes": ()}, batch_size=64, max_epochs=100, lr=1e-2)
+    mlp = TrainConfig(model_kwargs={"hidden_sizes": (256,)}, batch_size=64, max_epochs=100, lr=1e-3, weight_decay=1e-2)
+    cnn = get_task("fashion-mnist").config("cnn", max_epochs=1, scheduler="none", label_smoothing=0.0)
+    five = list(range(5))
+    fold_cases = {"fashion-mnist-epoch": ("fashion-mnist", image, [0], "auto"),
+                  "house-prices-5fold-linear": ("house-prices", linear, five, "auto"),
+                  "house-prices-5fold-mlp": ("house-prices", mlp, five, "auto"),
+                  "house-prices-5fold-mlp-generic": ("house-prices", mlp, five, "vmap"),
+                  "fashion-mnist-cnn-5fold-epoch": ("fashion-mnist", cnn, five, "auto")}
     cases = [*fold_cases, "sweep-throughput"]
     chosen = cases if args.cases == "all" else args.cases.split(",")
     unknown = [c for c in chosen if c not in cases]
     if unknown:
         parser.error(f"argument --cases: unknown {unknown}; expected some of {', '.join(cases)}")
     results = []
-    print(f"{'case':<28}{'plain s':>10}{'project s':>11}{'ratio':>8}{'peak MB':>10}")
+    print(f"{'case':<32}{'plain s':>10}{'project s':>11}{'ratio':>8}{'peak MB':>10}  folds")
     try:
         for name in chosen:
             if name in fold_cases:
-                task_name, config, folds = fold_cases[name]
-                row = case_folds(name, task_name, args.data_dir, config, folds, args.repeats)
+                task_name, config, folds, stacking = fold_cases[name]
+                row = case_folds(name, task_name, args.data_dir, config, folds, stacking, args.repeats)
             else:
                 row = case_sweep(args.data_dir, args.sweep_trials)
             results.append(row)
-            print(f"{row['name']:<28}{row['plain_s']:>10.2f}{row['project_s']:>11.2f}{row['ratio']:>8.2f}"
-                  f"{row['peak_mem_mb']:>10.0f}", flush=True)
+            print(f"{row['name']:<32}{row['plain_s']:>10.2f}{row['project_s']:>11.2f}{row['ratio']:>8.2f}"
+                  f"{row['peak_mem_mb']:>10.0f}  {row.get('layout', '')}", flush=True)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

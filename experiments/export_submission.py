@@ -13,8 +13,9 @@ from pathlib import Path
 
 import optuna
 
-from project.cli import REPO_ROOT, output_dir
+from project.cli import output_dir
 from project.data.sources import KAGGLE_COMPETITION, _kaggle_credentials
+from project.paths import REPO_ROOT
 from project.tasks import TASKS, get_task
 from project.tuning.export import export_best
 from project.tuning.study import SweepSettings, default_storage, make_storage
@@ -42,8 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     stored = study.user_attrs.get("settings", {})
     settings = SweepSettings(task=task.name, data_dir=str(args.data_dir), folds=stored.get("folds", 5),
                              seed=stored.get("seed", 0), storage=storage, study_name=name, tracking_uri="",
-                             experiment_name=task.name, fixed=stored.get("fixed", {}),
-                             batched=stored.get("batched", True), validation_folds=stored.get("validation_folds", 0))
+                             experiment_name=task.name, model=stored.get("model", task.default_model),
+                             fixed=stored.get("fixed", {}), stacking=stored.get("stacking", "auto"),
+                             validation_folds=stored.get("validation_folds", 0))
     tracker = Tracker(args.tracking_uri, task.name)
     settings.tracking_uri = tracker.tracking_uri
     summary = export_best(study, settings, tracker, out, study.user_attrs.get("mlflow_parent_run_id"))

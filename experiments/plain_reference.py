@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from project.cli import REPO_ROOT, positive_int
+from project.cli import positive_int
 from project.data import DataError
+from project.paths import REPO_ROOT
 from project.tasks import get_task
 
 # name: (task, hidden sizes, batch size, epochs, learning rate, weight decay, folds), as in benchmark.py
@@ -42,9 +43,10 @@ def load_folds(task_name: str, data_dir: Path, folds: list[int]) -> list[tuple[t
     dm.setup()
     out = []
     for position in range(len(folds)):
-        member = dm.features.select([position])
-        train, val = dm.train_rows[position], dm.val_rows[position]
-        out.append((member.gather(train[None])[0], dm.targets[train], member.gather(val[None])[0], dm.targets[val]))
+        member = dm.members.select([position])
+        train, val = member.train_rows[0], member.val_rows[0]
+        x, x_val = (member.features.gather(rows[None])[0].flatten(1) for rows in (train, val))
+        out.append((x, dm.targets[train], x_val, dm.targets[val]))
     return out
 
 

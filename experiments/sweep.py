@@ -18,12 +18,20 @@ import time
 from optuna.trial import TrialState
 from tqdm import tqdm
 
-from project.cli import add_common_arguments, fixed_params, output_dir, positive_float, positive_int
+from project.cli import (
+    add_common_arguments,
+    check_model_flags,
+    fixed_params,
+    output_dir,
+    positive_float,
+    positive_int,
+    run_name,
+)
 from project.data import DataError
 from project.tasks import get_task
 from project.tuning.export import export_best
 from project.tuning.recovery import recover_stale_trials
-from project.tuning.space import start_point
+from project.tuning.space import space_of, start_point
 from project.tuning.study import (
     SweepSettings,
     check_frozen,
@@ -53,8 +61,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argpa
     parser.add_argument("--validation-folds", type=positive_int, default=None,
                         help="how many of the --folds folds each trial trains and scores "
                              "(default: all for house-prices, 1 for the image tasks)")
-    parser.add_argument("--sequential-folds", action="store_true",
-                        help="fit folds one after another instead of as one fold-stacked model")
     parser.add_argument("--no-pruning", action="store_true", help="run every trial to its last epoch")
     return parser.parse_args(argv), parser
 
@@ -104,7 +110,8 @@ def parent_run(study, tracker: Tracker, settings: SweepSettings) -> str:
             return run_id
         # otherwise the study outlived its MLflow store (or uses another one): start a new parent run
     run_id = tracker.start_run(f"study-{settings.study_name}", tags={**environment_tags(), "kind": "study"})
-    tracker.log_params(run_id, {"task": settings.task, "folds": settings.folds, "seed": settings.seed,
+    tracker.log_params(run_id, {"task": settings.task, "model": settings.model, "folds": settings.folds,
+                                "seed": settings.seed, "stacking": settings.stacking,
                                 "storage": settings.storage, "study_name": settings.study_name,
                                 **{f"fixed.{k}": v for k, v in settings.fixed.items()}})
     study.set_user_attr(PARENT_ATTR, run_id)
@@ -114,7 +121,14 @@ def parent_run(study, tracker: Tracker, settings: SweepSettings) -> str:
 def main(argv: list[str] | None = None) -> int:
     args, parser = parse_args(argv)
     task = get_task(args.task)
-    out = output_dir(args, parser)
+    model = args.model or task.default_model
+    try:
+        space_of(task, model)
+    except ValueError as err:
+        parser.error(f"argument --model: {err}")
+    check_model_flags(args, model, parser)
+    name = run_name(args, task.default_model)
+    out = output_dir(args, parser, name)
     storage = args.storage or default_storage(out)
     if not storage.startswith(STORAGE_SCHEMES):
         parser.error(f"argument --storage: unknown scheme in {storage!r}; expected sqlite:///PATH, "
@@ -123,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     n_jobs = min(args.n_jobs or ((os.cpu_count() or 1) if task.kind == "regression" else 1), n_trials)
     settings = SweepSettings(
         task=task.name, data_dir=str(args.data_dir), folds=args.folds, seed=args.seed, storage=storage,
-        study_name=args.study_name or task.name, tracking_uri="", experiment_name=args.experiment_name or task.name,
-        fixed=fixed_params(args), batched=not args.sequential_folds, pruning=not args.no_pruning,
+        study_name=args.study_name or name, tracking_uri="", experiment_name=args.experiment_name or task.name,
+        model=model, fixed=fixed_params(args), stacking="sequential" if args.sequential_folds else "auto",
+        pruning=not args.no_pruning,
         validation_folds=args.validation_folds or min(args.folds, DEFAULT_VALIDATION_FOLDS[task.kind]),
         threads=args.threads or max(1, (os.cpu_count() or 1) // n_jobs),
     )
@@ -148,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
 
     before = len(study.trials)
     if before == 0:
-        study.enqueue_trial(start_point(task, settings.fixed))
+        study.enqueue_trial(start_point(task, model, settings.fixed))
     print(f"study {settings.study_name!r} in {storage}: {before} trial(s) so far; running {n_trials} more "
           f"with {n_jobs} worker(s), {settings.validation_folds} of {settings.folds} folds per trial")
     progress = Progress(study, before, n_trials, task.metric)

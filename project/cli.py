@@ -7,9 +7,10 @@ import math
 import os
 from pathlib import Path
 
+from project.models import MODELS
+from project.models.registry import model_arguments
+from project.paths import REPO_ROOT
 from project.tasks import TASKS
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _number(kind: type, check, expected: str):
@@ -48,6 +49,8 @@ def hidden_sizes(text: str) -> tuple[int, ...]:
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags train.py and sweep.py share."""
     parser.add_argument("--task", choices=sorted(TASKS), default="house-prices", help="the task (default: %(default)s)")
+    parser.add_argument("--model", choices=sorted(MODELS), default=None,
+                        help="the model, by its registered name (default: the task's, mlp)")
     parser.add_argument("--data-dir", type=Path, default=REPO_ROOT / "data", help="raw data folder (default: data/)")
     parser.add_argument("--folds", type=folds_int, default=5, help="number of CV folds (default: %(default)s)")
     parser.add_argument("--max-epochs", type=positive_int, default=None,
@@ -62,16 +65,25 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where summary.json and the submission go (default: experiments/outputs/<task>/)")
     parser.add_argument("--lr", type=positive_float, default=None, help="learning rate (sweep: fixes it)")
     parser.add_argument("--weight-decay", type=non_negative_float, default=None, help="weight decay, AdamW's or SGD's (sweep: fixes it)")
-    parser.add_argument("--dropout", type=dropout_float, default=None, help="dropout after each hidden layer (sweep: fixes it)")
+    parser.add_argument("--dropout", type=dropout_float, default=None,
+                        help="the model's dropout rate (sweep: fixes it)")
     parser.add_argument("--hidden-sizes", type=hidden_sizes, default=None,
-                        help="hidden widths, e.g. 256,128, or 'none' for the linear model (sweep: fixes width and depth)")
+                        help="the MLP's hidden widths, e.g. 256,128, or 'none' for the linear model (sweep: fixes width and depth)")
+    parser.add_argument("--sequential-folds", action="store_true",
+                        help="fit the folds one after another instead of as one fold-stacked model")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (default: all cores, divided among --n-jobs workers)")
 
 
-def output_dir(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
+def run_name(args: argparse.Namespace, default_model: str) -> str:
+    """The task's name, with the model's where it is not the task's default: names the study and
+    the output directory, so two models' sweeps of one task do not overwrite each other."""
+    return args.task if args.model in (None, default_model) else f"{args.task}-{args.model}"
+
+
+def output_dir(args: argparse.Namespace, parser: argparse.ArgumentParser, name: str | None = None) -> Path:
     """The output directory, created and checked for write access before any work starts."""
-    path = args.output_dir or REPO_ROOT / "experiments" / "outputs" / args.task
+    path = args.output_dir or REPO_ROOT / "experiments" / "outputs" / (name or args.task)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -82,8 +94,26 @@ def output_dir(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Pat
 
 
 CONFIG_FLAGS = ("lr", "weight_decay", "dropout", "hidden_sizes", "max_epochs", "batch_size")
+MODEL_FLAGS = ("dropout", "hidden_sizes")  # arguments of the model itself
 
 
 def fixed_params(args: argparse.Namespace) -> dict:
     """The configuration values given on the command line."""
     return {name: getattr(args, name) for name in CONFIG_FLAGS if getattr(args, name) is not None}
+
+
+def config_overrides(args: argparse.Namespace) -> dict:
+    """The command line's values as TrainConfig fields, the model's own under ``model_kwargs``."""
+    given = fixed_params(args)
+    overrides = {k: v for k, v in given.items() if k not in MODEL_FLAGS}
+    overrides["model_kwargs"] = {k: v for k, v in given.items() if k in MODEL_FLAGS}
+    return overrides
+
+
+def check_model_flags(args: argparse.Namespace, model: str, parser: argparse.ArgumentParser) -> None:
+    """Refuse a model flag the chosen model has no argument for (``--hidden-sizes`` with the CNN)."""
+    accepted = model_arguments(model)
+    for name in MODEL_FLAGS:
+        if getattr(args, name) is not None and name not in accepted:
+            parser.error(f"argument --{name.replace('_', '-')}: model {model!r} has no argument {name!r}; "
+                         f"it takes {', '.join(accepted) or 'none'}")

@@ -1,8 +1,9 @@
 """Fit one configuration on K folds and return the per-fold validation scores.
 
-By default the K folds train at once as K members of one fold-stacked model (one Trainer, one
-batched matmul per layer); ``batched=False`` fits them one after another, a fresh model and Trainer
-per fold. Both give each fold its own initialisation, batches, optimiser state and dropout masks.
+Each fold's model is a fresh copy of the configured plain model, initialised from its own seed.
+The K copies train at once as one member stack (one Trainer) where that is faster, else one
+after another (``project.engine.layout`` decides, or ``stacking``): either way each fold has its
+own initialisation, batches, optimiser state and dropout masks.
 """
 
 from __future__ import annotations
@@ -16,14 +17,20 @@ from dataclasses import dataclass, field
 import lightning as L
 import numpy as np
 import torch
+from torch import nn
 
 from project.data import FoldDataModule
-from project.models import StackedModule
+from project.data.base import Members
+from project.engine import Layout, build_stack, choose_layout, chunked
+from project.models import FoldModule, create_model
+from project.seeds import derive_seed
 from project.tasks import Task, TrainConfig
 
 for _name in ("lightning.pytorch", "lightning.fabric", "lightning"):
     logging.getLogger(_name).setLevel(logging.WARNING)  # one fit per fold: the banners would drown the output
 warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated")  # raised inside Lightning itself
+warnings.filterwarnings("ignore", message="You defined a `validation_step` but have no `val_dataloader`")  # refits
+STACKING = ("auto", "vmap", "sequential")
 
 
 class TrainingDiverged(RuntimeError):
@@ -36,12 +43,21 @@ class TrainingDiverged(RuntimeError):
 
 
 @dataclass
+class Fit:
+    """A trained module and the members it holds."""
+
+    module: FoldModule
+    members: Members
+
+
+@dataclass
 class CVResult:
     metric: str
     fold_scores: list[float]
     history: list[list[dict]]  # per fold, one record per epoch: train_loss, val_<metric>
     seconds: float
-    modules: list[StackedModule] = field(default_factory=list, repr=False)
+    fits: list[Fit] = field(default_factory=list, repr=False)
+    layout: str = ""  # how the folds were trained, and why
 
     @property
     def mean(self) -> float:
@@ -53,7 +69,7 @@ class CVResult:
 
 
 def make_trainer(max_epochs: int, callbacks: Sequence[L.Callback] = (), validate: bool = True,
-                 accelerator: str = "auto") -> L.Trainer:
+                 accelerator: str = "auto", precision: str = "32-true") -> L.Trainer:
     """A Trainer stripped for many small fits: no logger, checkpoints, progress bar or summary.
 
     Deterministic algorithms stay on, but torch's filling of every new tensor with NaN under them
@@ -64,6 +80,7 @@ def make_trainer(max_epochs: int, callbacks: Sequence[L.Callback] = (), validate
         max_epochs=max_epochs,
         accelerator=accelerator,
         devices=1,
+        precision=precision,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -75,23 +92,59 @@ def make_trainer(max_epochs: int, callbacks: Sequence[L.Callback] = (), validate
     )
 
 
-def fit(task: Task, config: TrainConfig, datamodule: FoldDataModule, seed: int,
-        callbacks: Sequence[L.Callback] = (), step_offset: int = 0, accelerator: str = "auto") -> StackedModule:
-    """Train every member of an already set-up DataModule; raise TrainingDiverged on NaN loss."""
+def init_model(config: TrainConfig, sample_shape: tuple[int, ...], out_features: int, seed: int) -> nn.Module:
+    """One plain model of the configuration, its weights drawn from ``seed`` alone."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return create_model(config.model, sample_shape, out_features, **config.model_kwargs)
+
+
+def build_module(task: Task, config: TrainConfig, datamodule: FoldDataModule, members: Members, seed: int,
+                 hand_stacked: bool = True, chunked_steps: bool = True) -> FoldModule:
+    """The FoldModule of ``members``: a stack of their plain models and the task's head. It steps
+    through chunks of mini-batches (``chunked_steps``), which saves Lightning's per-step cost, in
+    32-bit precision; other precisions take one mini-batch per Lightning step."""
+    models = [init_model(config, datamodule.sample_shape, task.out_features, derive_seed(seed, "init", i))
+              for i in members.seed_ids]
+    net = build_stack(models, config.model, hand_stacked)
+    head = task.head(config, [datamodule.targets[rows] for rows in members.train_rows])
+    module_class = chunked(FoldModule) if chunked_steps and config.precision == "32-true" else FoldModule
+    return module_class(net, head, lr=config.lr, weight_decay=config.weight_decay, optimizer=config.optimizer,
+                        momentum=config.momentum, scheduler=config.scheduler,
+                        gradient_clip_val=config.gradient_clip_val)
+
+
+def fit(task: Task, config: TrainConfig, datamodule: FoldDataModule, seed: int, members: Members | None = None,
+        callbacks: Sequence[L.Callback] = (), accelerator: str = "auto", hand_stacked: bool = True,
+        chunked_steps: bool = True) -> FoldModule:
+    """Train ``members`` (default: all the set-up DataModule's) as one stack; raise TrainingDiverged
+    on a NaN or infinite loss."""
+    members = members or datamodule.members
     L.seed_everything(seed, workers=True, verbose=False)
-    datamodule.batch_size, datamodule.translate = config.batch_size, config.translate
-    module = config.build_module(task, datamodule.n_features, datamodule.n_members, seed,
-                                 member_ids=datamodule.member_ids())
-    if task.kind == "regression":
-        means = torch.stack([datamodule.targets[rows].float().mean() for rows in datamodule.train_rows])
-        module.net.start_from(means)
-    module.fold_ids = list(datamodule.folds)
-    module.step_offset = step_offset  # where this fit's epochs sit on a trial-wide step axis
-    trainer = make_trainer(config.max_epochs, callbacks, validate=datamodule.validates, accelerator=accelerator)
-    trainer.fit(module, datamodule=datamodule)
+    module = build_module(task, config, datamodule, members, seed, hand_stacked, chunked_steps)
+    nonzero = module.net.accepts_nonzero
+    train = datamodule.train_loader(config.batch_size, members, chunked=not module.automatic_optimization,
+                                    nonzero=nonzero, translate=config.translate)
+    val = datamodule.val_loader(members, nonzero=nonzero)
+    trainer = make_trainer(config.max_epochs, callbacks, validate=members.validates, accelerator=accelerator,
+                           precision=config.precision)
+    trainer.fit(module, train_dataloaders=train, val_dataloaders=val or None)
     if module.diverged is not None:
-        raise TrainingDiverged(datamodule.folds[module.diverged["members"][0]], module.diverged["epoch"])
+        raise TrainingDiverged(members.folds[module.diverged["members"][0]], module.diverged["epoch"])
     return module
+
+
+def fold_layout(task: Task, config: TrainConfig, datamodule: FoldDataModule, members: int, seed: int,
+                accelerator: str = "auto") -> Layout:
+    """Whether ``members`` folds of ``config`` train faster stacked or one after another (measured once)."""
+    def make(count: int) -> list[nn.Module]:
+        return [init_model(config, datamodule.sample_shape, task.out_features, derive_seed(seed, "init", i))
+                for i in range(count)]
+
+    use_cuda = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
+    key = (config.model, repr(sorted(config.model_kwargs.items())))
+    return choose_layout(make, config.model, key, datamodule.sample_shape, config.batch_size, members,
+                         torch.device("cuda" if use_cuda else "cpu"))
 
 
 def cross_validate(
@@ -100,39 +153,48 @@ def cross_validate(
     data_dir: str = "data",
     n_folds: int = 5,
     seed: int = 0,
-    batched: bool = True,
+    stacking: str = "auto",
     callbacks: Sequence[L.Callback] = (),
     datamodule: FoldDataModule | None = None,
     accelerator: str = "auto",
 ) -> CVResult:
     """K-fold CV of one configuration: the same folds for every configuration, seeded throughout.
 
+    ``stacking``: ``"auto"`` (the model's hand-stacked form where it has one, else stacked or
+    sequential as measured), ``"vmap"`` (always the generic torch.func stack) or ``"sequential"``.
     ``datamodule`` may be a set-up DataModule over all folds (``fold=list(range(K))``), reused
     across calls to skip re-reading and re-fitting the preprocessing.
     """
+    if stacking not in STACKING:
+        raise ValueError(f"stacking {stacking!r} is unknown: expected one of {', '.join(STACKING)}")
     start = time.perf_counter()
     if datamodule is None:
         datamodule = task.datamodule(data_dir=data_dir, n_folds=n_folds, fold=list(range(n_folds)), seed=seed,
                                      **task.datamodule_kwargs)
         datamodule.prepare_data()
         datamodule.setup()
-    folds = list(datamodule.folds)
-    if batched:
-        modules = [fit(task, config, datamodule, seed, callbacks, accelerator=accelerator)]
-        histories = _split_history(modules[0].history, len(folds))
+    members = datamodule.members
+    if stacking == "sequential":
+        layout = Layout(False, "asked for")
+    elif stacking == "vmap":
+        layout = Layout(True, "asked for")
     else:
-        modules, histories = [], []
-        for position in range(len(folds)):
-            single = _member_view(datamodule, [position])
-            module = fit(task, config, single, seed, callbacks, step_offset=position * config.max_epochs,
-                         accelerator=accelerator)
-            modules.append(module)
-            histories.extend(_split_history(module.history, 1))
+        layout = fold_layout(task, config, datamodule, len(members), seed, accelerator)
+    if layout.stacked:
+        module = fit(task, config, datamodule, seed, members, callbacks, accelerator, hand_stacked=stacking != "vmap")
+        fits = [Fit(module, members)]
+    else:
+        fits = []
+        for position in range(len(members)):
+            one = members.select([position])
+            fits.append(Fit(fit(task, config, datamodule, seed, one, callbacks, accelerator), one))
             if any(getattr(callback, "stopped", False) for callback in callbacks):
                 break  # a callback (the sweep's pruner) ended this configuration early
+    histories = [h for f in fits for h in _split_history(f.module.history, len(f.members))]
     key = f"val_{task.metric}"
     scores = [h[-1][key] for h in histories]
-    return CVResult(task.metric, scores, histories, time.perf_counter() - start, modules)
+    return CVResult(task.metric, scores, histories, time.perf_counter() - start, fits,
+                    layout.describe(fits[0].module.net.kind))
 
 
 def _split_history(history: list[dict], members: int) -> list[list[dict]]:
@@ -141,25 +203,11 @@ def _split_history(history: list[dict], members: int) -> list[list[dict]]:
             for m in range(members)]
 
 
-def _member_view(datamodule: FoldDataModule, positions: list[int]) -> FoldDataModule:
-    """A shallow copy of a set-up stacked DataModule that serves some of its members."""
-    view = object.__new__(type(datamodule))
-    view.__dict__.update(datamodule.__dict__)
-    view.folds = [datamodule.folds[p] for p in positions]
-    view.train_rows = [datamodule.train_rows[p] for p in positions]
-    view.val_rows = [datamodule.val_rows[p] for p in positions]
-    view.features = datamodule.features.select(positions)
-    view.test_features = datamodule.test_features.select(positions)
-    return view
-
-
 @torch.no_grad()
-def predict_members(module: StackedModule, datamodule: FoldDataModule) -> torch.Tensor:
-    """Outputs of each of the module's members on the test set, ``[M, N, ...]``; the DataModule
-    may stack more folds than the module (sequential CV), each member gets its own features."""
-    positions = [datamodule.folds.index(f) for f in module.fold_ids]
-    view = _member_view(datamodule, positions) if positions != list(range(datamodule.n_members)) else datamodule
+def predict_members(module: FoldModule, datamodule: FoldDataModule, members: Members) -> torch.Tensor:
+    """Outputs of each member of ``module`` on the test set, ``[M, N, ...]``."""
     module.eval()
+    loader = datamodule.test_loader(members, nonzero=module.net.accepts_nonzero, with_targets=False)
     outputs = [module.predict_step(module.transfer_batch_to_device(batch, module.device, 0), 0).cpu()
-               for batch in view.predict_dataloader()]
+               for batch in loader]
     return torch.cat(outputs, dim=1)

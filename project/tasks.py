@@ -3,10 +3,66 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+
+import torch
+from torch import Tensor, nn
 
 from project.data import FashionMNISTDataModule, FoldDataModule, HousePricesDataModule, MNISTDataModule, PreprocessOptions
-from project.models import MLP, MLPClassifier, MLPRegressor, StackedModule
+from project.engine.optim import OPTIMIZERS, SCHEDULERS
+from project.models import ClassificationHead, RegressionHead
+from project.models.registry import check_model_kwargs, model_class
+
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+
+
+@dataclass
+class TrainConfig:
+    """One point of the search space: the model and everything that defines its fit, the data split
+    excepted. ``model_kwargs`` are the registered model's own arguments (``project.models``)."""
+
+    model: str = "mlp"
+    model_kwargs: dict = field(default_factory=dict)
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    optimizer: str = "adamw"
+    momentum: float = 0.9  # SGD only
+    scheduler: str = "none"
+    batch_size: int = 64
+    max_epochs: int = 100
+    loss: str = "mse"  # regression only: "mse" or "huber"
+    label_smoothing: float = 0.0  # classification only
+    translate: int = 0  # images only: random shift of each training image by up to this many pixels
+    gradient_clip_val: float | None = None  # each fold's gradient norm is clipped to this
+    precision: str = "32-true"
+
+    def __post_init__(self) -> None:
+        self.model_kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in self.model_kwargs.items()}
+        checks = [
+            (self.lr > 0, "lr", "a positive number"),
+            (self.weight_decay >= 0, "weight_decay", "a non-negative number"),
+            (self.optimizer in OPTIMIZERS, "optimizer", f"one of {', '.join(OPTIMIZERS)}"),
+            (self.scheduler in SCHEDULERS, "scheduler", f"one of {', '.join(SCHEDULERS)}"),
+            (self.batch_size >= 1, "batch_size", "at least 1"),
+            (self.max_epochs >= 1, "max_epochs", "at least 1"),
+            (0 <= self.label_smoothing < 1, "label_smoothing", "a value in [0, 1)"),
+            (0 <= self.translate <= 8, "translate", "0 to 8 pixels"),
+            (self.gradient_clip_val is None or self.gradient_clip_val > 0, "gradient_clip_val", "a positive number"),
+            (self.precision in PRECISIONS, "precision", f"one of {', '.join(PRECISIONS)}"),
+        ]
+        for ok, name, expected in checks:
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: expected {expected}")
+        model_class(self.model)
+        check_model_kwargs(self.model, self.model_kwargs)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def flat(self) -> dict:
+        """One level of keys (``model_kwargs`` as ``model.<name>``), as MLflow parameters."""
+        values = self.to_dict()
+        kwargs = values.pop("model_kwargs")
+        return {**values, **{f"model.{k}": v for k, v in kwargs.items()}}
 
 
 @dataclass(frozen=True)
@@ -18,23 +74,47 @@ class Task:
     direction: str  # "minimize" or "maximize"
     out_features: int
     datamodule_kwargs: dict = field(default_factory=dict)
-    defaults: dict = field(default_factory=dict)  # TrainConfig fields for a single run (train.py)
+    # per model: the TrainConfig fields of a single run (train.py); the first is the task's default model
+    defaults: dict[str, dict] = field(default_factory=dict)
     ensemble: int = 1  # members, differing only in their seeds, whose average the final refit scores
 
+    @property
+    def default_model(self) -> str:
+        return next(iter(self.defaults), "mlp")
 
-_IMAGE_DEFAULTS = {"hidden_sizes": (256, 256), "batch_size": 256, "max_epochs": 20, "lr": 1e-3, "dropout": 0.2}
+    def config(self, model: str | None = None, **overrides) -> TrainConfig:
+        """The task's configuration for ``model`` (default: the task's), with ``overrides``."""
+        model = model or self.default_model
+        defaults = self.defaults.get(model, {})
+        kwargs = {**defaults.get("model_kwargs", {}), **overrides.pop("model_kwargs", {})}
+        return TrainConfig(**{**defaults, **overrides, "model": model, "model_kwargs": kwargs})
+
+    def head(self, config: TrainConfig, member_targets: list[Tensor]) -> nn.Module:
+        """The head of a stack whose members train on ``member_targets``: regression predicts
+        relative to each member's training mean."""
+        members = len(member_targets)
+        if self.kind == "regression":
+            offset = torch.stack([t.float().mean() for t in member_targets])
+            return RegressionHead(members, offset, loss=config.loss)
+        return ClassificationHead(members, label_smoothing=config.label_smoothing)
+
+
+_IMAGE_DEFAULTS = {
+    "mlp": {"model_kwargs": {"hidden_sizes": (256, 256), "dropout": 0.2}, "batch_size": 256, "max_epochs": 20,
+            "lr": 1e-3},
+    "cnn": {"model_kwargs": {"channels": (32, 64), "hidden": 128, "dropout": 0.25}, "batch_size": 128,
+            "max_epochs": 12, "lr": 3e-3, "weight_decay": 1e-4, "scheduler": "onecycle", "label_smoothing": 0.1},
+}
 TASKS = {
-    # preprocessing chosen on 5-fold CV of a linear model (cosine schedule, 100 epochs): clipping numeric
-    # columns to their training 0.5-99.5% range 0.1409 -> 0.1333, then grouping categories seen fewer
-    # than 10 times 0.1333 -> 0.1279; dropping the two partial-sale outliers from training parts kept
+    # preprocessing chosen on 5-fold CV (see README): numeric columns clipped to their training
+    # 0.5-99.5% range, categories seen fewer than 10 times grouped, the two partial-sale outliers
+    # dropped from training parts
     "house-prices": Task("house-prices", HousePricesDataModule, "regression", "rmse", "minimize", 1,
                          {"drop_outliers": True,
                           "options": PreprocessOptions(clip_quantile=0.005, min_frequency=10)},
-                         # dropout 0.1 here: CV 0.1330 -> 0.1298 (seed 0), 0.1316 -> 0.1292 (seed 1)
-                         {"hidden_sizes": (256,), "batch_size": 64, "max_epochs": 100, "lr": 1e-3,
-                          "weight_decay": 1e-2, "dropout": 0.1}),
-    # the final refit averages 3 seeds: on validation fold 0 (start-point configuration) seeds alone
-    # scored 0.9100, 0.9103, 0.9083 and their average 0.9113
+                         {"mlp": {"model_kwargs": {"hidden_sizes": (256,), "dropout": 0.1}, "batch_size": 64,
+                                  "max_epochs": 100, "lr": 1e-3, "weight_decay": 1e-2}}),
+    # the final refit averages 3 seeds (README)
     "fashion-mnist": Task("fashion-mnist", FashionMNISTDataModule, "classification", "acc", "maximize", 10,
                           defaults=_IMAGE_DEFAULTS, ensemble=3),
     "mnist": Task("mnist", MNISTDataModule, "classification", "acc", "maximize", 10, defaults=_IMAGE_DEFAULTS,
@@ -47,58 +127,3 @@ def get_task(name: str) -> Task:
         raise ValueError(f"task {name!r} is unknown: expected one of {', '.join(TASKS)}")
     return TASKS[name]
 
-
-@dataclass
-class TrainConfig:
-    """One point of the search space: everything that defines a fit, the data split excepted."""
-
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    dropout: float = 0.0
-    hidden_sizes: tuple[int, ...] = (256,)
-    activation: str = "relu"
-    input_dropout: float = 0.0
-    batch_size: int = 64
-    max_epochs: int = 100
-    optimizer: str = "adamw"
-    scheduler: str = "none"
-    loss: str = "mse"  # regression only: "mse" or "huber"
-    label_smoothing: float = 0.0  # classification only
-    translate: int = 0  # images only: random shift of each training image by up to this many pixels
-    linear_skip: bool = False  # add a linear path from inputs to output beside the hidden layers
-
-    def __post_init__(self) -> None:
-        self.hidden_sizes = tuple(int(h) for h in self.hidden_sizes)
-        checks = [
-            (self.lr > 0, "lr", "a positive number"),
-            (self.weight_decay >= 0, "weight_decay", "a non-negative number"),
-            (0 <= self.dropout < 1, "dropout", "a value in [0, 1)"),
-            (0 <= self.input_dropout < 1, "input_dropout", "a value in [0, 1)"),
-            (self.batch_size >= 1, "batch_size", "at least 1"),
-            (self.max_epochs >= 1, "max_epochs", "at least 1"),
-            (all(h >= 1 for h in self.hidden_sizes), "hidden_sizes", "positive layer widths"),
-            (0 <= self.label_smoothing < 1, "label_smoothing", "a value in [0, 1)"),
-            (0 <= self.translate <= 8, "translate", "0 to 8 pixels"),
-        ]
-        for ok, name, expected in checks:
-            if not ok:
-                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: expected {expected}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def build_net(self, n_features: int, out_features: int, members: int = 1, seed: int = 0, member_ids=None) -> MLP:
-        return MLP(n_features, out_features, self.hidden_sizes, self.dropout, self.activation, self.input_dropout,
-                   members=members, seed=seed, member_ids=member_ids, linear_skip=self.linear_skip)
-
-    def build_module(self, task: Task, n_features: int, members: int, seed: int, member_ids=None) -> StackedModule:
-        net = self.build_net(n_features, task.out_features, members, seed, member_ids)
-        common = dict(lr=self.lr, weight_decay=self.weight_decay, optimizer=self.optimizer, scheduler=self.scheduler)
-        if task.kind == "regression":
-            return MLPRegressor(net, loss=self.loss, **common)
-        return MLPClassifier(net, label_smoothing=self.label_smoothing, **common)
-
-
-def build_datamodule(task: Task, data_dir: str | Path, n_folds: int, fold, seed: int, batch_size: int) -> FoldDataModule:
-    return task.datamodule(data_dir=data_dir, n_folds=n_folds, fold=fold, seed=seed, batch_size=batch_size,
-                           **task.datamodule_kwargs)

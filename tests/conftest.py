@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from project.data.images import write_idx
+from project.data.idx import write_idx
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_DATA = REPO / "data"
@@ -77,3 +77,13 @@ def real_data() -> Path:
     if not (REAL_DATA / "house-prices" / "train.csv").is_file():
         pytest.skip("real data not fetched: run `make data`")
     return REAL_DATA
+
+
+def house_task_dm(data_dir: Path, folds: int = 3, **kwargs):
+    """The House Prices task and a set-up DataModule stacking all ``folds`` folds of ``data_dir``."""
+    from project.tasks import get_task
+
+    task = get_task("house-prices")
+    dm = task.datamodule(data_dir=data_dir, n_folds=folds, fold=list(range(folds)), **kwargs)
+    dm.setup()
+    return task, dm

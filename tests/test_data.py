@@ -14,7 +14,7 @@ import torch
 from project.data import DataError, FashionMNISTDataModule, HousePricesDataModule, MNISTDataModule, PreprocessOptions
 from project.data import sources
 from project.data.batches import MemberFeatures, StackedBatches, random_translate
-from project.data.images import mnist_pickle_to_idx, read_idx
+from project.data.idx import mnist_pickle_to_idx, read_idx
 from project.data.house_prices import HOUSE_PRICES
 from project.data.tabular import FoldPreprocessor, QuantileClipper
 from project.tasks import get_task
@@ -41,10 +41,12 @@ def setup_house(data_dir, **kwargs) -> HousePricesDataModule:
 
 def test_fold_sizes_and_features(house_dir):
     dm = setup_house(house_dir, n_folds=5, fold=0)
-    assert (len(dm.train_rows[0]), len(dm.val_rows[0]), dm.test_size) == (48, 12, 20)
-    batch = next(iter(dm.train_dataloader()))  # a chunk of mini-batches: [steps, members, rows, features]
+    assert (len(dm.members.train_rows[0]), len(dm.members.val_rows[0]), dm.test_size) == (48, 12, 20)
+    batch = next(iter(dm.train_loader(64)))  # a chunk of mini-batches: [steps, members, rows, features]
     assert batch["x"].shape == (1, 1, 64, dm.n_features) and batch["w"].sum() == 48
-    assert torch.isfinite(dm.features.x).all() and torch.isfinite(dm.test_features.x).all()
+    batch = next(iter(dm.train_dataloader()))  # what a Trainer given the DataModule sees: one mini-batch
+    assert batch["x"].shape == (1, 48, dm.n_features)
+    assert torch.isfinite(dm.members.features.x).all() and torch.isfinite(dm.members.test_features.x).all()
     # target is log(SalePrice)
     assert torch.allclose(dm.targets.double().exp(), torch.tensor(pd.read_csv(house_dir / "house-prices/train.csv")["SalePrice"].to_numpy()), rtol=1e-5)
 
@@ -52,22 +54,22 @@ def test_fold_sizes_and_features(house_dir):
 def test_folds_partition_the_rows_and_do_not_depend_on_configuration(house_dir):
     a = setup_house(house_dir, fold=list(range(5)), batch_size=8)
     b = setup_house(house_dir, fold=list(range(5)), batch_size=32)
-    val = torch.cat(a.val_rows).sort().values
+    val = torch.cat(a.members.val_rows).sort().values
     assert torch.equal(val, torch.arange(60))
-    for tr, va, tr_b in zip(a.train_rows, a.val_rows, b.train_rows):
+    for tr, va, tr_b in zip(a.members.train_rows, a.members.val_rows, b.members.train_rows):
         assert set(tr.tolist()).isdisjoint(va.tolist()) and torch.equal(tr, tr_b)
 
 
 def test_full_fit_has_no_validation(house_dir):
     dm = setup_house(house_dir, fold=None)
-    assert len(dm.train_rows[0]) == 60 and dm.val_dataloader() == []
+    assert len(dm.members.train_rows[0]) == 60 and dm.val_dataloader() == []
 
 
 def test_refit_replicas_share_rows_but_not_seeds(house_dir):
     dm = setup_house(house_dir, fold=None, replicas=3, n_folds=5)
-    assert dm.n_members == 3 and not dm.validates and dm.val_dataloader() == []
-    assert all(torch.equal(rows, dm.train_rows[0]) for rows in dm.train_rows)
-    assert dm.member_ids() == [5, 6, 7]  # replica 0 seeds as the single refit always did
+    assert len(dm.members) == 3 and not dm.validates and dm.val_dataloader() == []
+    assert all(torch.equal(rows, dm.members.train_rows[0]) for rows in dm.members.train_rows)
+    assert dm.members.seed_ids == [5, 6, 7]  # replica 0 seeds as the single refit always did
     with pytest.raises(ValueError, match="replicas=2 is invalid"):
         HousePricesDataModule(data_dir=house_dir, fold=0, replicas=2)
 
@@ -76,12 +78,12 @@ def test_preprocessing_is_fitted_on_training_rows_only(house_dir):
     """Changing the validation rows of a fold leaves the transform of every training row unchanged."""
     train, _ = make_house_frames()
     dm = setup_house(house_dir, fold=0)
-    val = dm.val_rows[0].numpy()
+    val = dm.members.val_rows[0].numpy()
     changed = train.copy()
     changed.loc[val, "GrLivArea"] = 1e6
     changed.loc[val, "LotFrontage"] = np.nan
     changed.loc[val, "Neighborhood"] = "NeverSeenInTraining"
-    tr = dm.train_rows[0].numpy()
+    tr = dm.members.train_rows[0].numpy()
     for options in (PreprocessOptions(), get_task("house-prices").datamodule_kwargs["options"]):
         before = FoldPreprocessor(HOUSE_PRICES, options).fit(train.iloc[tr])
         after = FoldPreprocessor(HOUSE_PRICES, options).fit(changed.iloc[tr])
@@ -89,7 +91,7 @@ def test_preprocessing_is_fitted_on_training_rows_only(house_dir):
     # and the DataModule built on the changed file gives the same training features
     write_house(house_dir, changed, pd.read_csv(house_dir / "house-prices/test.csv"))
     dm2 = setup_house(house_dir, fold=0)
-    torch.testing.assert_close(dm.features.x[0, tr], dm2.features.x[0, tr])
+    torch.testing.assert_close(dm.members.features.x[0, tr], dm2.members.features.x[0, tr])
 
 
 def test_unseen_category_and_missing_values_are_handled(house_dir):
@@ -97,7 +99,7 @@ def test_unseen_category_and_missing_values_are_handled(house_dir):
     test.loc[0, "Neighborhood"] = "Brand New"
     test.loc[1, "GrLivArea"] = np.nan
     dm = setup_house(write_house(house_dir, train, test), fold=0)
-    assert torch.isfinite(dm.test_features.x).all()
+    assert torch.isfinite(dm.members.test_features.x).all()
 
 
 @pytest.mark.parametrize("column", ["SalePrice", "Id"])
@@ -169,12 +171,12 @@ def test_corrupt_csv(house_dir):
 def test_idx_datamodule_splits_are_stratified(idx_dir):
     dm = FashionMNISTDataModule(data_dir=idx_dir, n_folds=5, fold=0, batch_size=32)
     dm.setup()
-    assert (len(dm.train_rows[0]), len(dm.val_rows[0]), dm.test_size) == (160, 40, 50)
-    assert torch.bincount(dm.targets[dm.val_rows[0]], minlength=10).tolist() == [4] * 10
-    batch = next(iter(dm.train_dataloader()))
-    assert batch["x"].shape == (5, 1, 32, 784) and batch["y"].dtype == torch.int64
+    assert (len(dm.members.train_rows[0]), len(dm.members.val_rows[0]), dm.test_size) == (160, 40, 50)
+    assert torch.bincount(dm.targets[dm.members.val_rows[0]], minlength=10).tolist() == [4] * 10
+    batch = next(iter(dm.train_loader(32)))  # a chunk of 5 mini-batches of one-channel images
+    assert batch["x"].shape == (5, 1, 32, 1, 28, 28) and batch["y"].dtype == torch.int64
     # normalisation fitted on the training part: standardised there, not on the validation part
-    x = dm.features.gather(dm.train_rows[0][None])
+    x = dm.members.features.gather(dm.members.train_rows[0][None])
     assert abs(x.mean().item()) < 1e-4 and abs(x.std().item() - 1) < 1e-3
 
 
@@ -269,8 +271,8 @@ def test_each_member_sees_each_of_its_rows_once_per_epoch():
 def test_member_batches_are_the_same_alone_or_stacked():
     x = torch.randn(2, 20, 3)
     rows = [torch.arange(0, 15), torch.arange(5, 20)]
-    stacked = StackedBatches(MemberFeatures(x), torch.zeros(20), rows, 4, shuffle=True, seed=3, member_ids=[0, 1])
-    alone = StackedBatches(MemberFeatures(x[1:]), torch.zeros(20), rows[1:], 4, shuffle=True, seed=3, member_ids=[1])
+    stacked = StackedBatches(MemberFeatures(x), torch.zeros(20), rows, 4, shuffle=True, seed=3, seed_ids=[0, 1])
+    alone = StackedBatches(MemberFeatures(x[1:]), torch.zeros(20), rows[1:], 4, shuffle=True, seed=3, seed_ids=[1])
     for a, b in zip(stacked, alone):
         torch.testing.assert_close(a["x"][1:], b["x"])
 
@@ -281,7 +283,7 @@ def test_member_batches_are_the_same_alone_or_stacked():
 @pytest.mark.slow
 def test_real_house_prices_fold_sizes(real_data):
     dm = setup_house(real_data, n_folds=5, fold=0)
-    assert (len(dm.train_rows[0]), len(dm.val_rows[0]), dm.test_size) == (1168, 292, 1459)
+    assert (len(dm.members.train_rows[0]), len(dm.members.val_rows[0]), dm.test_size) == (1168, 292, 1459)
     assert dm.test_ids.tolist() == list(range(1461, 2920))
 
 
@@ -293,7 +295,7 @@ def test_real_image_fold_sizes(real_data, cls):
     dm = cls(data_dir=real_data, n_folds=5, fold=0)
     dm.prepare_data()
     dm.setup()
-    assert (len(dm.train_rows[0]), len(dm.val_rows[0]), dm.test_size) == (48000, 12000, 10000)
+    assert (len(dm.members.train_rows[0]), len(dm.members.val_rows[0]), dm.test_size) == (48000, 12000, 10000)
     assert torch.bincount(dm.test_targets).tolist() == ([1000] * 10 if cls is FashionMNISTDataModule
                                                         else [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009])
 
@@ -311,12 +313,13 @@ def test_quantile_clipper_bounds_held_out_values():
 
 
 def test_random_translate_shifts_each_image_within_bounds():
-    images = torch.zeros(64, 6, 6, dtype=torch.uint8)
-    images[:, 2:4, 2:4] = 255
+    images = torch.zeros(64, 2, 6, 6, dtype=torch.uint8)  # two channels
+    images[:, :, 2:4, 2:4] = 255
     moved = random_translate(images, 2, torch.Generator().manual_seed(0))
     assert moved.shape == images.shape and moved.dtype == torch.uint8
-    assert (moved.flatten(1).sum(1) == 255 * 4).all()  # a centred patch never leaves the frame
-    assert len({tuple(m.nonzero()[0].tolist()) for m in moved}) > 5  # offsets differ between images
+    assert (moved.flatten(1).sum(1) == 2 * 255 * 4).all()  # a centred patch never leaves the frame
+    assert torch.equal(moved[:, 0], moved[:, 1])  # the channels of an image move together
+    assert len({tuple(m[0].nonzero()[0].tolist()) for m in moved}) > 5  # offsets differ between images
     again = random_translate(images, 2, torch.Generator().manual_seed(0))
     assert torch.equal(moved, again)
 
@@ -336,14 +339,14 @@ def test_sparse_rows_travel_as_their_nonzero_entries():
     torch.testing.assert_close(rebuilt, x, rtol=0, atol=0)
 
     batches = StackedBatches(features, torch.zeros(30), [torch.arange(30), torch.arange(20)], batch_size=8,
-                             shuffle=True, chunk_steps=2)
-    chunk = next(iter(batches))
-    assert chunk["nz_index"].shape[:-1] == chunk["x"].shape[:-1]
-    rebuilt = torch.zeros_like(chunk["x"]).scatter_add_(-1, chunk["nz_index"].long(), chunk["nz_value"])
-    torch.testing.assert_close(rebuilt, chunk["x"], rtol=0, atol=0)
+                             shuffle=True, chunk_steps=2, nonzero=True)
+    x = next(iter(batches))["x"]
+    assert x.index.shape[:-1] == x.dense.shape[:-1]
+    rebuilt = torch.zeros_like(x.dense).scatter_add_(-1, x.index.long(), x.value)
+    torch.testing.assert_close(rebuilt, x.dense, rtol=0, atol=0)
 
     assert MemberFeatures(torch.randn(2, 30, 12)).nonzero is None
-    assert "nz_index" not in next(iter(StackedBatches(MemberFeatures(torch.randn(1, 30, 12)), None,
-                                                      [torch.arange(30)], batch_size=8)))
-    images = MemberFeatures(torch.zeros(30, 28, 28, dtype=torch.uint8), torch.zeros(1), torch.ones(1), (28, 28))
+    assert isinstance(next(iter(StackedBatches(MemberFeatures(torch.randn(1, 30, 12)), None, [torch.arange(30)],
+                                               batch_size=8, nonzero=True)))["x"], torch.Tensor)  # dense rows
+    images = MemberFeatures(torch.zeros(30, 784, dtype=torch.uint8), torch.zeros(1), torch.ones(1), (1, 28, 28))
     assert images.nonzero is None

@@ -209,11 +209,13 @@ def test_start_point_drops_what_flags_fix():
     from project.tuning.space import START_POINTS, config_from_params, start_point
 
     task = get_task("fashion-mnist")
-    assert start_point(task, {}) == START_POINTS["classification"]
-    point = start_point(task, {"hidden_sizes": (64,), "lr": 0.01})
+    assert start_point(task, "mlp", {}) == START_POINTS["classification", "mlp"]
+    point = start_point(task, "mlp", {"hidden_sizes": (64,), "lr": 0.01})
     assert not {"depth", "width", "dropout", "lr"} & set(point)
-    config = config_from_params(task, start_point(task, {}), {})
-    assert config.hidden_sizes == (1024, 1024) and config.dropout == 0.3
+    config = config_from_params(task, "mlp", start_point(task, "mlp", {}), {})
+    assert config.model_kwargs["hidden_sizes"] == (1024, 1024) and config.model_kwargs["dropout"] == 0.3
+    cnn = config_from_params(task, "cnn", start_point(task, "cnn", {}), {})
+    assert cnn.model == "cnn" and cnn.model_kwargs["channels"] == (32, 64)
 
 
 def test_logged_cv_reads_back_as_it_was_logged(tmp_path):

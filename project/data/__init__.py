@@ -2,7 +2,7 @@
 
 from project.data.base import FoldDataModule, kfold_indices
 from project.data.house_prices import HousePricesDataModule
-from project.data.image import FashionMNISTDataModule, MNISTDataModule
+from project.data.images import FashionMNISTDataModule, MNISTDataModule
 from project.data.sources import DataError, fetch_dataset
 from project.data.tabular import PreprocessOptions, TabularSpec
 

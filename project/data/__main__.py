@@ -4,7 +4,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from project.data.sources import DATASETS, REPO_ROOT, DataError, fetch_dataset
+from project.data.sources import DATASETS, DataError, fetch_dataset
+from project.paths import REPO_ROOT
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -27,13 +29,43 @@ def kfold_indices(n_folds: int, seed: int, targets: np.ndarray, stratified: bool
     return list(splitter.split(np.zeros(len(targets)), targets))
 
 
+@dataclass(frozen=True)
+class Members:
+    """What a stack of members trains and is scored on, one entry per member: the fold it is
+    validated on (None for a refit replica), the id that seeds its initialisation and batches,
+    its training and validation rows, and its features (preprocessing fitted on its training rows)."""
+
+    folds: list[int | None]
+    seed_ids: list[int]
+    train_rows: list[Tensor]
+    val_rows: list[Tensor]
+    features: MemberFeatures
+    test_features: MemberFeatures
+
+    def __len__(self) -> int:
+        return len(self.folds)
+
+    @property
+    def validates(self) -> bool:
+        """False for the final refit on every training row."""
+        return self.folds[0] is not None
+
+    def select(self, positions: Sequence[int]) -> Members:
+        """The members at ``positions``, e.g. one fold to train alone."""
+        positions = list(positions)
+        return Members([self.folds[p] for p in positions], [self.seed_ids[p] for p in positions],
+                       [self.train_rows[p] for p in positions], [self.val_rows[p] for p in positions],
+                       self.features.select(positions), self.test_features.select(positions))
+
+
 class FoldDataModule(L.LightningDataModule):
     """Serves one fold, several folds stacked as members, or all rows (``fold=None``).
 
     ``fold=k`` trains on the other folds and validates on fold ``k``; a list of folds stacks them
     as members of one batched model; ``None`` trains on every training row and has no validation
     set (the final refit), with ``replicas`` members that differ only in their seeds (an ensemble).
-    Preprocessing is fitted per member on its training rows only.
+    Preprocessing is fitted per member on its training rows only. After ``setup()``, ``members``
+    says what each member trains on; the loaders serve them all, or the ``Members`` given.
     """
 
     dataset: str = ""
@@ -61,39 +93,34 @@ class FoldDataModule(L.LightningDataModule):
         self.data_dir, self.n_folds, self.seed = Path(data_dir), n_folds, seed
         self.folds: list[int | None] = folds or [None] * replicas
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.translate = 0  # training-time random shift of images, in pixels (set per configuration)
-        self._ready = False
-
-    @property
-    def n_members(self) -> int:
-        return len(self.folds)
+        self.members: Members | None = None
 
     @property
     def validates(self) -> bool:
-        """False for the final refit on every training row."""
         return self.folds[0] is not None
 
     def prepare_data(self) -> None:
         # Trainer.fit calls this on every fit: once the data is loaded it has nothing to do. A data set
         # of your own, without pinned checksums, is read from data_dir as it is.
-        if not self._ready and self.dataset in DATASETS:
+        if self.members is None and self.dataset in DATASETS:
             fetch_dataset(self.dataset, self.data_dir)
 
     def setup(self, stage: str | None = None) -> None:
-        if self._ready:
+        if self.members is not None:
             return
         targets = self.load()
         if not self.validates:
             all_rows = np.arange(len(targets))
-            splits = [(all_rows, all_rows[:0])] * self.n_members
+            splits = [(all_rows, all_rows[:0])] * len(self.folds)
         else:
             every_fold = kfold_indices(self.n_folds, self.seed, targets, self.stratified)
             splits = [every_fold[f] for f in self.folds]
         train_parts = [self.training_part(tr) for tr, _ in splits]
-        self.train_rows: list[Tensor] = [torch.from_numpy(tr) for tr in train_parts]
-        self.val_rows: list[Tensor] = [torch.from_numpy(va) for _, va in splits]
-        self.features, self.test_features = self.fit_features(train_parts)
-        self._ready = True
+        features, test_features = self.fit_features(train_parts)
+        # what seeds a member: its fold, or for refit replica r, n_folds + r
+        seed_ids = [self.n_folds + r if f is None else f for r, f in enumerate(self.folds)]
+        self.members = Members(list(self.folds), seed_ids, [torch.from_numpy(tr) for tr in train_parts],
+                               [torch.from_numpy(va) for _, va in splits], features, test_features)
 
     def training_part(self, rows: np.ndarray) -> np.ndarray:
         """The rows of a fold's training part that are trained on; validation parts are never cut."""
@@ -112,36 +139,52 @@ class FoldDataModule(L.LightningDataModule):
     test_targets: Tensor | None = None
 
     @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """The shape of one sample as a model sees it: ``(F,)`` for table rows, ``(C, H, W)`` for images."""
+        return self.members.features.sample_shape
+
+    @property
     def n_features(self) -> int:
-        return self.features.n_features
-
-    def train_dataloader(self) -> StackedBatches:
-        """Chunks of consecutive mini-batches (about 16 MB of features each): the module steps the
-        optimiser once per mini-batch, and the Trainer's per-item overhead is paid once per chunk."""
-        per_step = self.n_members * self.batch_size * self.n_features
-        chunk = max(1, CHUNK_ELEMENTS // per_step)
-        return StackedBatches(self.features, self.targets, self.train_rows, self.batch_size,
-                              shuffle=True, seed=self.seed, member_ids=self.member_ids(), chunk_steps=chunk,
-                              translate=self.translate)
-
-    def val_dataloader(self) -> StackedBatches | list:
-        if not self.validates:
-            return []
-        return StackedBatches(self.features, self.targets, self.val_rows, self.eval_batch_size)
-
-    def test_dataloader(self) -> StackedBatches:
-        rows = [torch.arange(self.test_size)] * self.n_members
-        return StackedBatches(self.test_features, self.test_targets, rows, self.eval_batch_size)
-
-    def predict_dataloader(self) -> StackedBatches:
-        rows = [torch.arange(self.test_size)] * self.n_members
-        return StackedBatches(self.test_features, None, rows, self.eval_batch_size)
+        return math.prod(self.sample_shape)
 
     @property
     def test_size(self) -> int:
-        return self.test_features.x.shape[0] if self.test_features.shared else self.test_features.x.shape[1]
+        return self.members.test_features.n_rows
 
-    def member_ids(self) -> list[int]:
-        """What seeds each member's initialisation and batches: its fold, or for refit replica r,
-        n_folds + r."""
-        return [self.n_folds + r if f is None else f for r, f in enumerate(self.folds)]
+    def train_loader(self, batch_size: int, members: Members | None = None, chunked: bool = True,
+                     nonzero: bool = False, translate: int = 0) -> StackedBatches:
+        """Shuffled training batches of each member's rows; ``chunked``: chunks of consecutive
+        mini-batches (about 16 MB of features each), for a module that steps its optimiser once
+        per mini-batch and so pays the Trainer's per-item overhead once per chunk."""
+        members = members or self.members
+        chunk = max(1, CHUNK_ELEMENTS // (len(members) * batch_size * self.n_features)) if chunked else None
+        return StackedBatches(members.features, self.targets, members.train_rows, batch_size, shuffle=True,
+                              seed=self.seed, seed_ids=members.seed_ids, chunk_steps=chunk, translate=translate,
+                              nonzero=nonzero)
+
+    def val_loader(self, members: Members | None = None, nonzero: bool = False) -> StackedBatches | list:
+        members = members or self.members
+        if not members.validates:
+            return []
+        return StackedBatches(members.features, self.targets, members.val_rows, self.eval_batch_size, nonzero=nonzero)
+
+    def test_loader(self, members: Members | None = None, nonzero: bool = False,
+                    with_targets: bool = True) -> StackedBatches:
+        """Every test row for every member; targets where the test split has them and they are wanted."""
+        members = members or self.members
+        rows = [torch.arange(self.test_size)] * len(members)
+        targets = self.test_targets if with_targets else None
+        return StackedBatches(members.test_features, targets, rows, self.eval_batch_size, nonzero=nonzero)
+
+    # the LightningDataModule hooks, for a Trainer given this DataModule itself
+    def train_dataloader(self) -> StackedBatches:
+        return self.train_loader(self.batch_size, chunked=False)
+
+    def val_dataloader(self) -> StackedBatches | list:
+        return self.val_loader()
+
+    def test_dataloader(self) -> StackedBatches:
+        return self.test_loader()
+
+    def predict_dataloader(self) -> StackedBatches:
+        return self.test_loader(with_targets=False)

@@ -11,9 +11,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from functools import cached_property
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from project.seeds import derive_seed
 
 
 DENSE_LIMIT_BYTES = 2 * 1024**3
@@ -21,14 +24,27 @@ DENSE_LIMIT_BYTES = 2 * 1024**3
 SPARSE_DENSITY = 0.5
 
 
+class SparseRows(NamedTuple):
+    """Table rows ``dense`` ``[..., M, B, F]`` with their nonzero entries: column ``index`` and
+    ``value`` ``[..., M, B, K]``, padded with (column 0, value 0). The input of a member stack
+    that can use them (``accepts_nonzero``: the hand-stacked MLP's first layer sums K weight rows
+    per sample instead of multiplying all F columns)."""
+
+    dense: Tensor
+    index: Tensor
+    value: Tensor
+
+
 class MemberFeatures:
     """Features per member: a ``[M, N, F]`` tensor, or a shared ``[N, ...]`` tensor plus a per-member
-    affine normalisation ``(x - shift[m]) / scale[m]`` applied when a batch is cut."""
+    affine normalisation ``(x - shift[m]) / scale[m]`` applied when a batch is cut. Batches hold
+    samples of ``sample_shape`` (``(F,)`` for table rows, ``(C, H, W)`` for images)."""
 
     def __init__(self, x: Tensor, shift: Tensor | None = None, scale: Tensor | None = None,
-                 image_shape: tuple[int, int] | None = None) -> None:
-        self.x, self.shift, self.scale, self.image_shape = x, shift, scale, image_shape
+                 sample_shape: tuple[int, ...] | None = None) -> None:
+        self.x, self.shift, self.scale = x, shift, scale
         self.shared = shift is not None
+        self.sample_shape = tuple(sample_shape) if sample_shape is not None else (x.shape[-1],)
         self._dense: MemberFeatures | None = None
 
     @property
@@ -40,15 +56,18 @@ class MemberFeatures:
         return int(math.prod(self.x.shape[1:])) if self.shared else self.x.shape[-1]
 
     def gather(self, rows: Tensor, translate: int = 0, generator: torch.Generator | None = None) -> Tensor:
-        """``rows`` is ``[..., M, B]``; returns float features ``[..., M, B, F]``. Images can be shifted
-        by up to ``translate`` pixels each way, independently per sample (training augmentation)."""
+        """``rows`` is ``[..., M, B]``; returns float features ``[..., M, B, *sample_shape]``. Images can
+        be shifted by up to ``translate`` pixels each way, independently per sample (augmentation)."""
+        return self._gather_flat(rows, translate, generator).view(*rows.shape, *self.sample_shape)
+
+    def _gather_flat(self, rows: Tensor, translate: int, generator: torch.Generator | None) -> Tensor:
         if self.shared and not translate and self._normalised() is not None:
-            return self._dense.gather(rows)
+            return self._dense._gather_flat(rows, 0, None)
         if not self.shared:
             return member_rows(self.x, rows)
         x = self.x[rows]
-        if translate and self.image_shape is not None:
-            x = random_translate(x.reshape(-1, *self.image_shape), translate, generator)
+        if translate and len(self.sample_shape) == 3:
+            x = random_translate(x.reshape(-1, *self.sample_shape), translate, generator)
         x = x.reshape(*rows.shape, -1).float()
         return (x - self.shift[:, None, None]) / self.scale[:, None, None]
 
@@ -81,13 +100,18 @@ class MemberFeatures:
         ``DENSE_LIMIT_BYTES``: cutting batches is then a row copy instead of a conversion per epoch."""
         if self._dense is None and self.n_members * self.x.numel() * 4 <= DENSE_LIMIT_BYTES:
             flat = self.x.reshape(self.x.shape[0], -1).float()
-            self._dense = MemberFeatures(torch.stack([(flat - shift) / scale for shift, scale in zip(self.shift, self.scale)]))
+            normalised = torch.stack([(flat - shift) / scale for shift, scale in zip(self.shift, self.scale)])
+            self._dense = MemberFeatures(normalised)
         return self._dense
+
+    @property
+    def n_rows(self) -> int:
+        return self.x.shape[0] if self.shared else self.x.shape[1]
 
     def select(self, members: Sequence[int]) -> MemberFeatures:
         if self.shared:
-            return MemberFeatures(self.x, self.shift[list(members)], self.scale[list(members)], self.image_shape)
-        return MemberFeatures(self.x[list(members)])
+            return MemberFeatures(self.x, self.shift[list(members)], self.scale[list(members)], self.sample_shape)
+        return MemberFeatures(self.x[list(members)], sample_shape=self.sample_shape)
 
 
 def member_rows(table: Tensor, rows: Tensor) -> Tensor:
@@ -99,25 +123,25 @@ def member_rows(table: Tensor, rows: Tensor) -> Tensor:
 
 
 def random_translate(images: Tensor, pixels: int, generator: torch.Generator | None) -> Tensor:
-    """Shift each ``[H, W]`` image by its own random offset in ``[-pixels, pixels]``, zero-filled."""
-    n, height, width = images.shape
+    """Shift each ``[C, H, W]`` image by its own random offset in ``[-pixels, pixels]``, zero-filled."""
+    n, channels, height, width = images.shape
     padded = torch.nn.functional.pad(images, (pixels, pixels, pixels, pixels))
     offsets = torch.randint(0, 2 * pixels + 1, (2, n, 1), generator=generator)
-    rows = (offsets[0] + torch.arange(height))[:, :, None]  # [n, H, 1]
-    cols = (offsets[1] + torch.arange(width))[:, None, :]  # [n, 1, W]
-    return padded[torch.arange(n)[:, None, None], rows, cols]
+    rows = (offsets[0] + torch.arange(height))[:, None, :, None]  # [n, 1, H, 1]
+    cols = (offsets[1] + torch.arange(width))[:, None, None, :]  # [n, 1, 1, W]
+    return padded[torch.arange(n)[:, None, None, None], torch.arange(channels)[None, :, None, None], rows, cols]
 
 
 class StackedBatches:
-    """An iterable of ``{"x": [M, B, F], "y": [M, B], "w": [M, B]}`` batches (sparse tabular features
-    add their nonzero entries, ``"nz_index"`` and ``"nz_value"``, ``[M, B, K]``), or with ``chunk_steps``
-    of chunks ``{"x": [S, M, B, F], ...}`` holding S consecutive mini-batches, so that a training
-    loop pays its per-item overhead once per chunk.
+    """An iterable of ``{"x": [M, B, ...], "y": [M, B], "w": [M, B]}`` batches, or with ``chunk_steps``
+    of chunks ``{"x": [S, M, B, ...], ...}`` holding S consecutive mini-batches, so that a training
+    loop pays its per-item overhead once per chunk. With ``nonzero`` (and sparse features) ``"x"``
+    is a ``SparseRows``.
 
     ``rows[m]`` are the row indices member ``m`` trains or is scored on. Members with fewer rows
     than the largest get padding rows of weight 0 in the last batch, which the losses and metrics
-    ignore. With ``shuffle``, member ``m`` draws its permutations from its own generator seeded by
-    ``seed`` and ``member_ids[m]``, so a member sees the same batches alone or stacked with others.
+    ignore. With ``shuffle``, member ``m`` draws its permutations from its own generator, seeded by
+    ``seed`` and ``seed_ids[m]``, so a member sees the same batches alone or stacked with others.
     """
 
     def __init__(
@@ -128,19 +152,21 @@ class StackedBatches:
         batch_size: int,
         shuffle: bool = False,
         seed: int = 0,
-        member_ids: Sequence[int] | None = None,
+        seed_ids: Sequence[int] | None = None,
         chunk_steps: int | None = None,
         translate: int = 0,
+        nonzero: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.features, self.targets, self.rows = features, targets, [r.long() for r in rows]
         self.batch_size, self.shuffle, self.chunk_steps, self.translate = batch_size, shuffle, chunk_steps, translate
-        self.augment_generator = torch.Generator().manual_seed(seed * 1_000_003 + 17)
+        self.nonzero = nonzero and features.nonzero is not None
+        self.augment_generator = torch.Generator().manual_seed(derive_seed(seed, "augment"))
         self.n_rows = max((len(r) for r in self.rows), default=0)
-        member_ids = list(range(len(rows))) if member_ids is None else list(member_ids)
-        self.generators = [torch.Generator().manual_seed(seed * 1_000_003 + 7919 * m + 1) for m in member_ids]
-        self._cache: list[dict[str, Tensor]] | None = None
+        seed_ids = list(range(len(rows))) if seed_ids is None else list(seed_ids)
+        self.generators = [torch.Generator().manual_seed(derive_seed(seed, "batches", i)) for i in seed_ids]
+        self._cache: list[dict] | None = None
 
     @property
     def steps_per_epoch(self) -> int:
@@ -160,16 +186,16 @@ class StackedBatches:
             weight[m, : len(rows)] = 1.0
         return index, weight
 
-    def _batch(self, rows: Tensor, weight: Tensor) -> dict[str, Tensor]:
-        batch = {"x": self.features.gather(rows, self.translate, self.augment_generator), "w": weight}
-        nonzero = self.features.gather_nonzero(rows)
-        if nonzero is not None:
-            batch["nz_index"], batch["nz_value"] = nonzero
+    def _batch(self, rows: Tensor, weight: Tensor) -> dict:
+        x = self.features.gather(rows, self.translate, self.augment_generator)
+        if self.nonzero:
+            x = SparseRows(x, *self.features.gather_nonzero(rows))
+        batch = {"x": x, "w": weight}
         if self.targets is not None:
             batch["y"] = self.targets[rows]
         return batch
 
-    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+    def __iter__(self) -> Iterator[dict]:
         if self.shuffle or self.translate:
             yield from self._batches()
             return
@@ -178,7 +204,7 @@ class StackedBatches:
             self._cache = list(self._batches())
         yield from self._cache
 
-    def _batches(self) -> Iterator[dict[str, Tensor]]:
+    def _batches(self) -> Iterator[dict]:
         if self.chunk_steps is None:
             index, weight = self._order(self.n_rows)
             for start in range(0, self.n_rows, self.batch_size):

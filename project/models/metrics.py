@@ -43,3 +43,22 @@ class StackedAccuracy(Metric):
 
     def compute(self) -> Tensor:
         return self.correct / self.count
+
+
+class MemberMean(Metric):
+    """Weighted mean per member of per-member values ``[M]`` (the training loss of each batch,
+    weighted by its rows)."""
+
+    full_state_update = False
+
+    def __init__(self, n_members: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("total", default=torch.zeros(n_members, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("weight", default=torch.zeros(n_members, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, value: Tensor, weight: Tensor) -> None:
+        self.total += value.double() * weight
+        self.weight += weight
+
+    def compute(self) -> Tensor:
+        return self.total / self.weight.clamp(min=1)

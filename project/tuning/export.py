@@ -10,7 +10,9 @@ import optuna
 from optuna.trial import TrialState
 
 from project.cv import cross_validate
-from project.final import house_prices_submission, refit_and_test, save_model, test_metrics
+from project.model_io import save_model
+from project.refit import refit_and_test, refit_metrics
+from project.submission import fold_average_submission
 from project.tasks import get_task
 from project.tuning.plots import learning_curves, study_plots
 from project.tuning.space import config_from_params
@@ -34,14 +36,14 @@ def export_best(study: optuna.Study, settings: SweepSettings, tracker: Tracker, 
     task = get_task(settings.task)
     best = best_trial(study)
     best_run = best.user_attrs.get(RUN_ID_ATTR)
-    config = config_from_params(task, best.params, settings.fixed)
+    config = config_from_params(task, settings.model, best.params, settings.fixed)
     datamodule = settings.datamodule()
     result = None
     if task.kind == "classification" and best_run:
         result = tracker.read_cv(best_run, datamodule.folds, task.metric)
     rerun = result is None
     if rerun:
-        result = cross_validate(task, config, seed=settings.seed, batched=settings.batched, datamodule=datamodule)
+        result = cross_validate(task, config, seed=settings.seed, stacking=settings.stacking, datamodule=datamodule)
 
     trials = study.get_trials(deepcopy=False)
     summary = {
@@ -58,13 +60,13 @@ def export_best(study: optuna.Study, settings: SweepSettings, tracker: Tracker, 
     plots = study_plots(study, plots_dir) + [learning_curves(result, datamodule.folds, plots_dir / "best_learning_curves.png")]
     model_path = out_dir / "model.pt"
     if task.kind == "regression":
-        summary["submission"] = str(house_prices_submission(result, datamodule, out_dir / "submission.csv"))
-        save_model(result.modules[0], config, datamodule.n_features, model_path)
+        summary["submission"] = str(fold_average_submission(result, datamodule, out_dir / "submission.csv"))
+        fits = result.fits
     else:
-        module, scores = refit_and_test(task, config, settings.data_dir, settings.seed, out_dir / "predictions.csv")
+        fits, scores = refit_and_test(task, config, settings.data_dir, settings.seed, out_dir / "predictions.csv")
         summary.update(scores)
         summary["predictions"] = str(out_dir / "predictions.csv")
-        save_model(module, config, datamodule.n_features, model_path)
+    save_model(fits, config, datamodule.sample_shape, task.out_features, model_path)
     summary["mlflow"] = {"tracking_uri": tracker.tracking_uri, "experiment_id": tracker.experiment_id,
                          "run_id": parent_run_id}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -75,7 +77,7 @@ def export_best(study: optuna.Study, settings: SweepSettings, tracker: Tracker, 
         tracker.set_tags(parent_run_id, {"best_trial_number": best.number, "best_trial_run_id": best_run or ""})
         metrics = {"best_cv_mean": best.value, "n_complete": summary["n_complete"]}
         if "test_accuracy" in summary:
-            metrics.update(test_metrics(summary))
+            metrics.update(refit_metrics(summary))
         tracker.log_metrics(parent_run_id, metrics)
         for plot in plots:
             tracker.log_artifact(parent_run_id, plot, "plots")

@@ -45,11 +45,11 @@ def study_plots(study: optuna.Study, out_dir: Path) -> list[Path]:
     return written
 
 
-def learning_curves(result: CVResult, fold_ids: list, path: Path) -> Path:
+def learning_curves(result: CVResult, folds: list, path: Path) -> Path:
     """Training loss and validation metric per epoch, one line per fold."""
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
     key = f"val_{result.metric}"
-    for fold, history in zip(fold_ids, result.history):
+    for fold, history in zip(folds, result.history):
         epochs = [r["epoch"] for r in history]
         left.plot(epochs, [r["train_loss"] for r in history], label=f"fold {fold}")
         right.plot(epochs, [r.get(key, float("nan")) for r in history], label=f"fold {fold}")

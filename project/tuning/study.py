@@ -16,6 +16,7 @@ from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 from project.cv import TrainingDiverged, cross_validate
+from project.seeds import derive_seed
 from project.tasks import get_task
 from project.tuning.locks import sqlite_creation_lock
 from project.tuning.pruning import FoldPruningCallback
@@ -25,7 +26,7 @@ from project.tuning.tracking import Tracker
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
 # settings a resumed study must share with the one that created it: its trials would not compare
-FROZEN = ("task", "folds", "validation_folds", "seed", "fixed", "batched")
+FROZEN = ("task", "model", "folds", "validation_folds", "seed", "fixed", "stacking")
 STORAGE_SCHEMES = ("sqlite:", "postgresql", "mysql", "journal:")
 
 
@@ -41,8 +42,9 @@ class SweepSettings:
     study_name: str
     tracking_uri: str
     experiment_name: str
+    model: str = "mlp"
     fixed: dict = field(default_factory=dict)
-    batched: bool = True
+    stacking: str = "auto"  # how folds train: see cross_validate
     validation_folds: int = 0  # train and score folds 0..validation_folds-1 of the K (0: all K)
     pruning: bool = True
     threads: int | None = None
@@ -87,7 +89,7 @@ class TrialSeededTPE(optuna.samplers.TPESampler):
 
     def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         claim(study, trial)
-        trial_seed = (self._base_seed * 1_000_003 + trial.number) % 2**32
+        trial_seed = derive_seed(self._base_seed, "trial", trial.number)
         self._rng.rng.seed(trial_seed)
         self._random_sampler._rng.rng.seed(trial_seed)
         super().before_trial(study, trial)
@@ -145,17 +147,18 @@ class Objective:
         self.datamodule = settings.datamodule()  # set up once per worker: preprocessing does not depend on the trial
 
     def __call__(self, trial: optuna.Trial) -> float:
-        config = suggest_config(trial, self.task, self.settings.fixed)
+        config = suggest_config(trial, self.task, self.settings.model, self.settings.fixed)
         run_id = self.tracker.start_run(f"trial-{trial.number}", self.settings.parent_run_id,
                                         {"trial_number": str(trial.number), "study": self.settings.study_name})
         trial.set_user_attr(RUN_ID_ATTR, run_id)
-        self.tracker.log_params(run_id, {**config.to_dict(), "trial_number": trial.number})
+        self.tracker.log_params(run_id, {**config.flat(), "trial_number": trial.number})
         pruner = FoldPruningCallback(trial)
         state, status = "FAIL", "FAILED"
         try:
-            result = cross_validate(self.task, config, seed=self.settings.seed, batched=self.settings.batched,
+            result = cross_validate(self.task, config, seed=self.settings.seed, stacking=self.settings.stacking,
                                     callbacks=[pruner], datamodule=self.datamodule)
             self.tracker.log_cv(run_id, result, self.datamodule.folds)
+            self.tracker.set_tags(run_id, {"fold_layout": result.layout})
             self.tracker.log_metrics(run_id, {"seconds": result.seconds})
             trial.set_user_attr("fold_scores", result.fold_scores)
             trial.set_user_attr("cv_std", result.std)

@@ -22,9 +22,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from project.cv import CVResult
+from project.paths import REPO_ROOT
 from project.tuning.locks import sqlite_creation_lock
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 PARENT_TAG = "mlflow.parentRunId"
 PACKAGES = ("torch", "lightning", "torchmetrics", "optuna", "mlflow", "pandas", "scikit-learn", "numpy")
 _BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch call
@@ -102,10 +102,10 @@ class Tracker:
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
-    def log_cv(self, run_id: str, result: CVResult, fold_ids: Iterable[int]) -> None:
+    def log_cv(self, run_id: str, result: CVResult, folds: Iterable[int]) -> None:
         """CV mean/std, per-fold scores and per-epoch per-fold curves (``fold0/val_rmse`` ...)."""
         metrics = [Metric("cv_mean", result.mean, 0, 0), Metric("cv_std", result.std, 0, 0)]
-        for fold, score, history in zip(fold_ids, result.fold_scores, result.history):
+        for fold, score, history in zip(folds, result.fold_scores, result.history):
             metrics.append(Metric(f"fold{fold}_{result.metric}", score, 0, 0))
             for record in history:
                 for key, value in record.items():
@@ -113,14 +113,14 @@ class Tracker:
                         metrics.append(Metric(f"fold{fold}/{key}", float(value), 0, record["epoch"]))
         self._log(run_id, metrics)
 
-    def read_cv(self, run_id: str, fold_ids: Sequence[int], metric: str) -> CVResult | None:
+    def read_cv(self, run_id: str, folds: Sequence[int], metric: str) -> CVResult | None:
         """What ``log_cv`` logged, read back: per-fold scores and curves (None if this store lacks the run)."""
         try:
             logged = self.client.get_run(run_id).data.metrics
         except MlflowException:
             return None
         scores, history = [], []
-        for fold in fold_ids:
+        for fold in folds:
             if f"fold{fold}_{metric}" not in logged:
                 return None
             curves = {key: {m.step: m.value for m in self.client.get_metric_history(run_id, f"fold{fold}/{key}")}

@@ -1,10 +1,10 @@
-"""AdamW on torch's fused kernel, without the bookkeeping torch redoes on every step.
+"""Optimisers and learning-rate schedules by name, on torch's fused kernels.
 
-A fold-stacked model has a handful of large parameter tensors and short steps. Before each call
+AdamW runs without the bookkeeping torch redoes on every step. A fold-stacked model has a handful of large parameter tensors and short steps. Before each call
 of its fused kernel, ``torch.optim.AdamW`` re-collects every group's parameters, gradients and
 state into lists, checks them and regroups them by device; on a House Prices MLP step (CPU) that
 is about a tenth of the step. ``FusedAdamW`` keeps those lists from one step to the next and calls
-the same kernel: the same update bit for bit (tests/test_models_cv.py), the same state and
+the same kernel: the same update bit for bit (tests/test_engine.py), the same state and
 ``state_dict``, so checkpoints, learning-rate schedulers and step hooks work as with torch's.
 """
 
@@ -81,3 +81,35 @@ class FusedAdamW(torch.optim.AdamW):
                     items.append(value)
         self._buckets = list(buckets.values()) if complete else None
         return list(buckets.values())
+
+
+def _sgd(groups: list[dict], lr: float, momentum: float) -> torch.optim.Optimizer:
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, fused=True)
+
+
+def _adamw(groups: list[dict], lr: float, momentum: float) -> torch.optim.Optimizer:
+    return FusedAdamW(groups, lr=lr)
+
+
+# fused kernels (CPU and CUDA): on a small model, torch's per-tensor loops cost more than the update
+OPTIMIZERS = {"adamw": _adamw, "sgd": _sgd}
+SCHEDULERS = ("none", "cosine", "onecycle")
+
+
+def create_optimizer(name: str, groups: list[dict], lr: float, momentum: float = 0.9) -> torch.optim.Optimizer:
+    """An optimiser by name over parameter groups that carry their own weight decay."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer {name!r} is unknown: expected one of {', '.join(OPTIMIZERS)}")
+    return OPTIMIZERS[name](groups, lr, momentum)
+
+
+def create_scheduler(name: str, optimizer: torch.optim.Optimizer, lr: float,
+                     total_steps: int) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """A learning-rate schedule by name, stepped once per optimiser step; None for ``"none"``."""
+    if name not in SCHEDULERS:
+        raise ValueError(f"scheduler {name!r} is unknown: expected one of {', '.join(SCHEDULERS)}")
+    if name == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps)
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    return None

@@ -1,0 +1,71 @@
+"""Chunks of mini-batches per Lightning step, the optimiser stepped once per mini-batch inside.
+
+Each Lightning training step costs about a millisecond of hooks and bookkeeping, as much as a
+small tabular net's whole step. ``chunked(cls)`` makes a LightningModule class that receives a
+chunk ``[S, M, B, ...]`` of S consecutive mini-batches per step (``train_loader(chunked=True)``)
+and runs the class's own ``training_step`` on each, stepping the raw optimiser and schedule
+after each one: the same updates as S automatic steps. Gradient clipping goes through the
+module's ``configure_gradient_clipping``, as in automatic optimisation; a precision other than
+32-bit, which needs Lightning's own optimiser step, is refused (train one mini-batch per step).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+
+import lightning as L
+from torch import Tensor
+
+
+class ChunkedSteps:
+    """Mixed in before a LightningModule class whose ``training_step`` returns the loss."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.automatic_optimization = False
+
+    def on_fit_start(self) -> None:
+        if self.trainer.precision not in ("32-true", "32"):
+            raise ValueError(f"Trainer(precision={self.trainer.precision!r}): chunked steps run in 32-bit precision; "
+                             "give the precision in the training configuration instead, which then trains one "
+                             "mini-batch per Lightning step")
+        super().on_fit_start()
+
+    def optimizer_steps(self) -> int:
+        """Optimiser steps in the whole fit: one per mini-batch, not one per chunk."""
+        self.trainer.fit_loop.setup_data()
+        return self.trainer.max_epochs * self.trainer.train_dataloader.steps_per_epoch
+
+    def training_step(self, chunk: dict, batch_idx: int) -> None:
+        optimizer, scheduler = self.optimizers(use_pl_optimizer=False), self.lr_schedulers()
+        for batch in mini_batches(chunk):
+            loss = super().training_step(batch, batch_idx)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.configure_gradient_clipping(optimizer)
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+
+
+def mini_batches(chunk: dict) -> Iterator[dict]:
+    """The chunk's mini-batches, each cut to the rows some member still has: padding rows (weight
+    0) fill the end of a member's epoch, so its last mini-batch is mostly padding (one host sync
+    per chunk)."""
+    weight = chunk["w"]
+    widths = (weight != 0).sum(dim=-1).amax(dim=-1).tolist()
+    for step, width in enumerate(widths):
+        yield {key: _cut(part, step, width, weight.shape[-1]) for key, part in chunk.items()}
+
+
+def _cut(part: Tensor | tuple, step: int, width: int, full: int) -> Tensor | tuple:
+    if isinstance(part, tuple):  # SparseRows
+        return type(part)(*(_cut(p, step, width, full) for p in part))
+    return part[step] if width == full else part[step, :, :width]
+
+
+@functools.cache
+def chunked(cls: type[L.LightningModule]) -> type[L.LightningModule]:
+    """``cls`` training on chunks of mini-batches (one class per ``cls``)."""
+    return type(f"Chunked{cls.__name__}", (ChunkedSteps, cls), {"__module__": cls.__module__})

@@ -1,0 +1,75 @@
+"""Stacked or one after another: how a model's folds train faster here, measured once.
+
+vmap turns a stack of small convolutions into grouped ones, which on a CPU can take longer than
+the members one after another, while a stack of linear layers is one batched matmul and wins.
+So for a model without a hand-stacked implementation the first fit times a few training steps
+of the M-member stack against M single-member steps, on inputs of the fit's shape and on its
+device, and every later fit of the same model, arguments, shape, batch size and device in this
+process reuses the answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from project.engine.stacking import HAND_STACKED, build_stack, refuse_running_statistics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Layout:
+    stacked: bool
+    reason: str  # why: "hand-stacked", "one member", "asked for" or what was measured
+
+    def describe(self, kind: str) -> str:
+        """e.g. ``stacked (hand-stacked MLP)``, ``sequential (torch.func vmap; measured on cpu: ...)``."""
+        how = "stacked" if self.stacked else "sequential"
+        return f"{how} ({kind})" if self.reason in ("hand-stacked", "one member") else f"{how} ({kind}; {self.reason})"
+
+
+_MEASURED: dict[tuple, Layout] = {}
+
+
+def _seconds_per_step(stack: nn.Module, x: torch.Tensor, steps: int = 3) -> float:
+    optimizer = torch.optim.AdamW(stack.parameters(), lr=1e-4)
+    stack.train()
+    timings = []
+    for _ in range(steps + 1):  # the first step pays for allocations and kernel choices
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        stack(x).float().square().mean().backward()
+        optimizer.step()
+        if x.device.type == "cuda":
+            torch.cuda.synchronize()
+        timings.append(time.perf_counter() - start)
+    return min(timings[1:])
+
+
+def choose_layout(make_modules: Callable[[int], Sequence[nn.Module]], name: str, key: tuple,
+                  sample_shape: tuple[int, ...], batch_size: int, members: int, device: torch.device) -> Layout:
+    """How to train ``members`` copies of the modules ``make_modules(n)`` builds; ``key`` names the
+    model and its arguments for the cache."""
+    if members == 1:
+        return Layout(True, "one member")
+    probe = make_modules(1)[0]
+    if type(probe) in HAND_STACKED:
+        return Layout(True, "hand-stacked")
+    refuse_running_statistics(probe, name)
+    cache_key = (key, tuple(sample_shape), batch_size, members, device.type, torch.get_num_threads())
+    if cache_key not in _MEASURED:
+        x = torch.randn(members, batch_size, *sample_shape, device=device)
+        stacked = _seconds_per_step(build_stack(make_modules(members), name).to(device), x)
+        alone = _seconds_per_step(build_stack(make_modules(1), name).to(device), x[:1])
+        layout = Layout(stacked <= members * alone,
+                        f"measured on {device.type}: {stacked * 1e3:.0f} ms per step stacked, "
+                        f"{members * alone * 1e3:.0f} ms one after another")
+        log.info("folds of %s: %s", name, layout.describe("torch.func vmap"))
+        _MEASURED[cache_key] = layout
+    return _MEASURED[cache_key]

@@ -1,0 +1,60 @@
+"""A small convolutional net for images: the worked example of a model of one's own.
+
+Adding a model takes three steps, and no change to the package:
+
+1. Write an ordinary ``nn.Module``, batch-first, ``[B, *in_shape] -> [B, out_features]``, whose
+   constructor takes ``in_shape`` and ``out_features`` and then its own keyword arguments.
+   It knows nothing of folds: the engine trains the K fold copies of it, stacked
+   (``torch.func.vmap``) or one after another, whichever it measured faster.
+2. Register it: ``@register_model("my-net")`` (``from project.models import register_model``), in
+   a module that is imported before the run, e.g. ``project/models/my_net.py`` listed in
+   ``project/models/__init__.py``.
+3. Choose it: ``--model my-net`` on ``train.py`` or ``sweep.py`` (and a search space for its
+   arguments in ``project/tuning/space.py``).
+
+Normalisation must not keep running statistics across batches (vmap cannot batch an in-place
+buffer update): GroupNorm, as here, or BatchNorm with ``track_running_stats=False``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+from project.models.registry import register_model
+
+
+@register_model("cnn")
+class CNN(nn.Module):
+    """Blocks of 3x3 convolution, GroupNorm, ReLU and 2x2 max-pooling, then a dropout-regularised
+    two-layer classifier. ``channels`` gives one block per entry; each block halves the image."""
+
+    def __init__(
+        self,
+        in_shape: Sequence[int],
+        out_features: int,
+        channels: Sequence[int] = (32, 64),
+        hidden: int = 128,
+        dropout: float = 0.25,
+        groups: int = 8,
+    ) -> None:
+        super().__init__()
+        if len(in_shape) != 3:
+            raise ValueError(f"in_shape {tuple(in_shape)}: the CNN takes images, expected (channels, height, width)")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout {dropout} is outside [0, 1)")
+        c_in, height, width = in_shape
+        blocks: list[nn.Module] = []
+        for c_out in channels:
+            blocks += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.GroupNorm(min(groups, c_out), c_out), nn.ReLU(),
+                       nn.MaxPool2d(2)]
+            c_in, height, width = c_out, height // 2, width // 2
+        self.features = nn.Sequential(*blocks)
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Dropout(dropout), nn.Linear(c_in * height * width, hidden), nn.ReLU(),
+            nn.Dropout(dropout), nn.Linear(hidden, out_features),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x))

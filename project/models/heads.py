@@ -1,0 +1,69 @@
+"""What turns a member stack's outputs into predictions, a loss and a metric, per kind of task.
+
+A head works on ``[M, B, ...]`` outputs with per-row weights ``w`` ``[M, B]`` (1 for a member's
+rows, 0 for the padding that evens out members of different sizes); its loss is one value per
+member, the mean over that member's own rows, so each member's gradient is its own.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from project.models.metrics import StackedAccuracy, StackedRMSE
+
+
+def member_mean(per_row: Tensor, weight: Tensor) -> Tensor:
+    """The mean over each member's own rows, ``[M]``."""
+    return (per_row * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1)
+
+
+class RegressionHead(nn.Module):
+    """One output per row, predicted relative to each member's training mean (``offset``), so
+    training starts at the mean target instead of walking there; MSE or Huber loss, RMSE metric."""
+
+    metric_name = "rmse"
+    higher_is_better = False
+
+    def __init__(self, members: int, offset: Tensor | None = None, loss: str = "mse", huber_delta: float = 1.0) -> None:
+        super().__init__()
+        if loss not in ("mse", "huber"):
+            raise ValueError(f"loss {loss!r} is unknown: expected 'mse' or 'huber'")
+        self.members, self.loss_name, self.huber_delta = members, loss, huber_delta
+        self.register_buffer("offset", torch.zeros(members) if offset is None else offset.float().reshape(members))
+
+    def forward(self, outputs: Tensor) -> Tensor:
+        return outputs.squeeze(-1) + self.offset[:, None]
+
+    def loss(self, preds: Tensor, target: Tensor, weight: Tensor) -> Tensor:
+        if self.loss_name == "huber":
+            per_row = F.huber_loss(preds, target, reduction="none", delta=self.huber_delta)
+        else:
+            per_row = (preds - target).square()
+        return member_mean(per_row, weight)
+
+    def metric(self) -> StackedRMSE:
+        return StackedRMSE(self.members)
+
+
+class ClassificationHead(nn.Module):
+    """Class logits; cross-entropy (optionally label-smoothed) loss, accuracy metric."""
+
+    metric_name = "acc"
+    higher_is_better = True
+
+    def __init__(self, members: int, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.members, self.label_smoothing = members, label_smoothing
+
+    def forward(self, outputs: Tensor) -> Tensor:
+        return outputs
+
+    def loss(self, preds: Tensor, target: Tensor, weight: Tensor) -> Tensor:
+        per_row = F.cross_entropy(preds.flatten(0, 1), target.flatten(), reduction="none",
+                                  label_smoothing=self.label_smoothing).view_as(weight)
+        return member_mean(per_row, weight)
+
+    def metric(self) -> StackedAccuracy:
+        return StackedAccuracy(self.members)

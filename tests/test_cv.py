@@ -1,0 +1,174 @@
+"""The K-fold runner on the real configuration shrunk: seeds, divergence, refits, models of one's own."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from project.cv import TrainingDiverged, build_module, cross_validate
+from project.data import FashionMNISTDataModule
+from project.models import register_model
+from project.refit import refit_and_test, refit_metrics
+from project.tasks import TrainConfig, get_task
+from tests.conftest import house_task_dm, write_idx_set
+
+SMALL_MLP = {"hidden_sizes": (8,)}
+
+
+class TinyImages(FashionMNISTDataModule):
+    dataset = "tiny-images"  # no pinned checksums: read as it is
+
+
+@register_model("test-tiny-convnet")
+class TinyConvNet(nn.Module):
+    """What a user writes: an ordinary batch-first module, defined outside the package."""
+
+    def __init__(self, in_shape, out_features, channels: int = 4) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(in_shape[0], channels, 3, padding=1), nn.GroupNorm(2, channels), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Dropout(0.1),
+                                  nn.Linear(channels * 16, out_features))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+@register_model("test-tiny-regressor")
+class TinyRegressor(nn.Module):
+    def __init__(self, in_shape, out_features, width: int = 8) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(in_shape[0], width), nn.Tanh(), nn.Linear(width, out_features))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+@pytest.mark.parametrize("stacking", ["auto", "vmap", "sequential"])
+def test_a_model_of_ones_own_cross_validates_with_no_change_to_the_package(idx_dir, stacking):
+    task = get_task("fashion-mnist")
+    dm = task.datamodule(data_dir=idx_dir, n_folds=2, fold=[0, 1])
+    dm.setup()
+    config = TrainConfig(model="test-tiny-convnet", model_kwargs={"channels": 6}, max_epochs=2, batch_size=32,
+                         lr=1e-2)
+    result = cross_validate(task, config, datamodule=dm, stacking=stacking)
+    assert len(result.fold_scores) == 2 and all(0 <= s <= 1 for s in result.fold_scores)
+    assert "torch.func vmap" in result.layout
+    assert len(result.history[0]) == 2 and {"train_loss", "val_acc"} <= set(result.history[0][0])
+
+
+def test_a_regression_model_of_ones_own_starts_from_the_training_mean(house_dir):
+    task, dm = house_task_dm(house_dir)
+    result = cross_validate(task, TrainConfig(model="test-tiny-regressor", max_epochs=3, batch_size=16, lr=1e-2),
+                            datamodule=dm)
+    assert len(result.fold_scores) == 3 and all(0 < s < 1 for s in result.fold_scores)  # log prices are ~12
+
+
+def test_epoch_metrics_reach_lightning_callbacks_without_a_logger(house_dir):
+    """EarlyStopping reads val/rmse from callback_metrics: here it stops after the first epoch."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    task, dm = house_task_dm(house_dir)
+    stop = EarlyStopping(monitor="val/rmse", stopping_threshold=100.0)
+    result = cross_validate(task, TrainConfig(model_kwargs=SMALL_MLP, max_epochs=5), datamodule=dm, callbacks=[stop])
+    assert len(result.history[0]) == 1 and stop.stopped_epoch == 0
+
+
+def test_member_initialisation_does_not_depend_on_its_neighbours(house_dir):
+    task, dm = house_task_dm(house_dir)
+    config = TrainConfig(model_kwargs=SMALL_MLP)
+    stacked = build_module(task, config, dm, dm.members, seed=2).net.member_state_dict()
+    alone = build_module(task, config, dm, dm.members.select([2]), seed=2).net.member_state_dict()
+    for name, value in alone.items():
+        torch.testing.assert_close(stacked[name][2:], value)
+    assert not torch.equal(stacked["layers.1.weight"][0], stacked["layers.1.weight"][1])
+
+
+def test_refit_ensemble_scores_averaged_probabilities(tmp_path):
+    """The final refit trains the task's ensemble of seeds and scores their average once."""
+    assert get_task("fashion-mnist").ensemble == 3
+    write_idx_set(tmp_path / "tiny-images")
+    task = dataclasses.replace(get_task("fashion-mnist"), datamodule=TinyImages)
+    config = TrainConfig(model_kwargs={"hidden_sizes": (16,)}, max_epochs=2, batch_size=32)
+    fits, scores = refit_and_test(task, config, tmp_path, seed=0, predictions_path=tmp_path / "p.csv")
+    (only,) = fits  # the MLP's members train stacked
+    weights = only.module.net.member_state_dict()["layers.1.weight"]
+    assert weights.shape[0] == 3 and not torch.equal(weights[0], weights[1])  # own initialisation each
+    assert len(scores["test_accuracy_members"]) == 3 and 0 <= scores["test_accuracy"] <= 1
+    assert list(refit_metrics(scores)) == ["test_accuracy", "test_accuracy_seed0", "test_accuracy_seed1",
+                                          "test_accuracy_seed2"]
+    dm = task.datamodule(data_dir=tmp_path, fold=None, replicas=3)
+    dm.setup()
+    module = only.module.eval()
+    with torch.no_grad():
+        logits = module(dm.members.test_features.gather(torch.arange(dm.test_size).expand(3, -1)))
+    expected = (logits.softmax(-1).mean(0).argmax(-1) == dm.test_targets).double().mean().item()
+    assert scores["test_accuracy"] == pytest.approx(expected)
+    labels = (tmp_path / "p.csv").read_text().splitlines()
+    assert labels[0] == "id,label" and len(labels) == dm.test_size + 1
+
+
+def test_same_seed_same_cv_score(house_dir):
+    task, dm = house_task_dm(house_dir)
+    config = TrainConfig(model_kwargs={"hidden_sizes": (16,), "dropout": 0.3}, max_epochs=3, batch_size=8)
+    first = cross_validate(task, config, datamodule=dm, seed=0)
+    second = cross_validate(task, config, datamodule=dm, seed=0)
+    assert len(first.fold_scores) == 3 and all(s > 0 for s in first.fold_scores)
+    assert abs(first.mean - second.mean) < 1e-6
+    assert len(first.history[0]) == 3 and {"train_loss", "val_rmse"} <= set(first.history[0][0])
+
+
+def test_divergence_names_fold_and_epoch(house_dir):
+    task, dm = house_task_dm(house_dir)
+    config = TrainConfig(model_kwargs={"hidden_sizes": (16,)}, max_epochs=50, batch_size=8, lr=1e4, optimizer="sgd")
+    with pytest.raises(TrainingDiverged, match=r"NaN or infinite on fold \d at epoch \d+"):
+        cross_validate(task, config, datamodule=dm)
+
+
+def test_classification_cv(idx_dir):
+    task = get_task("fashion-mnist")
+    dm = task.datamodule(data_dir=idx_dir, n_folds=2, fold=[0, 1], batch_size=32)
+    dm.setup()
+    result = cross_validate(task, TrainConfig(model_kwargs={"hidden_sizes": (32,)}, max_epochs=2, batch_size=32),
+                            datamodule=dm)
+    assert len(result.fold_scores) == 2 and all(0 <= s <= 1 for s in result.fold_scores)
+
+
+def test_single_member_scores_stay_lists(house_dir):
+    """One member (one validation fold, or sequential folds) keeps per-member lists in the history."""
+    task, dm = house_task_dm(house_dir)
+    result = cross_validate(task, TrainConfig(model_kwargs=SMALL_MLP, max_epochs=2, batch_size=16), datamodule=dm,
+                            stacking="sequential")
+    assert len(result.fold_scores) == 3 and all(isinstance(s, float) for s in result.fold_scores)
+    assert all(isinstance(r["val_rmse"], float) for h in result.history for r in h)
+    # the module's own record keeps one value per member, as the pruning callback reads it
+    assert [len(r["val_rmse"]) for r in result.fits[0].module.history] == [1, 1]
+
+
+def test_own_csv_task_as_the_readme_shows(tmp_path):
+    """The README's recipe for a CSV task of one's own: subclass, register, cross-validate."""
+    from project.data import HousePricesDataModule, TabularSpec
+    from project.tasks import TASKS, Task
+
+    from .conftest import make_house_frames
+
+    train, test = make_house_frames()
+    folder = tmp_path / "my-task"
+    folder.mkdir()
+    train.rename(columns={"Id": "id", "SalePrice": "price"}).to_csv(folder / "train.csv", index=False)
+    test.rename(columns={"Id": "id"}).to_csv(folder / "test.csv", index=False)
+
+    class MyData(HousePricesDataModule):
+        dataset = "my-task"
+
+    TASKS["my-task"] = Task("my-task", MyData, "regression", "rmse", "minimize", 1,
+                            {"spec": TabularSpec(id_column="id", target="price")})
+    try:
+        task = get_task("my-task")
+        result = cross_validate(task, TrainConfig(model_kwargs=SMALL_MLP, max_epochs=2, batch_size=16),
+                                data_dir=str(tmp_path), n_folds=3)
+        assert len(result.fold_scores) == 3 and all(s > 0 for s in result.fold_scores)
+    finally:
+        del TASKS["my-task"]

@@ -1,0 +1,314 @@
+"""Each trick of the engine gives the numbers of the plain way: member stacks, the hand-stacked MLP,
+chunked steps, per-member clipping, the measured fold layout and the fused optimiser."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from torch import nn
+
+from project.cv import build_module, cross_validate, fit, make_trainer
+from project.data import batches
+from project.data.batches import MemberFeatures, SparseRows
+from project.engine import MemberStack, StackingError, build_stack, choose_layout, layout
+from project.engine.optim import FusedAdamW
+from project.engine.stacked_mlp import StackedLinear, StackedMLP, nonzero_rows
+from project.engine.stacking import clip_member_grad_norm_
+from project.models import MLP, FoldModule, RegressionHead, register_model
+from project.tasks import TrainConfig, get_task
+from tests.conftest import house_task_dm, write_idx_set
+
+NO_DROPOUT_MLP = {"hidden_sizes": (16,), "dropout": 0.0, "linear_skip": True}
+
+
+def mlps(count: int, **kwargs) -> list[MLP]:
+    torch.manual_seed(0)
+    return [MLP((4,), 1, (6,), **kwargs) for _ in range(count)]
+
+
+@pytest.mark.parametrize("members", [1, 3])
+def test_member_stack_is_each_member_alone(members):
+    modules = mlps(members)
+    stack = MemberStack(modules)
+    x = torch.randn(members, 5, 4)
+    expected = torch.stack([m(x[i]) for i, m in enumerate(modules)])
+    torch.testing.assert_close(stack(x), expected)
+    state = stack.member_state_dict()
+    assert set(state) == set(modules[0].state_dict()) and state["layers.1.weight"].shape == (members, 6, 4)
+
+
+@pytest.mark.parametrize("stacker", [MemberStack, StackedMLP], ids=["generic", "hand-stacked"])
+def test_member_gradients_are_independent(stacker):
+    """The summed loss gives each member exactly the gradient it gets alone."""
+    torch.manual_seed(0)
+    x, y, w = torch.randn(3, 8, 4), torch.randn(3, 8), torch.ones(3, 8)
+    w[2, 5:] = 0
+    modules = mlps(3, linear_skip=True)
+    head = RegressionHead(3)
+    stack = stacker(modules)
+    head.loss(head(stack(x)), y, w).sum().backward()
+    stacked = dict((stack.module if stacker is MemberStack else stack).named_parameters())
+    for m, module in enumerate(modules):
+        alone = RegressionHead(1)
+        alone.loss(alone(module(x[m])[None]), y[m : m + 1], w[m : m + 1]).sum().backward()
+        for name, p in module.named_parameters():
+            grad = stacked[name].grad
+            if stacker is StackedMLP:  # [M, in, out] weights, [M, 1, out] biases
+                grad = grad.transpose(1, 2) if name.endswith("weight") else grad.squeeze(1)
+            torch.testing.assert_close(grad[m], p.grad)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_hand_stacked_mlp_gives_the_fold_scores_of_the_generic_path(house_dir, dropout):
+    """The MLP's own stack is an implementation of the same contract: same seeds, same fold scores
+    and weights as the torch.func stack of the plain modules. vmap's randomness="different" draws
+    the members' dropout masks as one [M, B, H] draw, as the hand-stacked dropout does."""
+    task, dm = house_task_dm(house_dir)
+    config = TrainConfig(model_kwargs={**NO_DROPOUT_MLP, "dropout": dropout}, max_epochs=4, batch_size=16, lr=1e-2,
+                         weight_decay=1e-2)
+    fast = cross_validate(task, config, datamodule=dm)
+    generic = cross_validate(task, config, datamodule=dm, stacking="vmap")
+    assert fast.layout == "stacked (hand-stacked MLP)" and generic.layout == "stacked (torch.func vmap; asked for)"
+    torch.testing.assert_close(torch.tensor(fast.fold_scores), torch.tensor(generic.fold_scores), rtol=1e-5, atol=1e-6)
+    fast_state, generic_state = (r.fits[0].module.net.member_state_dict() for r in (fast, generic))
+    for name in generic_state:
+        torch.testing.assert_close(fast_state[name], generic_state[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("stacking", ["auto", "vmap"])
+def test_stacked_folds_match_sequential_training(house_dir, stacking):
+    """Fold-stacked training equals fitting each fold alone, on the same seeds and batches."""
+    task, dm = house_task_dm(house_dir)
+    config = TrainConfig(model_kwargs=NO_DROPOUT_MLP, max_epochs=4, batch_size=16, lr=1e-2, weight_decay=1e-2)
+    stacked = cross_validate(task, config, datamodule=dm, stacking=stacking)
+    sequential = cross_validate(task, config, datamodule=dm, stacking="sequential")
+    assert len(stacked.fits) == 1 and len(sequential.fits) == 3
+    torch.testing.assert_close(torch.tensor(stacked.fold_scores), torch.tensor(sequential.fold_scores),
+                               rtol=1e-5, atol=1e-6)
+    state = stacked.fits[0].module.net.member_state_dict()
+    for position, one in enumerate(sequential.fits):
+        for name, value in one.module.net.member_state_dict().items():
+            torch.testing.assert_close(state[name][position : position + 1], value, rtol=1e-4, atol=1e-5)
+
+
+def test_chunked_steps_take_the_automatic_steps(house_dir):
+    """A chunk of S mini-batches per Lightning step updates the weights as S automatic steps do,
+    a cosine schedule and gradient clipping included."""
+    task, dm = house_task_dm(house_dir)
+    config = TrainConfig(model_kwargs=NO_DROPOUT_MLP, max_epochs=3, batch_size=16, lr=1e-2, scheduler="cosine",
+                         gradient_clip_val=0.5)
+    chunked = fit(task, config, dm, seed=0)
+    automatic = fit(task, config, dm, seed=0, chunked_steps=False)
+    assert not chunked.automatic_optimization and automatic.automatic_optimization
+    for a, b in zip(chunked.net.parameters(), automatic.net.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert chunked.history[-1]["val_rmse"] == pytest.approx(automatic.history[-1]["val_rmse"], rel=1e-4)
+
+
+def test_an_epochs_last_mini_batch_trains_on_its_rows_only(house_dir, monkeypatch):
+    """Padding rows (weight 0) fill the end of an epoch's last mini-batch: each step is cut to the
+    rows some member still has, which changes the work and nothing else."""
+    task, dm = house_task_dm(house_dir, folds=7)
+    sizes = sorted({len(rows) for rows in dm.members.train_rows})
+    assert sizes == [51, 52]  # so the cut last step still pads the smaller members
+    config = TrainConfig(model_kwargs=NO_DROPOUT_MLP, max_epochs=2, batch_size=16, lr=1e-2, weight_decay=1e-2)
+    widths, forward = [], FoldModule.forward
+
+    def spy(self, x):
+        if self.training:
+            widths.append(x.shape[1])
+        return forward(self, x)
+
+    monkeypatch.setattr(FoldModule, "forward", spy)
+    stacked = cross_validate(task, config, datamodule=dm)
+    assert widths == [16, 16, 16, 4] * 2
+    monkeypatch.undo()
+    sequential = cross_validate(task, config, datamodule=dm, stacking="sequential")  # the 51-row folds cut to 3
+    torch.testing.assert_close(torch.tensor(stacked.fold_scores), torch.tensor(sequential.fold_scores),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_first_layer_on_nonzero_entries_matches_the_dense_one():
+    torch.manual_seed(0)
+    x = torch.randn(3, 10, 20) * (torch.rand(3, 10, 20) < 0.3)
+    linears = [nn.Linear(20, 16) for _ in range(3)]
+    dense_layer, sparse_layer = StackedLinear(linears), StackedLinear(linears)
+    grad = torch.randn(3, 10, 16)
+    dense = dense_layer(x)
+    index, value = MemberFeatures(x).nonzero
+    sparse = sparse_layer(x, (nonzero_rows(index, 20), value))
+    torch.testing.assert_close(sparse, dense)
+    torch.testing.assert_close(dense, torch.stack([layer(x[m]) for m, layer in enumerate(linears)]))
+    dense.backward(grad)
+    sparse.backward(grad)
+    for a, b in zip(dense_layer.parameters(), sparse_layer.parameters()):
+        torch.testing.assert_close(b.grad, a.grad)
+
+
+def test_cv_on_nonzero_entries_matches_dense_features(house_dir, monkeypatch):
+    """The real House Prices rows are a third nonzero and train through the nonzero path; the
+    miniature's are denser, so the limit is raised here to send them down both paths."""
+    config = TrainConfig(model_kwargs={"hidden_sizes": (16,)}, max_epochs=3, batch_size=16, lr=1e-2)
+    task, dense_dm = house_task_dm(house_dir)
+    assert dense_dm.members.features.nonzero is None  # decided once, here
+    monkeypatch.setattr(batches, "SPARSE_DENSITY", 1.0)
+    _, sparse_dm = house_task_dm(house_dir)
+    assert sparse_dm.members.features.nonzero is not None
+    batch = next(iter(sparse_dm.train_loader(16, nonzero=True)))
+    assert isinstance(batch["x"], SparseRows)
+    dense, sparse = (cross_validate(task, config, datamodule=dm) for dm in (dense_dm, sparse_dm))
+    torch.testing.assert_close(torch.tensor(sparse.fold_scores), torch.tensor(dense.fold_scores), rtol=1e-4, atol=1e-6)
+
+
+@register_model("test-batchnorm-net")
+class BatchNormNet(nn.Module):
+    """A model of someone's own that keeps running statistics, which vmap cannot stack."""
+
+    def __init__(self, in_shape, out_features, width: int = 8) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_shape[0], width), nn.BatchNorm1d(width), nn.ReLU(),
+                                 nn.Linear(width, out_features))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_running_statistics_are_refused_with_what_to_use_instead(house_dir):
+    task, dm = house_task_dm(house_dir)
+    config = TrainConfig(model="test-batchnorm-net", max_epochs=2, batch_size=16)
+    message = (r"model 'test-batchnorm-net': BatchNorm1d at 'net.1' keeps running statistics, which fold stacking "
+               r"\(torch.func.vmap\) cannot batch; use GroupNorm, BatchNorm1d\(..., track_running_stats=False\), "
+               r"or --sequential-folds")
+    for stacking in ("auto", "vmap"):
+        with pytest.raises(StackingError, match=message):
+            cross_validate(task, config, datamodule=dm, stacking=stacking)
+    result = cross_validate(task, config, datamodule=dm, stacking="sequential")  # one fold at a time: no vmap
+    assert len(result.fold_scores) == 3 and all(s > 0 for s in result.fold_scores)
+
+
+def test_member_gradient_clipping_is_each_members_own():
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(3, 4, 5)), nn.Parameter(torch.randn(3, 5))]
+    for p, scale in zip(params, (1.0, 10.0)):
+        p.grad = torch.randn_like(p) * scale
+    alone = [[nn.Parameter(p[m].detach().clone()) for p in params] for m in range(3)]
+    for m, member in enumerate(alone):
+        for p, stacked in zip(member, params):
+            p.grad = stacked.grad[m].clone()
+        torch.nn.utils.clip_grad_norm_(member, 1.0)
+    clip_member_grad_norm_(params, 1.0)
+    for m, member in enumerate(alone):
+        for p, stacked in zip(member, params):
+            torch.testing.assert_close(stacked.grad[m], p.grad)
+
+
+def test_configured_gradient_clipping_is_honoured(house_dir):
+    """Under SGD a step is proportional to the gradient (AdamW's is not), so clipping shows."""
+    task, dm = house_task_dm(house_dir)
+    base = dict(model_kwargs=NO_DROPOUT_MLP, max_epochs=2, batch_size=16, lr=1e-2, optimizer="sgd")
+    clipped = fit(task, TrainConfig(**base, gradient_clip_val=1e-3), dm, seed=0)
+    free = fit(task, TrainConfig(**base), dm, seed=0)
+    start = build_module(task, TrainConfig(**base), dm, dm.members, seed=0)
+    moved = [sum((a - b).abs().max().item() for a, b in zip(m.net.parameters(), start.net.parameters()))
+             for m in (clipped, free)]
+    assert moved[0] < moved[1] / 10  # each step's norm held to 1e-3: the weights barely move
+
+
+def test_chunked_steps_refuse_what_they_cannot_honour(house_dir):
+    """A Trainer's own gradient clipping or a mixed precision cannot run inside a chunk: refused,
+    never skipped."""
+    task, dm = house_task_dm(house_dir)
+    config = TrainConfig(model_kwargs=NO_DROPOUT_MLP, max_epochs=1, batch_size=16)
+    module = build_module(task, config, dm, dm.members, seed=0)
+    loader = dm.train_loader(16, chunked=True)
+    with pytest.raises(MisconfigurationException, match="gradient_clip_val"):
+        L.Trainer(max_epochs=1, gradient_clip_val=1.0, logger=False, enable_progress_bar=False,
+                  enable_checkpointing=False).fit(module, loader)
+    with pytest.raises(ValueError, match=r"Trainer\(precision='bf16-mixed'\): chunked steps run in 32-bit precision"):
+        make_trainer(1, precision="bf16-mixed").fit(module, loader)
+
+
+def test_mixed_precision_trains_one_mini_batch_per_lightning_step(house_dir):
+    task, dm = house_task_dm(house_dir)
+    config = TrainConfig(model_kwargs=NO_DROPOUT_MLP, max_epochs=2, batch_size=16, precision="bf16-mixed")
+    module = fit(task, config, dm, seed=0)
+    assert module.automatic_optimization and all(v < 1.0 for v in module.history[-1]["val_rmse"])
+
+
+def test_fold_layout_is_measured_once_and_says_why(monkeypatch):
+    calls = []
+
+    def timed(stack, x, steps=3):
+        calls.append(len(x))
+        return {3: 1.0, 1: 0.5}[len(x)]  # stacked 1.0 s a step against 3 x 0.5 s
+
+    monkeypatch.setattr(layout, "_seconds_per_step", timed)
+    monkeypatch.setattr(layout, "_MEASURED", {})
+
+    def make(count):
+        return [nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(144, 2)) for _ in range(count)]
+
+    def choose():
+        return choose_layout(make, "tiny-conv", ("tiny-conv",), (1, 8, 8), 16, 3, torch.device("cpu"))
+
+    first = choose()
+    assert first.stacked and first.reason == "measured on cpu: 1000 ms per step stacked, 1500 ms one after another"
+    assert choose() is first and calls == [3, 1]  # measured once
+    assert choose_layout(make, "tiny-conv", ("tiny-conv",), (1, 8, 8), 16, 1, torch.device("cpu")).reason == "one member"
+    assert choose_layout(lambda n: mlps(n), "mlp", ("mlp",), (4,), 16, 3, torch.device("cpu")).reason == "hand-stacked"
+
+
+def test_vmap_or_sequential_cnn_folds_give_the_same_scores(tmp_path):
+    """The measured choice only changes the speed: a CNN's folds stacked with vmap and trained one
+    after another end with the same validation scores."""
+    write_idx_set(tmp_path / "fashion-mnist", n_train=120, n_test=20)
+    task = get_task("fashion-mnist")
+    dm = task.datamodule(data_dir=tmp_path, n_folds=2, fold=[0, 1])
+    dm.setup()
+    config = task.config("cnn", max_epochs=2, batch_size=16, model_kwargs={"channels": (4, 8), "hidden": 16,
+                                                                        "dropout": 0.0})
+    stacked = cross_validate(task, config, datamodule=dm, stacking="vmap")
+    sequential = cross_validate(task, config, datamodule=dm, stacking="sequential")
+    torch.testing.assert_close(torch.tensor(stacked.fold_scores), torch.tensor(sequential.fold_scores), atol=1e-6,
+                               rtol=0)
+
+
+def test_build_stack_chooses_the_hand_stacked_form_where_registered():
+    assert isinstance(build_stack(mlps(2), "mlp"), StackedMLP)
+    assert isinstance(build_stack(mlps(2), "mlp", hand_stacked=False), MemberStack)
+    assert isinstance(build_stack([nn.Linear(2, 1), nn.Linear(2, 1)], "linear"), MemberStack)
+
+
+def test_fused_adamw_takes_torchs_steps_exactly():
+    """Same update as torch.optim.AdamW(fused=True), bit for bit: two parameter groups, a learning
+    rate schedule, a step where one parameter has no gradient, and a reload mid-way."""
+    torch.manual_seed(0)
+    start = [torch.randn(3, 4), torch.randn(4), torch.randn(2, 3)]
+
+    def run(make, reload_at=None):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        groups = [{"params": params[::2], "weight_decay": 0.1}, {"params": params[1:2], "weight_decay": 0.0}]
+        optimizer = make(groups)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=6)
+        for step in range(6):
+            if step == reload_at:
+                state = optimizer.state_dict()
+                optimizer = make(groups)
+                optimizer.load_state_dict(state)
+                schedule.optimizer = optimizer
+            optimizer.zero_grad()
+            loss = sum((p * (k + 1)).sin().sum() for k, p in enumerate(params) if not (step == 2 and k == 1))
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+        return params, optimizer
+
+    torch_params, torch_optimizer = run(lambda g: torch.optim.AdamW(g, lr=0.1, fused=True))
+    for reload_at in (None, 4):
+        params, optimizer = run(lambda g: FusedAdamW(g, lr=0.1), reload_at)
+        for a, b in zip(params, torch_params):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        for a, b in zip(optimizer.state.values(), torch_optimizer.state.values()):
+            assert all(torch.equal(a[key], b[key]) for key in ("step", "exp_avg", "exp_avg_sq"))
