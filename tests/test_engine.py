@@ -14,7 +14,7 @@ from project.data import batches
 from project.data.batches import MemberFeatures, SparseRows
 from project.engine import MemberStack, StackingError, build_stack, choose_layout, layout
 from project.engine.optim import FusedAdamW
-from project.engine.stacked_mlp import StackedLinear, StackedMLP, nonzero_rows
+from project.engine.stacked_mlp import StackedLinear, StackedMLP, row_offsets
 from project.engine.stacking import clip_member_grad_norm_
 from project.models import MLP, FoldModule, RegressionHead, register_model
 from project.tasks import TrainConfig, get_task
@@ -138,7 +138,7 @@ def test_first_layer_on_nonzero_entries_matches_the_dense_one():
     grad = torch.randn(3, 10, 16)
     dense = dense_layer(x)
     index, value = MemberFeatures(x).nonzero
-    sparse = sparse_layer(x, (nonzero_rows(index, 20), value))
+    sparse = sparse_layer(x, (index + row_offsets(3, 20, index), value))
     torch.testing.assert_close(sparse, dense)
     torch.testing.assert_close(dense, torch.stack([layer(x[m]) for m, layer in enumerate(linears)]))
     dense.backward(grad)

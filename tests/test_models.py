@@ -89,7 +89,7 @@ def test_regression_head_predicts_relative_to_each_members_training_mean(house_d
     module = cross_validate(task, TrainConfig(model_kwargs={"hidden_sizes": (8,)}, max_epochs=1, lr=1e-9),
                             datamodule=dm).fits[0].module
     means = torch.stack([dm.targets[rows].mean() for rows in dm.members.train_rows])
-    torch.testing.assert_close(module.head.offset, means)
+    torch.testing.assert_close(module.head.offset[:, 0], means)
     head = RegressionHead(2, torch.tensor([1.0, 2.0]))
     torch.testing.assert_close(head(torch.zeros(2, 3, 1)), torch.tensor([[1.0] * 3, [2.0] * 3]))
 
@@ -124,5 +124,5 @@ def test_saved_model_reloads_by_name_with_weights_only(house_dir, tmp_path):
     x = dm.members.test_features.x  # [M, N, F]
     with torch.no_grad():
         expected = module(x)
-        plain = torch.stack([member(x[m]).squeeze(-1) for m, member in enumerate(members)]) + saved["head"]["offset"][:, None]
+        plain = torch.stack([member(x[m]).squeeze(-1) for m, member in enumerate(members)]) + saved["head"]["offset"]
     torch.testing.assert_close(plain, expected, rtol=1e-5, atol=1e-5)

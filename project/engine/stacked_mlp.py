@@ -32,7 +32,7 @@ class StackedLinear(nn.Module):
         self.bias = nn.Parameter(torch.stack([layer.bias.detach()[None] for layer in linears]))
 
     def forward(self, x: Tensor, nonzero: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """``nonzero``: x's nonzero entries as rows of the members' stacked weights (``nonzero_rows``)
+        """``nonzero``: x's nonzero entries as rows of the members' stacked weights (``row_offsets``)
         and values ``[M, B, K]`` (padding entries have value 0), for a wide layer to sum K weight rows
         per sample instead of a matmul."""
         if nonzero is not None and self.out_features > 1:
@@ -49,11 +49,10 @@ class StackedLinear(nn.Module):
         return f"members={self.weight.shape[0]}, in_features={self.in_features}, out_features={self.out_features}"
 
 
-def nonzero_rows(index: Tensor, n_features: int) -> Tensor:
-    """Column indices ``[M, B, K]`` of each member's nonzero entries as rows of the members'
-    stacked weights ``[M * F, out]``: member m's column c is row ``m * F + c``."""
-    members = index.shape[-3]
-    return index + n_features * torch.arange(members, dtype=index.dtype, device=index.device)[:, None, None]
+def row_offsets(members: int, n_features: int, like: Tensor) -> Tensor:
+    """``[M, 1, 1]``: added to column indices of each member's nonzero entries, they become rows of the
+    members' stacked weights ``[M * F, out]`` (member m's column c is row ``m * F + c``)."""
+    return n_features * torch.arange(members, dtype=like.dtype, device=like.device)[:, None, None]
 
 
 class _NonzeroLinear(torch.autograd.Function):
@@ -99,16 +98,20 @@ class StackedMLP(nn.Module):
         self.skip = StackedLinear([m.skip for m in modules]) if first.skip is not None else None
         # behind input dropout the first layer sees dropped features, not the rows' nonzero entries
         self.nonzero_first = isinstance(self.layers[1], StackedLinear)
+        self._offsets: Tensor | None = None  # row_offsets, made once for the features' width and device
 
     def forward(self, x: Tensor | SparseRows) -> Tensor:
         nonzero = None
         if isinstance(x, SparseRows):
             if self.nonzero_first:
-                nonzero = nonzero_rows(x.index, x.dense.shape[-1]), x.value
+                if self._offsets is None or self._offsets.device != x.index.device:
+                    self._offsets = row_offsets(self.members, x.dense.shape[-1], x.index)
+                nonzero = x.index + self._offsets, x.value
             x = x.dense
-        flat = out = self.layers[0](x)
-        for i, layer in enumerate(self.layers[1:]):
-            out = layer(out, nonzero) if i == 0 and nonzero is not None else layer(out)
+        out = flat = self.layers[0](x)  # flattened samples, which the linear path also takes
+        for i, layer in enumerate(self.layers):
+            if i:
+                out = layer(out, nonzero) if i == 1 and nonzero is not None else layer(out)
         return out if self.skip is None else out + self.skip(flat)
 
     def member_state_dict(self) -> dict[str, Tensor]:

@@ -31,10 +31,11 @@ class RegressionHead(nn.Module):
         if loss not in ("mse", "huber"):
             raise ValueError(f"loss {loss!r} is unknown: expected 'mse' or 'huber'")
         self.members, self.loss_name, self.huber_delta = members, loss, huber_delta
-        self.register_buffer("offset", torch.zeros(members) if offset is None else offset.float().reshape(members))
+        # [M, 1]: added to a member's [M, B] predictions as it is
+        self.register_buffer("offset", torch.zeros(members, 1) if offset is None else offset.float().reshape(members, 1))
 
     def forward(self, outputs: Tensor) -> Tensor:
-        return outputs.squeeze(-1) + self.offset[:, None]
+        return outputs.squeeze(-1) + self.offset
 
     def loss(self, preds: Tensor, target: Tensor, weight: Tensor) -> Tensor:
         if self.loss_name == "huber":

@@ -53,12 +53,14 @@ class MemberMean(Metric):
 
     def __init__(self, n_members: int, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.add_state("total", default=torch.zeros(n_members, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("weight", default=torch.zeros(n_members, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.zeros(n_members), dist_reduce_fx="sum")
+        self.add_state("weight", default=torch.zeros(n_members), dist_reduce_fx="sum")
 
     def update(self, value: Tensor, weight: Tensor) -> None:
-        self.total += value.double() * weight
-        self.weight += weight
+        # called once per mini-batch: two in-place ops, no conversion (an epoch sums a few hundred
+        # values at most, which float32 holds well), no assignment through nn.Module.__setattr__
+        self.total.addcmul_(value, weight)
+        self.weight.add_(weight)
 
     def compute(self) -> Tensor:
         return self.total / self.weight.clamp(min=1)
