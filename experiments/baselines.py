@@ -66,8 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"argument --models: unknown {unknown}; expected some of {', '.join(MODELS)}")
     task = get_task("house-prices")
-    dm = task.datamodule(data_dir=args.data_dir, n_folds=args.folds, fold=list(range(args.folds)),
-                         **task.datamodule_kwargs)
+    dm = task.datamodule(data_dir=args.data_dir, n_folds=args.folds, fold=list(range(args.folds)))
     try:
         dm.prepare_data()
         dm.setup()

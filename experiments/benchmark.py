@@ -86,7 +86,7 @@ def peak_mb() -> float:
 def case_folds(name: str, task_name: str, data_dir: Path, config: TrainConfig, folds: list[int], stacking: str,
                repeats: int) -> dict:
     task = get_task(task_name)
-    dm = task.datamodule(data_dir=data_dir, n_folds=5, fold=folds, **task.datamodule_kwargs)
+    dm = task.datamodule(data_dir=data_dir, n_folds=5, fold=folds)
     dm.prepare_data()
     dm.setup()
     tensors = [fold_tensors(dm, p) for p in range(len(folds))]
@@ -94,7 +94,7 @@ def case_folds(name: str, task_name: str, data_dir: Path, config: TrainConfig, f
 
     def plain():
         for p, t in enumerate(tensors):
-            plain_fit(*t, config, task.out_features, classification, seed=p)
+            plain_fit(*t, config, dm.out_features, classification, seed=p)
 
     layouts = []
 
@@ -116,7 +116,7 @@ def case_sweep(data_dir: Path, n_trials: int) -> dict:
 
     task = get_task("house-prices")
     fixed = {"max_epochs": 60}
-    dm = task.datamodule(data_dir=data_dir, n_folds=5, fold=list(range(5)), **task.datamodule_kwargs)
+    dm = task.datamodule(data_dir=data_dir, n_folds=5, fold=list(range(5)))
     dm.prepare_data()
     dm.setup()
     tensors = [fold_tensors(dm, p) for p in range(5)]
@@ -140,7 +140,7 @@ def case_sweep(data_dir: Path, n_trials: int) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         jobs = os.cpu_count() or 1
-        settings = SweepSettings(task="house-prices", data_dir=str(data_dir), folds=5, seed=0,
+        settings = SweepSettings(preset=task.preset.resolved(), data_dir=str(data_dir), seed=0,
                                  storage=f"sqlite:///{tmp}/optuna.db", study_name="bench",
                                  tracking_uri=f"sqlite:///{tmp}/mlflow.db", experiment_name="bench", fixed=fixed,
                                  threads=max(1, (os.cpu_count() or 1) // jobs), pruning=False)

@@ -2,6 +2,7 @@
 
     python experiments/export_submission.py                       # the default House Prices study
     python experiments/export_submission.py --submit              # and send it to Kaggle
+    python experiments/export_submission.py --study-name fashion-mnist
 """
 
 from __future__ import annotations
@@ -16,44 +17,44 @@ import optuna
 from project.cli import output_dir
 from project.data.sources import KAGGLE_COMPETITION, _kaggle_credentials
 from project.paths import REPO_ROOT
-from project.tasks import TASKS, get_task
 from project.tuning.export import export_best
-from project.tuning.study import SweepSettings, default_storage, make_storage
+from project.tuning.study import PRESET_ATTR, SweepSettings, default_storage, make_storage
 from project.tuning.tracking import Tracker
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", choices=sorted(TASKS), default="house-prices", help="(default: %(default)s)")
+    parser.add_argument("--study-name", default="house-prices",
+                        help="the study, named as the sweep named it: the preset, then -<model> for another model "
+                             "than the preset's (default: %(default)s)")
     parser.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite:///<output-dir>/optuna.db)")
-    parser.add_argument("--study-name", default=None, help="(default: the task name)")
-    parser.add_argument("--output-dir", type=Path, default=None, help="(default: experiments/outputs/<task>/)")
+    parser.add_argument("--output-dir", type=Path, default=None, help="(default: experiments/outputs/<study-name>/)")
     parser.add_argument("--data-dir", type=Path, default=REPO_ROOT / "data", help="(default: data/)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: as the sweep)")
-    parser.add_argument("--submit", action="store_true", help="send submission.csv with the Kaggle API")
+    parser.add_argument("--submit", action="store_true", help="send the submission with the Kaggle API")
     args = parser.parse_args(argv)
-    task = get_task(args.task)
-    out = output_dir(args, parser)
+    name = args.study_name
+    out = output_dir(args, parser, name)
     storage = args.storage or default_storage(out)
-    name = args.study_name or task.name
     try:
         study = optuna.load_study(study_name=name, storage=make_storage(storage))
     except (KeyError, ValueError) as err:
         parser.error(f"argument --study-name/--storage: no study {name!r} in {storage}: {err}")
-    stored = study.user_attrs.get("settings", {})
-    settings = SweepSettings(task=task.name, data_dir=str(args.data_dir), folds=stored.get("folds", 5),
-                             seed=stored.get("seed", 0), storage=storage, study_name=name, tracking_uri="",
-                             experiment_name=task.name, model=stored.get("model", task.default_model),
-                             fixed=stored.get("fixed", {}), stacking=stored.get("stacking", "auto"),
-                             validation_folds=stored.get("validation_folds", 0))
-    tracker = Tracker(args.tracking_uri, task.name)
+    stored, preset = study.user_attrs.get("settings", {}), study.user_attrs.get(PRESET_ATTR)
+    if preset is None:
+        parser.error(f"argument --study-name: study {name!r} in {storage} stores no preset; run the sweep again "
+                     "with a new --study-name")
+    settings = SweepSettings(preset=preset, data_dir=str(args.data_dir), seed=stored["seed"], storage=storage,
+                             study_name=name, tracking_uri="", experiment_name=preset["name"], model=stored["model"],
+                             fixed=stored["fixed"], stacking=stored["stacking"],
+                             validation_folds=stored["validation_folds"])
+    task = settings.task
+    tracker = Tracker(args.tracking_uri, settings.experiment_name)
     settings.tracking_uri = tracker.tracking_uri
     summary = export_best(study, settings, tracker, out, study.user_attrs.get("mlflow_parent_run_id"))
     rerun = "" if summary["cv_mean_rerun"] is None else f" (re-run {summary['cv_mean_rerun']:.5f})"
     print(f"best trial {summary['best_trial']}: cv_{task.metric} {summary['cv_mean']:.5f}{rerun}; "
           f"wrote {out / 'summary.json'}")
-    if "submission" not in summary:
-        return 0
     print(f"submission: {summary['submission']}")
     if not args.submit:
         return 0

@@ -18,20 +18,12 @@ import time
 from optuna.trial import TrialState
 from tqdm import tqdm
 
-from project.cli import (
-    add_common_arguments,
-    check_model_flags,
-    fixed_params,
-    output_dir,
-    positive_float,
-    positive_int,
-    run_name,
-)
+from project import presets
+from project.cli import add_common_arguments, fixed_params, load_task, output_dir, positive_float, positive_int, run_name
 from project.data import DataError
-from project.tasks import get_task
 from project.tuning.export import export_best
 from project.tuning.recovery import recover_stale_trials
-from project.tuning.space import space_of, start_point
+from project.tuning.space import start_point
 from project.tuning.study import (
     SweepSettings,
     check_frozen,
@@ -43,24 +35,22 @@ from project.tuning.study import (
 from project.tuning.tracking import Tracker, environment_tags
 
 PARENT_ATTR = "mlflow_parent_run_id"
-# images: one validation fold of the 5 (48k/12k) keeps the default sweep inside half an hour on 2 CPU cores
-DEFAULT_VALIDATION_FOLDS = {"regression": 5, "classification": 1}
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser)
     parser.add_argument("--n-trials", type=positive_int, default=None,
-                        help="trials this invocation runs (default: 30 for house-prices, 8 for the image tasks)")
+                        help="trials this invocation runs (default: the preset's sweep.trials)")
     parser.add_argument("--timeout", type=positive_float, default=None, help="stop starting trials after this many seconds")
     parser.add_argument("--storage", default=None,
                         help="Optuna storage URL (default: sqlite:///<output-dir>/optuna.db; postgresql://... for many machines)")
     parser.add_argument("--study-name", default=None, help="study to create or resume (default: the task name)")
     parser.add_argument("--n-jobs", type=positive_int, default=None,
-                        help="worker processes sharing the study (default: one per core for house-prices, 1 for images)")
+                        help="worker processes sharing the study (default: the preset's sweep.jobs, else one per core)")
     parser.add_argument("--validation-folds", type=positive_int, default=None,
-                        help="how many of the --folds folds each trial trains and scores "
-                             "(default: all for house-prices, 1 for the image tasks)")
+                        help="how many of the folds each trial trains and scores "
+                             "(default: the preset's sweep.validation_folds, else all)")
     parser.add_argument("--no-pruning", action="store_true", help="run every trial to its last epoch")
     return parser.parse_args(argv), parser
 
@@ -110,7 +100,8 @@ def parent_run(study, tracker: Tracker, settings: SweepSettings) -> str:
             return run_id
         # otherwise the study outlived its MLflow store (or uses another one): start a new parent run
     run_id = tracker.start_run(f"study-{settings.study_name}", tags={**environment_tags(), "kind": "study"})
-    tracker.log_params(run_id, {"task": settings.task, "model": settings.model, "folds": settings.folds,
+    tracker.log_text(run_id, presets.to_yaml(settings.preset), "preset.yaml")
+    tracker.log_params(run_id, {"task": settings.preset["name"], "model": settings.model, "folds": settings.folds,
                                 "seed": settings.seed, "stacking": settings.stacking,
                                 "storage": settings.storage, "study_name": settings.study_name,
                                 **{f"fixed.{k}": v for k, v in settings.fixed.items()}})
@@ -120,31 +111,26 @@ def parent_run(study, tracker: Tracker, settings: SweepSettings) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args, parser = parse_args(argv)
-    task = get_task(args.task)
-    model = args.model or task.default_model
-    try:
-        space_of(task, model)
-    except ValueError as err:
-        parser.error(f"argument --model: {err}")
-    check_model_flags(args, model, parser)
-    name = run_name(args, task.default_model)
+    task, model = load_task(args, parser)
+    name = run_name(task, model)
     out = output_dir(args, parser, name)
     storage = args.storage or default_storage(out)
     if not storage.startswith(STORAGE_SCHEMES):
         parser.error(f"argument --storage: unknown scheme in {storage!r}; expected sqlite:///PATH, "
                      "postgresql://..., mysql://... or journal:PATH")
-    n_trials = args.n_trials or (30 if task.kind == "regression" else 8)
-    n_jobs = min(args.n_jobs or ((os.cpu_count() or 1) if task.kind == "regression" else 1), n_trials)
+    sweep = task.preset.sweep
+    n_trials = args.n_trials or sweep.trials
+    n_jobs = min(args.n_jobs or sweep.jobs or os.cpu_count() or 1, n_trials)
     settings = SweepSettings(
-        task=task.name, data_dir=str(args.data_dir), folds=args.folds, seed=args.seed, storage=storage,
+        preset=task.preset.resolved(), data_dir=str(args.data_dir), seed=args.seed, storage=storage,
         study_name=args.study_name or name, tracking_uri="", experiment_name=args.experiment_name or task.name,
         model=model, fixed=fixed_params(args), stacking="sequential" if args.sequential_folds else "auto",
-        pruning=not args.no_pruning,
-        validation_folds=args.validation_folds or min(args.folds, DEFAULT_VALIDATION_FOLDS[task.kind]),
+        pruning=sweep.pruning and not args.no_pruning,
+        validation_folds=args.validation_folds or sweep.validation_folds or task.folds,
         threads=args.threads or max(1, (os.cpu_count() or 1) // n_jobs),
     )
     if settings.validation_folds > settings.folds:
-        parser.error(f"argument --validation-folds: {settings.validation_folds} is more than --folds {settings.folds}")
+        parser.error(f"argument --validation-folds: {settings.validation_folds} is more than the {settings.folds} folds")
 
     tracker = Tracker(args.tracking_uri, settings.experiment_name)
     settings.tracking_uri = tracker.tracking_uri
@@ -186,13 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{n_trials} trial(s) in {elapsed:.0f}s; study totals: {states}")
     print(f"best trial {summary['best_trial']}: cv_{task.metric} {summary['cv_mean']:.5f} ± {summary['cv_std']:.5f}")
     print("best params: " + ", ".join(f"{k}={v}" for k, v in summary["best_params"].items()))
-    if "test_accuracy" in summary:
-        members = ", ".join(f"{a:.4f}" for a in summary["test_accuracy_members"])
-        print(f"refit on the 60k training images, official test accuracy {summary['test_accuracy']:.4f} "
-              f"(the average of {len(summary['test_accuracy_members'])} seeds; each alone: {members})")
-    for key in ("submission", "predictions"):
-        if key in summary:
-            print(f"{key}: {summary[key]}")
+    for key, value in summary.items():
+        if key.startswith("test_") and not key.endswith("_members"):
+            alone = ", ".join(f"{a:.4f}" for a in summary[f"{key}_members"])
+            print(f"refit on every training row, {key.replace('_', ' ')} {value:.4f} "
+                  f"(the average of {len(summary[f'{key}_members'])} seeds; each alone: {alone})")
+    print(f"submission: {summary['submission']}")
     print(f"summary: {out / 'summary.json'}\nplots:   {out / 'plots'}")
     print(f"MLflow:  {tracker.ui_command()}")
     return 0

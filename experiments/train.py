@@ -13,13 +13,13 @@ from pathlib import Path
 
 import torch
 
-from project.cli import add_common_arguments, check_model_flags, config_overrides, output_dir, run_name
+from project import presets
+from project.cli import add_common_arguments, config_overrides, load_task, output_dir, run_name
 from project.cv import TrainingDiverged, cross_validate, init_model
 from project.data import DataError
 from project.model_io import save_model
 from project.refit import refit_and_test, refit_metrics
-from project.submission import fold_average_submission
-from project.tasks import get_task
+from project.submission import write_predictions
 from project.tuning.tracking import Tracker, environment_tags
 
 
@@ -31,18 +31,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argpa
 
 def main(argv: list[str] | None = None) -> int:
     args, parser = parse_args(argv)
-    task = get_task(args.task)
-    model = args.model or task.default_model
-    check_model_flags(args, model, parser)
-    out = output_dir(args, parser, run_name(args, task.default_model))
+    task, model = load_task(args, parser)
+    out = output_dir(args, parser, run_name(task, model))
     try:
         config = task.config(model, **config_overrides(args))
     except ValueError as err:
         parser.error(str(err))
     if args.threads:
         torch.set_num_threads(args.threads)
-    datamodule = task.datamodule(data_dir=args.data_dir, n_folds=args.folds, fold=list(range(args.folds)),
-                                 seed=args.seed, **task.datamodule_kwargs)
+    datamodule = task.datamodule(args.data_dir, fold=list(range(task.folds)), seed=args.seed)
     try:
         datamodule.prepare_data()
         datamodule.setup()
@@ -50,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     try:  # a model that cannot take this task's samples (a CNN on table rows) is refused before any work
-        init_model(config, datamodule.sample_shape, task.out_features, args.seed)
+        init_model(config, datamodule.sample_shape, datamodule.out_features, args.seed)
     except ValueError as err:
         parser.error(f"argument --model: {err}")
 
@@ -58,32 +55,33 @@ def main(argv: list[str] | None = None) -> int:
     run_id = tracker.start_run(f"train-{task.name}", tags={**environment_tags(), "kind": "train"})
     status = "FAILED"
     try:
-        tracker.log_params(run_id, {**config.flat(), "task": task.name, "folds": args.folds, "seed": args.seed})
+        tracker.log_params(run_id, {**config.flat(), "task": task.name, "folds": task.folds, "seed": args.seed})
+        tracker.log_text(run_id, presets.to_yaml(task.preset.resolved()), "preset.yaml")
         stacking = "sequential" if args.sequential_folds else "auto"
         result = cross_validate(task, config, seed=args.seed, stacking=stacking, datamodule=datamodule)
         tracker.log_cv(run_id, result, datamodule.folds)
         tracker.log_metrics(run_id, {"cv_seconds": result.seconds})
         tracker.set_tags(run_id, {"fold_layout": result.layout})
-        print(f"{task.name}: CV {task.metric} {result.mean:.5f} ± {result.std:.5f} over {args.folds} folds "
+        print(f"{task.name}: CV {task.metric} {result.mean:.5f} ± {result.std:.5f} over {task.folds} folds "
               f"({', '.join(f'{s:.4f}' for s in result.fold_scores)}) in {result.seconds:.1f}s; folds {result.layout}")
 
         summary = {"task": task.name, "metric": task.metric, "cv_mean": result.mean, "cv_std": result.std,
                    "fold_scores": result.fold_scores, "params": config.to_dict(), "seconds": result.seconds,
                    "fold_layout": result.layout}
+        submission = out / task.preset.submission.file
         with tempfile.TemporaryDirectory() as tmp:
-            if task.kind == "regression":
-                submission = fold_average_submission(result, datamodule, out / "submission.csv")
-                tracker.log_artifact(run_id, submission)
-                summary["submission"] = str(submission)
-                fits = result.fits
-            else:
-                fits, scores = refit_and_test(task, config, args.data_dir, args.seed, out / "predictions.csv")
+            if task.refits:
+                fits, scores = refit_and_test(task, config, args.data_dir, args.seed, submission)
                 tracker.log_metrics(run_id, refit_metrics(scores))
-                tracker.log_artifact(run_id, out / "predictions.csv")
                 summary.update(scores)
-                print(f"{task.name}: refit on all training images ({task.ensemble} seeds averaged), "
-                      f"test accuracy {scores['test_accuracy']:.4f}")
-            model_path = save_model(fits, config, datamodule.sample_shape, task.out_features, Path(tmp) / "model.pt")
+                print(f"{task.name}: refit on all training rows ({task.ensemble} seeds averaged)"
+                      + "".join(f", {k.replace('_', ' ')} {v:.4f}" for k, v in scores.items() if not isinstance(v, list)))
+            else:
+                fits = result.fits
+                write_predictions(task, fits, datamodule, submission)
+            tracker.log_artifact(run_id, submission)
+            summary["submission"] = str(submission)
+            model_path = save_model(fits, config, datamodule.sample_shape, datamodule.out_features, Path(tmp) / "model.pt")
             tracker.log_artifact(run_id, model_path, "model")
         summary["mlflow"] = {"tracking_uri": tracker.tracking_uri, "experiment_id": tracker.experiment_id,
                              "run_id": run_id}

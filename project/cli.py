@@ -7,10 +7,12 @@ import math
 import os
 from pathlib import Path
 
+from project import presets
 from project.models import MODELS
 from project.models.registry import model_arguments
 from project.paths import REPO_ROOT
-from project.tasks import TASKS
+from project.presets import PresetError
+from project.tasks import Task
 
 
 def _number(kind: type, check, expected: str):
@@ -48,11 +50,15 @@ def hidden_sizes(text: str) -> tuple[int, ...]:
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags train.py and sweep.py share."""
-    parser.add_argument("--task", choices=sorted(TASKS), default="house-prices", help="the task (default: %(default)s)")
+    parser.add_argument("--task", default="house-prices",
+                        help=f"a preset in experiments/configs/ ({', '.join(presets.available())}; default: %(default)s)")
+    parser.add_argument("--config", type=Path, default=None, help="a preset file of your own (instead of --task)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="change one preset value, e.g. --set data.target_transform=log1p (repeatable)")
     parser.add_argument("--model", choices=sorted(MODELS), default=None,
-                        help="the model, by its registered name (default: the task's, mlp)")
+                        help="the model, by its registered name, one the preset has settings for (default: the preset's)")
     parser.add_argument("--data-dir", type=Path, default=REPO_ROOT / "data", help="raw data folder (default: data/)")
-    parser.add_argument("--folds", type=folds_int, default=5, help="number of CV folds (default: %(default)s)")
+    parser.add_argument("--folds", type=folds_int, default=None, help="number of CV folds (default: the preset's)")
     parser.add_argument("--max-epochs", type=positive_int, default=None,
                         help="epochs per fit (default: the task's default, or searched by the sweep)")
     parser.add_argument("--batch-size", type=positive_int, default=None,
@@ -75,15 +81,33 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch CPU threads (default: all cores, divided among --n-jobs workers)")
 
 
-def run_name(args: argparse.Namespace, default_model: str) -> str:
-    """The task's name, with the model's where it is not the task's default: names the study and
+def load_task(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[Task, str]:
+    """The task of ``--task`` or ``--config`` with ``--set`` and ``--folds`` applied, and the model
+    of ``--model``; a bad preset, or one whose data files or columns are not there, exits 2."""
+    try:
+        path = args.config or presets.preset_path(args.task)
+        values = {"folds": args.folds} if args.folds is not None else {}
+        task = Task(presets.load(path, args.overrides, values))
+        presets.check_data(task.preset, args.data_dir)
+    except PresetError as err:
+        parser.error(f"argument {'--config' if args.config else '--task'}: {err}")
+    model = args.model or task.default_model
+    if model not in task.preset.models:
+        parser.error(f"argument --model: preset {task.name!r} ({task.preset.source}) has no settings for model "
+                     f"{model!r}; it has {', '.join(task.preset.models)} (add them under 'models')")
+    check_model_flags(args, model, parser)
+    return task, model
+
+
+def run_name(task: Task, model: str) -> str:
+    """The task's name, with the model's where it is not the preset's default: names the study and
     the output directory, so two models' sweeps of one task do not overwrite each other."""
-    return args.task if args.model in (None, default_model) else f"{args.task}-{args.model}"
+    return task.name if model == task.default_model else f"{task.name}-{model}"
 
 
-def output_dir(args: argparse.Namespace, parser: argparse.ArgumentParser, name: str | None = None) -> Path:
+def output_dir(args: argparse.Namespace, parser: argparse.ArgumentParser, name: str) -> Path:
     """The output directory, created and checked for write access before any work starts."""
-    path = args.output_dir or REPO_ROOT / "experiments" / "outputs" / (name or args.task)
+    path = args.output_dir or REPO_ROOT / "experiments" / "outputs" / name
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -98,15 +122,17 @@ MODEL_FLAGS = ("dropout", "hidden_sizes")  # arguments of the model itself
 
 
 def fixed_params(args: argparse.Namespace) -> dict:
-    """The configuration values given on the command line."""
-    return {name: getattr(args, name) for name in CONFIG_FLAGS if getattr(args, name) is not None}
+    """The configuration values given on the command line, by search key (``lr``, ``model.dropout``):
+    a sweep uses them as they are instead of searching them."""
+    return {(f"model.{name}" if name in MODEL_FLAGS else name): getattr(args, name) for name in CONFIG_FLAGS
+            if getattr(args, name) is not None}
 
 
 def config_overrides(args: argparse.Namespace) -> dict:
     """The command line's values as TrainConfig fields, the model's own under ``model_kwargs``."""
     given = fixed_params(args)
-    overrides = {k: v for k, v in given.items() if k not in MODEL_FLAGS}
-    overrides["model_kwargs"] = {k: v for k, v in given.items() if k in MODEL_FLAGS}
+    overrides = {k: v for k, v in given.items() if not k.startswith("model.")}
+    overrides["model_kwargs"] = {k.removeprefix("model."): v for k, v in given.items() if k.startswith("model.")}
     return overrides
 
 

@@ -104,7 +104,7 @@ def build_module(task: Task, config: TrainConfig, datamodule: FoldDataModule, me
     """The FoldModule of ``members``: a stack of their plain models and the task's head. It steps
     through chunks of mini-batches (``chunked_steps``), which saves Lightning's per-step cost, in
     32-bit precision; other precisions take one mini-batch per Lightning step."""
-    models = [init_model(config, datamodule.sample_shape, task.out_features, derive_seed(seed, "init", i))
+    models = [init_model(config, datamodule.sample_shape, datamodule.out_features, derive_seed(seed, "init", i))
               for i in members.seed_ids]
     net = build_stack(models, config.model, hand_stacked)
     head = task.head(config, [datamodule.targets[rows] for rows in members.train_rows])
@@ -138,7 +138,7 @@ def fold_layout(task: Task, config: TrainConfig, datamodule: FoldDataModule, mem
                 accelerator: str = "auto") -> Layout:
     """Whether ``members`` folds of ``config`` train faster stacked or one after another (measured once)."""
     def make(count: int) -> list[nn.Module]:
-        return [init_model(config, datamodule.sample_shape, task.out_features, derive_seed(seed, "init", i))
+        return [init_model(config, datamodule.sample_shape, datamodule.out_features, derive_seed(seed, "init", i))
                 for i in range(count)]
 
     use_cuda = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
@@ -169,8 +169,7 @@ def cross_validate(
         raise ValueError(f"stacking {stacking!r} is unknown: expected one of {', '.join(STACKING)}")
     start = time.perf_counter()
     if datamodule is None:
-        datamodule = task.datamodule(data_dir=data_dir, n_folds=n_folds, fold=list(range(n_folds)), seed=seed,
-                                     **task.datamodule_kwargs)
+        datamodule = task.datamodule(data_dir=data_dir, n_folds=n_folds, fold=list(range(n_folds)), seed=seed)
         datamodule.prepare_data()
         datamodule.setup()
     members = datamodule.members

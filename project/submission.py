@@ -1,59 +1,108 @@
-"""Write and validate a Kaggle House Prices submission (and the image tasks' prediction files)."""
+"""The deliverable: one row per test row, in file order, in the task's own format, checked before
+it is written (and read back and checked again)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from torch import Tensor
 
-from project.cv import CVResult, predict_members
-from project.data import FoldDataModule
-
-EXPECTED_IDS = np.arange(1461, 2920)  # the 1459 rows of the competition's test.csv
+from project.cv import Fit, predict_members
+from project.data import TARGET_TRANSFORMS, FoldDataModule
+from project.tasks import Task
 
 
 class SubmissionError(ValueError):
     pass
 
 
-def check_submission(frame: pd.DataFrame, source: str = "submission") -> None:
-    """Raise SubmissionError unless ``frame`` is exactly what Kaggle accepts for House Prices."""
-    if list(frame.columns) != ["Id", "SalePrice"]:
-        raise SubmissionError(f"{source}: header is {list(frame.columns)}, expected ['Id', 'SalePrice']")
-    if len(frame) != len(EXPECTED_IDS):
-        raise SubmissionError(f"{source}: {len(frame)} rows, expected {len(EXPECTED_IDS)}")
-    ids = frame["Id"].to_numpy()
-    if not np.array_equal(ids, EXPECTED_IDS):
-        raise SubmissionError(f"{source}: column 'Id' must be 1461..2919 ascending")
-    prices = pd.to_numeric(frame["SalePrice"], errors="coerce").to_numpy(dtype=np.float64)
-    bad = ~np.isfinite(prices) | (prices <= 0)
+@dataclass(frozen=True)
+class SubmissionFormat:
+    """What a valid file holds: the id column with ``ids`` in order, then the prediction columns."""
+
+    id_column: str
+    columns: tuple[str, ...]
+    ids: np.ndarray
+    id_range: tuple[int, int] | None = None  # a competition's ids, first..last ascending
+    numeric: bool = True  # the columns hold numbers (regression targets, probabilities), not labels
+    positive: bool = False  # predictions must be positive (prices through a log transform)
+    probabilities: bool = False  # the columns are class probabilities summing to one
+
+    @classmethod
+    def of(cls, task: Task, datamodule: FoldDataModule) -> SubmissionFormat:
+        sub, data = task.preset.submission, task.preset.data
+        id_column = sub.id or data.id or "id"
+        target = sub.target or data.target or "label"
+        columns = tuple(str(c) for c in datamodule.classes) if sub.probabilities else (target,)
+        return cls(id_column, columns, np.asarray(datamodule.test_ids), tuple(sub.id_range) if sub.id_range else None,
+                   numeric=task.kind == "regression" or sub.probabilities,
+                   positive=task.kind == "regression" and data.target_transform == "log",
+                   probabilities=sub.probabilities)
+
+
+def check_submission(frame: pd.DataFrame, fmt: SubmissionFormat, source: str = "submission") -> None:
+    """Raise SubmissionError unless ``frame`` is exactly what ``fmt`` says."""
+    header = [fmt.id_column, *fmt.columns]
+    if list(frame.columns) != header:
+        raise SubmissionError(f"{source}: header is {list(frame.columns)}, expected {header}")
+    if len(frame) != len(fmt.ids):
+        raise SubmissionError(f"{source}: {len(frame)} rows, expected {len(fmt.ids)} (one per test row)")
+    ids = frame[fmt.id_column].astype(str).to_numpy()
+    if fmt.id_range is not None and not np.array_equal(ids, np.arange(fmt.id_range[0], fmt.id_range[1] + 1).astype(str)):
+        raise SubmissionError(f"{source}: column {fmt.id_column!r} must be {fmt.id_range[0]}..{fmt.id_range[1]} ascending")
+    if not np.array_equal(ids, fmt.ids.astype(str)):
+        raise SubmissionError(f"{source}: column {fmt.id_column!r} differs from the test file's ids in file order")
+    if not fmt.numeric:
+        return
+    values = frame[list(fmt.columns)].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(values).all(axis=1)
+    if fmt.positive:
+        bad |= (values <= 0).any(axis=1)
+    if fmt.probabilities:
+        bad |= (values < 0).any(axis=1) | (np.abs(values.sum(axis=1) - 1) > 1e-4)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
-        raise SubmissionError(f"{source}: column 'SalePrice' row {row + 2} is {frame['SalePrice'].iloc[row]!r}, "
-                              "expected a finite positive price")
+        expected = "probabilities summing to one" if fmt.probabilities else (
+            "a finite positive number" if fmt.positive else "a finite number")
+        raise SubmissionError(f"{source}: line {row + 2} is {values[row].tolist()}, expected {expected}")
 
 
-def write_submission(ids: np.ndarray, prices: np.ndarray, path: Path) -> Path:
-    """Validate, then write ``Id,SalePrice``; nothing is written when validation fails."""
-    frame = pd.DataFrame({"Id": np.asarray(ids).astype(np.int64), "SalePrice": np.asarray(prices, dtype=np.float64)})
-    check_submission(frame, str(path))
+def write_submission(frame: pd.DataFrame, fmt: SubmissionFormat, path: Path) -> Path:
+    """Validate, then write; nothing is written when validation fails."""
+    check_submission(frame, fmt, str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(path, index=False)
-    check_submission(pd.read_csv(path), str(path))
+    check_submission(pd.read_csv(path, dtype={fmt.id_column: str}), fmt, str(path))
     return path
 
 
-def write_labels(labels: np.ndarray, path: Path) -> Path:
-    """Image tasks: one ``id,label`` row per official test image, in file order."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame({"id": np.arange(len(labels)), "label": np.asarray(labels, dtype=np.int64)}).to_csv(path, index=False)
-    return path
+def prediction_frame(task: Task, datamodule: FoldDataModule, outputs: Tensor) -> pd.DataFrame:
+    """The submission's rows from the members' averaged outputs on the test set: a regression
+    target on its original scale, or labels (class probabilities where the preset asks)."""
+    fmt = SubmissionFormat.of(task, datamodule)
+    columns = {fmt.id_column: fmt.ids}
+    if task.kind == "regression":
+        inverse = TARGET_TRANSFORMS[task.preset.data.target_transform].inverse
+        columns[fmt.columns[0]] = inverse(outputs.double()).numpy()
+    elif fmt.probabilities:
+        columns.update(zip(fmt.columns, outputs.double().numpy().T))
+    else:
+        columns[fmt.columns[0]] = datamodule.labels(outputs.argmax(dim=-1).numpy())
+    return pd.DataFrame(columns)
 
 
-def fold_average_submission(result: CVResult, datamodule: FoldDataModule, path: Path) -> Path:
-    """Average the K fold models' log-price predictions on test.csv: the submission is made of
-    exactly the models that cross-validation scored, at no extra training cost."""
-    log_prices = torch.cat([predict_members(f.module, datamodule, f.members) for f in result.fits]).mean(dim=0)
-    return write_submission(datamodule.test_ids, np.exp(log_prices.double().numpy()), path)
+def averaged_outputs(task: Task, fits: list[Fit], datamodule: FoldDataModule) -> Tensor:
+    """The fits' members averaged on the test set: regression outputs on the learnt scale, or class
+    probabilities."""
+    outputs = torch.cat([predict_members(f.module, datamodule, f.members) for f in fits])
+    return outputs.mean(dim=0) if task.kind == "regression" else outputs.softmax(dim=-1).mean(dim=0)
+
+
+def write_predictions(task: Task, fits: list[Fit], datamodule: FoldDataModule, path: Path) -> Path:
+    """The submission from the members of ``fits`` (the K fold models, or a refit's seeds)."""
+    frame = prediction_frame(task, datamodule, averaged_outputs(task, fits, datamodule))
+    return write_submission(frame, SubmissionFormat.of(task, datamodule), path)

@@ -1,16 +1,28 @@
-"""The tasks the template ships, and one training configuration."""
+"""A task is a preset made usable (its DataModule, the head of its kind, a training configuration
+per model), and one training configuration."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from project.data import FashionMNISTDataModule, FoldDataModule, HousePricesDataModule, MNISTDataModule, PreprocessOptions
+from project import presets
+from project.data import (
+    TARGET_TRANSFORMS,
+    FoldDataModule,
+    IdxDataModule,
+    ImageFolderDataModule,
+    TableDataModule,
+    TabularSpec,
+)
 from project.engine.optim import OPTIMIZERS, SCHEDULERS
 from project.models import ClassificationHead, RegressionHead
 from project.models.registry import check_model_kwargs, model_class
+from project.presets import Preset
 
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 
@@ -65,29 +77,74 @@ class TrainConfig:
         return {**values, **{f"model.{k}": v for k, v in kwargs.items()}}
 
 
-@dataclass(frozen=True)
 class Task:
-    name: str
-    datamodule: type[FoldDataModule]
-    kind: str  # "regression" or "classification"
-    metric: str  # the validation metric the sweep optimises
-    direction: str  # "minimize" or "maximize"
-    out_features: int
-    datamodule_kwargs: dict = field(default_factory=dict)
-    # per model: the TrainConfig fields of a single run (train.py); the first is the task's default model
-    defaults: dict[str, dict] = field(default_factory=dict)
-    ensemble: int = 1  # members, differing only in their seeds, whose average the final refit scores
+    """What ``experiments/configs/<name>.yaml`` (or any preset file) describes."""
+
+    def __init__(self, preset: Preset) -> None:
+        self.preset = preset
+
+    @property
+    def name(self) -> str:
+        return self.preset.name
+
+    @property
+    def kind(self) -> str:
+        """"regression" or "classification"."""
+        return self.preset.kind
+
+    @property
+    def metric(self) -> str:
+        """The validation metric the sweep optimises."""
+        return self.preset.metric
+
+    @property
+    def direction(self) -> str:
+        """"minimize" or "maximize"."""
+        return self.preset.direction
+
+    @property
+    def folds(self) -> int:
+        return self.preset.folds
 
     @property
     def default_model(self) -> str:
-        return next(iter(self.defaults), "mlp")
+        return self.preset.model
+
+    @property
+    def refits(self) -> bool:
+        """Whether the test rows are predicted by a refit on every training row (the image tasks),
+        rather than by the fold models' average."""
+        return self.preset.final.refit
+
+    @property
+    def ensemble(self) -> int:
+        """The refit's members, which differ only in their seeds."""
+        return self.preset.final.ensemble
 
     def config(self, model: str | None = None, **overrides) -> TrainConfig:
-        """The task's configuration for ``model`` (default: the task's), with ``overrides``."""
+        """The preset's configuration for ``model`` (default: the preset's), with ``overrides``."""
         model = model or self.default_model
-        defaults = self.defaults.get(model, {})
-        kwargs = {**defaults.get("model_kwargs", {}), **overrides.pop("model_kwargs", {})}
-        return TrainConfig(**{**defaults, **overrides, "model": model, "model_kwargs": kwargs})
+        settings = self.preset.model_preset(model)
+        kwargs = {**settings.args, **overrides.pop("model_kwargs", {})}
+        return TrainConfig(**{**settings.train, **overrides, "model": model, "model_kwargs": kwargs})
+
+    def datamodule(self, data_dir: str | Path, n_folds: int | None = None, fold=0, seed: int = 0,
+                   replicas: int = 1, batch_size: int = 64) -> FoldDataModule:
+        data = self.preset.data
+        common = dict(dataset=data.dataset, data_dir=data_dir, n_folds=n_folds or self.folds, fold=fold, seed=seed,
+                      replicas=replicas, batch_size=batch_size, stratified=self.preset.is_stratified)
+        if data.kind == "csv":
+            spec = TabularSpec(id_column=data.id, target=data.target,
+                               numeric=None if data.numeric is None else tuple(data.numeric),
+                               categorical=tuple(data.categorical), ordinal=dict(data.ordinal),
+                               derive=presets.derive_function(data.derive, self.preset.source))
+            return TableDataModule(spec, kind=self.kind, target_transform=data.target_transform,
+                                   options=data.preprocess, drop_train_rows=data.drop_train_rows,
+                                   train_file=data.train or "train.csv", test_file=data.test or "test.csv", **common)
+        if data.kind == "idx":
+            return IdxDataModule(**common)
+        return ImageFolderDataModule(train_dir=data.train or "train", test_dir=data.test or "test",
+                                     image_size=data.image_size, **common)
 
     def head(self, config: TrainConfig, member_targets: list[Tensor]) -> nn.Module:
         """The head of a stack whose members train on ``member_targets``: regression predicts
@@ -95,35 +152,13 @@ class Task:
         members = len(member_targets)
         if self.kind == "regression":
             offset = torch.stack([t.float().mean() for t in member_targets])
-            return RegressionHead(members, offset, loss=config.loss)
-        return ClassificationHead(members, label_smoothing=config.label_smoothing)
+            original = self.preset.metric_scale == "original"
+            inverse = TARGET_TRANSFORMS[self.preset.data.target_transform].inverse if original else None
+            return RegressionHead(members, offset, loss=config.loss, metric=self.metric, inverse=inverse)
+        return ClassificationHead(members, label_smoothing=config.label_smoothing, metric=self.metric)
 
 
-_IMAGE_DEFAULTS = {
-    "mlp": {"model_kwargs": {"hidden_sizes": (256, 256), "dropout": 0.2}, "batch_size": 256, "max_epochs": 20,
-            "lr": 1e-3},
-    "cnn": {"model_kwargs": {"channels": (32, 64), "hidden": 128, "dropout": 0.25}, "batch_size": 128,
-            "max_epochs": 12, "lr": 3e-3, "weight_decay": 1e-4, "scheduler": "onecycle", "label_smoothing": 0.1},
-}
-TASKS = {
-    # preprocessing chosen on 5-fold CV (see README): numeric columns clipped to their training
-    # 0.5-99.5% range, categories seen fewer than 10 times grouped, the two partial-sale outliers
-    # dropped from training parts
-    "house-prices": Task("house-prices", HousePricesDataModule, "regression", "rmse", "minimize", 1,
-                         {"drop_outliers": True,
-                          "options": PreprocessOptions(clip_quantile=0.005, min_frequency=10)},
-                         {"mlp": {"model_kwargs": {"hidden_sizes": (256,), "dropout": 0.1}, "batch_size": 64,
-                                  "max_epochs": 100, "lr": 1e-3, "weight_decay": 1e-2}}),
-    # the final refit averages 3 seeds (README)
-    "fashion-mnist": Task("fashion-mnist", FashionMNISTDataModule, "classification", "acc", "maximize", 10,
-                          defaults=_IMAGE_DEFAULTS, ensemble=3),
-    "mnist": Task("mnist", MNISTDataModule, "classification", "acc", "maximize", 10, defaults=_IMAGE_DEFAULTS,
-                  ensemble=3),
-}
-
-
+@functools.cache
 def get_task(name: str) -> Task:
-    if name not in TASKS:
-        raise ValueError(f"task {name!r} is unknown: expected one of {', '.join(TASKS)}")
-    return TASKS[name]
-
+    """The task of ``experiments/configs/<name>.yaml``."""
+    return Task(presets.load(presets.preset_path(name)))

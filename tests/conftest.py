@@ -87,3 +87,30 @@ def house_task_dm(data_dir: Path, folds: int = 3, **kwargs):
     dm = task.datamodule(data_dir=data_dir, n_folds=folds, fold=list(range(folds)), **kwargs)
     dm.setup()
     return task, dm
+
+
+def write_sklearn_csvs(folder: Path, name: str, seed: int = 0) -> pd.Series:
+    """A real data set that ships inside scikit-learn as train.csv and test.csv, with an ``id``
+    column; returns the held-out test targets. ``iris``: string labels (``species``); ``concavity``:
+    breast cancer's "worst concavity" from 20 other measurements, a regression target that is zero
+    in 13 rows."""
+    from sklearn.datasets import load_breast_cancer, load_iris
+    from sklearn.model_selection import train_test_split
+
+    if name == "iris":
+        data = load_iris(as_frame=True)
+        frame = data.frame.rename(columns=lambda c: c.replace(" (cm)", "").replace(" ", "_"))
+        frame["species"] = data.target_names[frame.pop("target")]
+        target = "species"
+    else:
+        frame = load_breast_cancer(as_frame=True).frame.drop(columns="target")
+        frame = frame[[c for c in frame.columns if "concav" not in c] + ["worst concavity"]]
+        frame.columns = [c.replace(" ", "_") for c in frame.columns]
+        target = "worst_concavity"
+    frame.insert(0, "id", np.arange(1000, 1000 + len(frame)))
+    stratify = frame[target] if name == "iris" else None
+    train, test = train_test_split(frame, test_size=0.25, random_state=seed, stratify=stratify)
+    folder.mkdir(parents=True, exist_ok=True)
+    train.to_csv(folder / "train.csv", index=False)
+    test.drop(columns=target).to_csv(folder / "test.csv", index=False)
+    return test.set_index("id")[target]

@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 from torch import nn
 
 from project.cv import TrainingDiverged, build_module, cross_validate
-from project.data import FashionMNISTDataModule
 from project.models import register_model
 from project.refit import refit_and_test, refit_metrics
-from project.tasks import TrainConfig, get_task
+from project import presets
+from project.tasks import Task, TrainConfig, get_task
 from tests.conftest import house_task_dm, write_idx_set
 
 SMALL_MLP = {"hidden_sizes": (8,)}
-
-
-class TinyImages(FashionMNISTDataModule):
-    dataset = "tiny-images"  # no pinned checksums: read as it is
 
 
 @register_model("test-tiny-convnet")
@@ -90,7 +84,7 @@ def test_refit_ensemble_scores_averaged_probabilities(tmp_path):
     """The final refit trains the task's ensemble of seeds and scores their average once."""
     assert get_task("fashion-mnist").ensemble == 3
     write_idx_set(tmp_path / "tiny-images")
-    task = dataclasses.replace(get_task("fashion-mnist"), datamodule=TinyImages)
+    task = Task(presets.load(presets.preset_path("fashion-mnist"), ["data.dataset=tiny-images"]))  # no pinned checksums
     config = TrainConfig(model_kwargs={"hidden_sizes": (16,)}, max_epochs=2, batch_size=32)
     fits, scores = refit_and_test(task, config, tmp_path, seed=0, predictions_path=tmp_path / "p.csv")
     (only,) = fits  # the MLP's members train stacked
@@ -99,7 +93,7 @@ def test_refit_ensemble_scores_averaged_probabilities(tmp_path):
     assert len(scores["test_accuracy_members"]) == 3 and 0 <= scores["test_accuracy"] <= 1
     assert list(refit_metrics(scores)) == ["test_accuracy", "test_accuracy_seed0", "test_accuracy_seed1",
                                           "test_accuracy_seed2"]
-    dm = task.datamodule(data_dir=tmp_path, fold=None, replicas=3)
+    dm = task.datamodule(tmp_path, fold=None, replicas=3)
     dm.setup()
     module = only.module.eval()
     with torch.no_grad():
@@ -145,30 +139,3 @@ def test_single_member_scores_stay_lists(house_dir):
     assert all(isinstance(r["val_rmse"], float) for h in result.history for r in h)
     # the module's own record keeps one value per member, as the pruning callback reads it
     assert [len(r["val_rmse"]) for r in result.fits[0].module.history] == [1, 1]
-
-
-def test_own_csv_task_as_the_readme_shows(tmp_path):
-    """The README's recipe for a CSV task of one's own: subclass, register, cross-validate."""
-    from project.data import HousePricesDataModule, TabularSpec
-    from project.tasks import TASKS, Task
-
-    from .conftest import make_house_frames
-
-    train, test = make_house_frames()
-    folder = tmp_path / "my-task"
-    folder.mkdir()
-    train.rename(columns={"Id": "id", "SalePrice": "price"}).to_csv(folder / "train.csv", index=False)
-    test.rename(columns={"Id": "id"}).to_csv(folder / "test.csv", index=False)
-
-    class MyData(HousePricesDataModule):
-        dataset = "my-task"
-
-    TASKS["my-task"] = Task("my-task", MyData, "regression", "rmse", "minimize", 1,
-                            {"spec": TabularSpec(id_column="id", target="price")})
-    try:
-        task = get_task("my-task")
-        result = cross_validate(task, TrainConfig(model_kwargs=SMALL_MLP, max_epochs=2, batch_size=16),
-                                data_dir=str(tmp_path), n_folds=3)
-        assert len(result.fold_scores) == 3 and all(s > 0 for s in result.fold_scores)
-    finally:
-        del TASKS["my-task"]

@@ -11,11 +11,10 @@ import pandas as pd
 import pytest
 import torch
 
-from project.data import DataError, FashionMNISTDataModule, HousePricesDataModule, MNISTDataModule, PreprocessOptions
+from project.data import DataError, PreprocessOptions, TableDataModule
 from project.data import sources
 from project.data.batches import MemberFeatures, StackedBatches, random_translate
 from project.data.idx import mnist_pickle_to_idx, read_idx
-from project.data.house_prices import HOUSE_PRICES
 from project.data.tabular import FoldPreprocessor, QuantileClipper
 from project.tasks import get_task
 
@@ -30,8 +29,8 @@ def write_house(tmp_path, train: pd.DataFrame, test: pd.DataFrame):
     return tmp_path
 
 
-def setup_house(data_dir, **kwargs) -> HousePricesDataModule:
-    dm = HousePricesDataModule(data_dir=data_dir, **kwargs)
+def setup_house(data_dir, **kwargs) -> TableDataModule:
+    dm = get_task("house-prices").datamodule(data_dir, **kwargs)
     dm.setup()
     return dm
 
@@ -71,7 +70,7 @@ def test_refit_replicas_share_rows_but_not_seeds(house_dir):
     assert all(torch.equal(rows, dm.members.train_rows[0]) for rows in dm.members.train_rows)
     assert dm.members.seed_ids == [5, 6, 7]  # replica 0 seeds as the single refit always did
     with pytest.raises(ValueError, match="replicas=2 is invalid"):
-        HousePricesDataModule(data_dir=house_dir, fold=0, replicas=2)
+        get_task("house-prices").datamodule(house_dir, fold=0, replicas=2)
 
 
 def test_preprocessing_is_fitted_on_training_rows_only(house_dir):
@@ -84,9 +83,9 @@ def test_preprocessing_is_fitted_on_training_rows_only(house_dir):
     changed.loc[val, "LotFrontage"] = np.nan
     changed.loc[val, "Neighborhood"] = "NeverSeenInTraining"
     tr = dm.members.train_rows[0].numpy()
-    for options in (PreprocessOptions(), get_task("house-prices").datamodule_kwargs["options"]):
-        before = FoldPreprocessor(HOUSE_PRICES, options).fit(train.iloc[tr])
-        after = FoldPreprocessor(HOUSE_PRICES, options).fit(changed.iloc[tr])
+    for options in (PreprocessOptions(), get_task("house-prices").preset.data.preprocess):
+        before = FoldPreprocessor(dm.spec, options).fit(train.iloc[tr])
+        after = FoldPreprocessor(dm.spec, options).fit(changed.iloc[tr])
         np.testing.assert_array_equal(before.transform(train.iloc[tr]), after.transform(changed.iloc[tr]))
     # and the DataModule built on the changed file gives the same training features
     write_house(house_dir, changed, pd.read_csv(house_dir / "house-prices/test.csv"))
@@ -169,7 +168,7 @@ def test_corrupt_csv(house_dir):
 
 
 def test_idx_datamodule_splits_are_stratified(idx_dir):
-    dm = FashionMNISTDataModule(data_dir=idx_dir, n_folds=5, fold=0, batch_size=32)
+    dm = get_task("fashion-mnist").datamodule(idx_dir, n_folds=5, fold=0, batch_size=32)
     dm.setup()
     assert (len(dm.members.train_rows[0]), len(dm.members.val_rows[0]), dm.test_size) == (160, 40, 50)
     assert torch.bincount(dm.targets[dm.members.val_rows[0]], minlength=10).tolist() == [4] * 10
@@ -190,7 +189,7 @@ def test_bad_idx_files(idx_dir, damage, message):
     raw = gzip.decompress(path.read_bytes())
     path.write_bytes(gzip.compress(damage(raw)))
     with pytest.raises(DataError, match=rf"train-images-idx3-ubyte\.gz: {message}"):
-        FashionMNISTDataModule(data_dir=idx_dir).setup()
+        get_task("fashion-mnist").datamodule(idx_dir).setup()
 
 
 def test_truncated_gzip_idx(idx_dir):
@@ -282,21 +281,25 @@ def test_member_batches_are_the_same_alone_or_stacked():
 
 @pytest.mark.slow
 def test_real_house_prices_fold_sizes(real_data):
+    """Fold 0 trains on 1168 rows less the partial sale among them, and is scored on all its 292."""
     dm = setup_house(real_data, n_folds=5, fold=0)
-    assert (len(dm.members.train_rows[0]), len(dm.members.val_rows[0]), dm.test_size) == (1168, 292, 1459)
+    assert (len(dm.members.train_rows[0]), len(dm.members.val_rows[0]), dm.test_size) == (1167, 292, 1459)
+    ids = dm.train_frame["Id"].to_numpy()
+    left_out = set(range(1460)) - set(dm.members.train_rows[0].tolist()) - set(dm.members.val_rows[0].tolist())
+    assert {int(ids[r]) for r in left_out} <= {1299, 524} and len(left_out) == 1
     assert dm.test_ids.tolist() == list(range(1461, 2920))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cls", [FashionMNISTDataModule, MNISTDataModule])
-def test_real_image_fold_sizes(real_data, cls):
-    if not (real_data / cls.dataset / "train-images-idx3-ubyte.gz").is_file():
-        pytest.skip(f"{cls.dataset} not fetched")
-    dm = cls(data_dir=real_data, n_folds=5, fold=0)
+@pytest.mark.parametrize("name", ["fashion-mnist", "mnist"])
+def test_real_image_fold_sizes(real_data, name):
+    if not (real_data / name / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"{name} not fetched")
+    dm = get_task(name).datamodule(real_data, n_folds=5, fold=0)
     dm.prepare_data()
     dm.setup()
     assert (len(dm.members.train_rows[0]), len(dm.members.val_rows[0]), dm.test_size) == (48000, 12000, 10000)
-    assert torch.bincount(dm.test_targets).tolist() == ([1000] * 10 if cls is FashionMNISTDataModule
+    assert torch.bincount(dm.test_targets).tolist() == ([1000] * 10 if name == "fashion-mnist"
                                                         else [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009])
 
 

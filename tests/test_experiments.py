@@ -10,12 +10,13 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from project.submission import check_submission
+from project.submission import SubmissionFormat, check_submission
 from project.tuning.study import Objective, SweepSettings
 from project.tuning.tracking import Tracker
 
@@ -25,6 +26,14 @@ import sweep  # noqa: E402
 import train  # noqa: E402
 
 TINY = ["--folds", "2", "--max-epochs", "2", "--batch-size", "64"]
+# what Kaggle accepts for House Prices: Id 1461..2919 ascending, a positive SalePrice each
+KAGGLE = SubmissionFormat("Id", ("SalePrice",), np.arange(1461, 2920), (1461, 2919), positive=True)
+
+
+def two_fold_preset() -> dict:
+    from project import presets
+
+    return presets.load(presets.preset_path("house-prices"), ["folds=2"]).resolved()
 
 
 def common(tmp_path: Path) -> list[str]:
@@ -44,7 +53,7 @@ def test_train_logs_run_and_is_deterministic(real_data, tmp_path):
     assert run.info.status == "FINISHED"
     assert run.data.metrics["cv_mean"] == pytest.approx(first["cv_mean"])
     assert [m.step for m in client.get_metric_history(run.info.run_id, "fold0/val_rmse")] == [0, 1]
-    check_submission(pd.read_csv(first["submission"]))
+    check_submission(pd.read_csv(first["submission"]), KAGGLE)
 
 
 @pytest.mark.slow
@@ -54,7 +63,7 @@ def test_sweep_hierarchy_resume_and_submission(real_data, tmp_path):
     summary = json.loads((tmp_path / "out/summary.json").read_text())
     assert summary["n_trials"] == 2 and summary["study"]["name"] == "house-prices"
     frame = pd.read_csv(summary["submission"])
-    check_submission(frame)
+    check_submission(frame, KAGGLE)
     assert len(frame) == 1459
 
     # the same command again resumes the study
@@ -83,10 +92,10 @@ class AlwaysPrune(optuna.pruners.BasePruner):
 def test_pruned_trial_is_pruned_in_optuna_and_not_failed_in_mlflow(real_data, tmp_path):
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "prune-test")
     parent = tracker.start_run("study")
-    settings = SweepSettings(task="house-prices", data_dir=str(real_data), folds=2, seed=0,
+    settings = SweepSettings(preset=two_fold_preset(), data_dir=str(real_data), seed=0,
                              storage=f"sqlite:///{tmp_path / 'optuna.db'}", study_name="p",
                              tracking_uri=tracker.tracking_uri, experiment_name="prune-test",
-                             fixed={"max_epochs": 3, "hidden_sizes": (8,)}, parent_run_id=parent)
+                             fixed={"max_epochs": 3, "model.hidden_sizes": (8,)}, parent_run_id=parent)
     study = optuna.create_study(storage=settings.storage, study_name="p", pruner=AlwaysPrune())
     study.optimize(Objective(settings, tracker), n_trials=1)
     trial = study.trials[0]
@@ -173,10 +182,10 @@ def test_diverged_trial_is_failed_with_its_reason_and_the_sweep_goes_on(real_dat
 
     monkeypatch.setattr(study_module, "cross_validate", diverge_first)
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "nan-test")
-    settings = SweepSettings(task="house-prices", data_dir=str(real_data), folds=2, seed=0,
+    settings = SweepSettings(preset=two_fold_preset(), data_dir=str(real_data), seed=0,
                              storage=f"sqlite:///{tmp_path / 'optuna.db'}", study_name="n",
                              tracking_uri=tracker.tracking_uri, experiment_name="nan-test",
-                             fixed={"max_epochs": 2, "hidden_sizes": (8,)})
+                             fixed={"max_epochs": 2, "model.hidden_sizes": (8,)})
     study = optuna.create_study(storage=settings.storage, study_name="n")
     study.optimize(Objective(settings, tracker), n_trials=2, catch=(TrainingDiverged,))
     first, second = study.trials
@@ -206,16 +215,16 @@ def test_kaggle_credentials_never_reach_mlflow(real_data, tmp_path, monkeypatch)
 
 def test_start_point_drops_what_flags_fix():
     from project.tasks import get_task
-    from project.tuning.space import START_POINTS, config_from_params, start_point
+    from project.tuning.space import config_from_params, start_point
 
     task = get_task("fashion-mnist")
-    assert start_point(task, "mlp", {}) == START_POINTS["classification", "mlp"]
-    point = start_point(task, "mlp", {"hidden_sizes": (64,), "lr": 0.01})
+    assert start_point(task, "mlp", {}) == task.preset.models["mlp"].start
+    point = start_point(task, "mlp", {"model.hidden_sizes": (64,), "lr": 0.01})
     assert not {"depth", "width", "dropout", "lr"} & set(point)
     config = config_from_params(task, "mlp", start_point(task, "mlp", {}), {})
     assert config.model_kwargs["hidden_sizes"] == (1024, 1024) and config.model_kwargs["dropout"] == 0.3
     cnn = config_from_params(task, "cnn", start_point(task, "cnn", {}), {})
-    assert cnn.model == "cnn" and cnn.model_kwargs["channels"] == (32, 64)
+    assert cnn.model == "cnn" and cnn.model_kwargs["channels"] == (16, 32)
 
 
 def test_logged_cv_reads_back_as_it_was_logged(tmp_path):

@@ -79,7 +79,7 @@ def test_task_config_is_per_model():
     assert task.default_model == "mlp" and task.config().model_kwargs["hidden_sizes"] == (256, 256)
     cnn = task.config("cnn", lr=0.01, model_kwargs={"dropout": 0.4})
     assert cnn.model == "cnn" and cnn.lr == 0.01 and cnn.model_kwargs["dropout"] == 0.4
-    assert cnn.model_kwargs["channels"] == (32, 64)  # the CNN's default, kept beside the override
+    assert cnn.model_kwargs["channels"] == (16, 32)  # the CNN's default, kept beside the override
     assert TrainConfig(model_kwargs={"hidden_sizes": [4, 2]}).flat()["model.hidden_sizes"] == (4, 2)
 
 
@@ -117,7 +117,7 @@ def test_saved_model_reloads_by_name_with_weights_only(house_dir, tmp_path):
     task, dm = house_task_dm(house_dir)
     config = TrainConfig(model_kwargs={"hidden_sizes": (8,), "linear_skip": True}, max_epochs=2, batch_size=16)
     result = cross_validate(task, config, datamodule=dm)
-    path = save_model(result.fits, config, dm.sample_shape, task.out_features, tmp_path / "model.pt")
+    path = save_model(result.fits, config, dm.sample_shape, dm.out_features, tmp_path / "model.pt")
     members, loaded_config, saved = load_model(path)
     assert loaded_config == config and saved["folds"] == [0, 1, 2] and all(isinstance(m, MLP) for m in members)
     module = result.fits[0].module.eval()

@@ -1,18 +1,21 @@
 """Data sources, DataModules and per-fold preprocessing."""
 
-from project.data.base import FoldDataModule, kfold_indices
-from project.data.house_prices import HousePricesDataModule
-from project.data.images import FashionMNISTDataModule, MNISTDataModule
+from project.data.base import FoldDataModule, Members, kfold_indices
+from project.data.images import IdxDataModule, ImageDataModule, ImageFolderDataModule
 from project.data.sources import DataError, fetch_dataset
+from project.data.tables import TARGET_TRANSFORMS, TableDataModule
 from project.data.tabular import PreprocessOptions, TabularSpec
 
 __all__ = [
+    "TARGET_TRANSFORMS",
     "DataError",
-    "FashionMNISTDataModule",
     "FoldDataModule",
-    "HousePricesDataModule",
-    "MNISTDataModule",
+    "IdxDataModule",
+    "ImageDataModule",
+    "ImageFolderDataModule",
+    "Members",
     "PreprocessOptions",
+    "TableDataModule",
     "TabularSpec",
     "fetch_dataset",
     "kfold_indices",

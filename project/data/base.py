@@ -68,11 +68,11 @@ class FoldDataModule(L.LightningDataModule):
     says what each member trains on; the loaders serve them all, or the ``Members`` given.
     """
 
-    dataset: str = ""
     stratified: bool = False
 
     def __init__(
         self,
+        dataset: str,
         data_dir: str | Path = "data",
         n_folds: int = 5,
         fold: int | Sequence[int] | None = 0,
@@ -80,8 +80,12 @@ class FoldDataModule(L.LightningDataModule):
         batch_size: int = 64,
         eval_batch_size: int = 4096,
         replicas: int = 1,
+        stratified: bool | None = None,
     ) -> None:
         super().__init__()
+        self.dataset = dataset  # the folder under data_dir
+        if stratified is not None:
+            self.stratified = stratified
         if replicas < 1 or (replicas > 1 and fold is not None):
             raise ValueError(f"replicas={replicas} is invalid: expected 1, or more with fold=None (the final refit)")
         if fold is not None and n_folds < 2:
@@ -136,7 +140,13 @@ class FoldDataModule(L.LightningDataModule):
         raise NotImplementedError
 
     targets: Tensor
-    test_targets: Tensor | None = None
+    test_targets: Tensor | None = None  # where the test split has labels (images)
+    test_ids: np.ndarray  # one id per test row, in file order
+
+    @property
+    def out_features(self) -> int:
+        """Outputs a model needs: 1 for regression, the number of classes for classification."""
+        raise NotImplementedError
 
     @property
     def sample_shape(self) -> tuple[int, ...]:

@@ -59,21 +59,13 @@ def read_csv(path: Path, spec: TabularSpec, with_target: bool) -> pd.DataFrame:
     if numeric is None:
         numeric = tuple(df.select_dtypes("number").columns)
     for column in numeric:
-        if column in df.columns:
-            df[column] = _as_numbers(df[column], path, column)
-    if with_target:
-        target = df[spec.target]
-        bad = target.isna() | ~(target > 0)
-        if bad.any():
-            row = int(np.flatnonzero(bad.to_numpy())[0])
-            raise DataError(
-                f"{path}: column {spec.target!r} row {row + 2}: {df[spec.target].iloc[row]!r}, "
-                "expected a positive number in every row"
-            )
+        if column in df.columns and column not in (spec.target, spec.id_column):  # ids keep their type
+            df[column] = as_numbers(df[column], path, column)
     return df
 
 
-def _as_numbers(column: pd.Series, path: Path, name: str) -> pd.Series:
+def as_numbers(column: pd.Series, path: Path, name: str) -> pd.Series:
+    """The column as float64; text or an infinite value is an error naming the file, column and line."""
     values = pd.to_numeric(column, errors="coerce") if not pd.api.types.is_numeric_dtype(column) else column
     text = values.isna() & column.notna()
     if text.any():
@@ -100,7 +92,7 @@ def check_same_columns(train: pd.DataFrame, test: pd.DataFrame, spec: TabularSpe
         )
 
 
-@dataclass(frozen=True)
+@dataclass
 class PreprocessOptions:
     """Knobs of the per-fold preprocessing (every statistic is fitted on the training rows)."""
 

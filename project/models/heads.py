@@ -7,11 +7,14 @@ member, the mean over that member's own rows, so each member's gradient is its o
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchmetrics import Metric
 
-from project.models.metrics import StackedAccuracy, StackedRMSE
+from project.models.metrics import StackedAccuracy, StackedAUROC, StackedLogLoss, StackedMAE, StackedRMSE
 
 
 def member_mean(per_row: Tensor, weight: Tensor) -> Tensor:
@@ -21,16 +24,20 @@ def member_mean(per_row: Tensor, weight: Tensor) -> Tensor:
 
 class RegressionHead(nn.Module):
     """One output per row, predicted relative to each member's training mean (``offset``), so
-    training starts at the mean target instead of walking there; MSE or Huber loss, RMSE metric."""
+    training starts at the mean target instead of walking there; MSE or Huber loss; RMSE or MAE,
+    on the learnt scale or, with ``inverse``, on the original scale of a transformed target."""
 
-    metric_name = "rmse"
-    higher_is_better = False
+    METRICS = {"rmse": StackedRMSE, "mae": StackedMAE}
 
-    def __init__(self, members: int, offset: Tensor | None = None, loss: str = "mse", huber_delta: float = 1.0) -> None:
+    def __init__(self, members: int, offset: Tensor | None = None, loss: str = "mse", huber_delta: float = 1.0,
+                 metric: str = "rmse", inverse: Callable[[Tensor], Tensor] | None = None) -> None:
         super().__init__()
         if loss not in ("mse", "huber"):
             raise ValueError(f"loss {loss!r} is unknown: expected 'mse' or 'huber'")
+        if metric not in self.METRICS:
+            raise ValueError(f"metric {metric!r} is not a regression metric: expected one of {', '.join(self.METRICS)}")
         self.members, self.loss_name, self.huber_delta = members, loss, huber_delta
+        self.metric_name, self.inverse = metric, inverse
         # [M, 1]: added to a member's [M, B] predictions as it is
         self.register_buffer("offset", torch.zeros(members, 1) if offset is None else offset.float().reshape(members, 1))
 
@@ -44,19 +51,21 @@ class RegressionHead(nn.Module):
             per_row = (preds - target).square()
         return member_mean(per_row, weight)
 
-    def metric(self) -> StackedRMSE:
-        return StackedRMSE(self.members)
+    def metric(self) -> Metric:
+        return self.METRICS[self.metric_name](self.members, inverse=self.inverse)
 
 
 class ClassificationHead(nn.Module):
-    """Class logits; cross-entropy (optionally label-smoothed) loss, accuracy metric."""
+    """Class logits; cross-entropy (optionally label-smoothed) loss; accuracy, log-loss or ROC AUC."""
 
-    metric_name = "acc"
-    higher_is_better = True
+    METRICS = {"acc": StackedAccuracy, "logloss": StackedLogLoss, "auc": StackedAUROC}
 
-    def __init__(self, members: int, label_smoothing: float = 0.0) -> None:
+    def __init__(self, members: int, label_smoothing: float = 0.0, metric: str = "acc") -> None:
         super().__init__()
-        self.members, self.label_smoothing = members, label_smoothing
+        if metric not in self.METRICS:
+            raise ValueError(f"metric {metric!r} is not a classification metric: expected one of "
+                             f"{', '.join(self.METRICS)}")
+        self.members, self.label_smoothing, self.metric_name = members, label_smoothing, metric
 
     def forward(self, outputs: Tensor) -> Tensor:
         return outputs
@@ -66,5 +75,5 @@ class ClassificationHead(nn.Module):
                                   label_smoothing=self.label_smoothing).view_as(weight)
         return member_mean(per_row, weight)
 
-    def metric(self) -> StackedAccuracy:
-        return StackedAccuracy(self.members)
+    def metric(self) -> Metric:
+        return self.METRICS[self.metric_name](self.members)

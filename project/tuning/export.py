@@ -12,8 +12,7 @@ from optuna.trial import TrialState
 from project.cv import cross_validate
 from project.model_io import save_model
 from project.refit import refit_and_test, refit_metrics
-from project.submission import fold_average_submission
-from project.tasks import get_task
+from project.submission import write_predictions
 from project.tuning.plots import learning_curves, study_plots
 from project.tuning.space import config_from_params
 from project.tuning.recovery import RUN_ID_ATTR
@@ -31,15 +30,15 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
 def export_best(study: optuna.Study, settings: SweepSettings, tracker: Tracker, out_dir: Path,
                 parent_run_id: str | None) -> dict:
     """Rebuild the best trial's fold models (deterministic: the same models) where the submission
-    needs them, then write everything. Images need only the trial's curves for their plot, which
-    its MLflow run holds, so they are read back rather than trained again."""
-    task = get_task(settings.task)
+    is made of them, then write everything. A task that refits (images) needs only the trial's
+    curves for their plot, which its MLflow run holds, so they are read back, not trained again."""
+    task = settings.task
     best = best_trial(study)
     best_run = best.user_attrs.get(RUN_ID_ATTR)
     config = config_from_params(task, settings.model, best.params, settings.fixed)
-    datamodule = settings.datamodule()
+    datamodule = settings.datamodule(task)
     result = None
-    if task.kind == "classification" and best_run:
+    if task.refits and best_run:
         result = tracker.read_cv(best_run, datamodule.folds, task.metric)
     rerun = result is None
     if rerun:
@@ -59,14 +58,15 @@ def export_best(study: optuna.Study, settings: SweepSettings, tracker: Tracker, 
     plots_dir = out_dir / "plots"
     plots = study_plots(study, plots_dir) + [learning_curves(result, datamodule.folds, plots_dir / "best_learning_curves.png")]
     model_path = out_dir / "model.pt"
-    if task.kind == "regression":
-        summary["submission"] = str(fold_average_submission(result, datamodule, out_dir / "submission.csv"))
-        fits = result.fits
-    else:
-        fits, scores = refit_and_test(task, config, settings.data_dir, settings.seed, out_dir / "predictions.csv")
+    submission = out_dir / task.preset.submission.file
+    if task.refits:
+        fits, scores = refit_and_test(task, config, settings.data_dir, settings.seed, submission)
         summary.update(scores)
-        summary["predictions"] = str(out_dir / "predictions.csv")
-    save_model(fits, config, datamodule.sample_shape, task.out_features, model_path)
+    else:
+        fits = result.fits
+        write_predictions(task, fits, datamodule, submission)
+    summary["submission"] = str(submission)
+    save_model(fits, config, datamodule.sample_shape, datamodule.out_features, model_path)
     summary["mlflow"] = {"tracking_uri": tracker.tracking_uri, "experiment_id": tracker.experiment_id,
                          "run_id": parent_run_id}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -76,13 +76,12 @@ def export_best(study: optuna.Study, settings: SweepSettings, tracker: Tracker, 
             tracker.set_tags(best_run, {"best_trial": "true"})
         tracker.set_tags(parent_run_id, {"best_trial_number": best.number, "best_trial_run_id": best_run or ""})
         metrics = {"best_cv_mean": best.value, "n_complete": summary["n_complete"]}
-        if "test_accuracy" in summary:
-            metrics.update(refit_metrics(summary))
+        if task.refits:
+            metrics.update(refit_metrics(scores))
         tracker.log_metrics(parent_run_id, metrics)
         for plot in plots:
             tracker.log_artifact(parent_run_id, plot, "plots")
-        for name in ("summary.json", "submission.csv", "predictions.csv"):
-            if (out_dir / name).exists():
-                tracker.log_artifact(parent_run_id, out_dir / name)
+        for path in (out_dir / "summary.json", submission):
+            tracker.log_artifact(parent_run_id, path)
         tracker.log_artifact(parent_run_id, model_path, "model")
     return summary

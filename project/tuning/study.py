@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import time
 from dataclasses import asdict, dataclass, field
@@ -17,7 +18,8 @@ from optuna.trial import TrialState
 
 from project.cv import TrainingDiverged, cross_validate
 from project.seeds import derive_seed
-from project.tasks import get_task
+from project import presets
+from project.tasks import Task
 from project.tuning.locks import sqlite_creation_lock
 from project.tuning.pruning import FoldPruningCallback
 from project.tuning.recovery import RUN_ID_ATTR, claim
@@ -26,36 +28,44 @@ from project.tuning.tracking import Tracker
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
 # settings a resumed study must share with the one that created it: its trials would not compare
-FROZEN = ("task", "model", "folds", "validation_folds", "seed", "fixed", "stacking")
+FROZEN = ("model", "validation_folds", "seed", "fixed", "stacking")
+FROZEN_PRESET = ("name", "kind", "metric", "metric_scale", "folds", "data")
+PRESET_ATTR = "preset"
 STORAGE_SCHEMES = ("sqlite:", "postgresql", "mysql", "journal:")
 
 
 @dataclass
 class SweepSettings:
-    """Everything a worker process needs; plain values so it pickles into a spawned process."""
+    """Everything a worker process needs; plain values so it pickles into a spawned process. The
+    task is its resolved preset, so every worker builds the same task without reading a file."""
 
-    task: str
+    preset: dict  # Preset.resolved()
     data_dir: str
-    folds: int
     seed: int
     storage: str
     study_name: str
     tracking_uri: str
     experiment_name: str
     model: str = "mlp"
-    fixed: dict = field(default_factory=dict)
+    fixed: dict = field(default_factory=dict)  # search keys (lr, model.dropout) fixed on the command line
     stacking: str = "auto"  # how folds train: see cross_validate
     validation_folds: int = 0  # train and score folds 0..validation_folds-1 of the K (0: all K)
     pruning: bool = True
     threads: int | None = None
     parent_run_id: str | None = None
 
-    def datamodule(self):
+    @property
+    def task(self) -> Task:
+        return Task(presets.from_resolved(self.preset))
+
+    @property
+    def folds(self) -> int:
+        return self.preset["folds"]
+
+    def datamodule(self, task: Task | None = None):
         """The set-up DataModule stacking the folds every trial trains and scores."""
-        task = get_task(self.task)
         folds = list(range(self.validation_folds or self.folds))
-        datamodule = task.datamodule(data_dir=self.data_dir, n_folds=self.folds, fold=folds, seed=self.seed,
-                                     **task.datamodule_kwargs)
+        datamodule = (task or self.task).datamodule(self.data_dir, fold=folds, seed=self.seed)
         datamodule.prepare_data()
         datamodule.setup()
         return datamodule
@@ -110,7 +120,7 @@ def open_study(settings: SweepSettings, attempts: int = 5) -> optuna.Study:
 
 
 def _create_or_load(settings: SweepSettings) -> optuna.Study:
-    task = get_task(settings.task)
+    task = settings.task
     return optuna.create_study(
         storage=make_storage(settings.storage),
         study_name=settings.study_name,
@@ -124,18 +134,23 @@ def _create_or_load(settings: SweepSettings) -> optuna.Study:
 
 
 def check_frozen(study: optuna.Study, settings: SweepSettings) -> None:
-    """Store the settings on a new study; refuse to resume one created with different ones."""
+    """Store the settings and the resolved preset on a new study; refuse to resume one created
+    with different ones (its trials would not compare)."""
     current = {k: v for k, v in asdict(settings).items() if k in FROZEN}
     current["fixed"] = {k: list(v) if isinstance(v, tuple) else v for k, v in current["fixed"].items()}
+    current.update({f"preset.{k}": settings.preset[k] for k in FROZEN_PRESET})
+    current = json.loads(json.dumps(current))  # as the storage keeps it: tuples become lists
     stored = study.user_attrs.get("settings")
     if stored is None:
         study.set_user_attr("settings", current)
+        study.set_user_attr(PRESET_ATTR, settings.preset)
         return
-    for key in FROZEN:
-        if stored.get(key) != current[key]:
-            flag = "--" + key.replace("_", "-") if key != "fixed" else "the fixed-value flags"
+    for key, value in current.items():
+        if stored.get(key) != value:
+            flag = ("the preset" if key.startswith("preset.") else "the fixed-value flags" if key == "fixed"
+                    else "--" + key.replace("_", "-"))
             raise ValueError(f"study {settings.study_name!r} was created with {key}={stored.get(key)!r}, "
-                             f"this run has {current[key]!r} ({flag}); give --study-name a new name to start a new study")
+                             f"this run has {value!r} ({flag}); give --study-name a new name to start a new study")
 
 
 class Objective:
@@ -143,8 +158,9 @@ class Objective:
 
     def __init__(self, settings: SweepSettings, tracker: Tracker) -> None:
         self.settings, self.tracker = settings, tracker
-        self.task = get_task(settings.task)
-        self.datamodule = settings.datamodule()  # set up once per worker: preprocessing does not depend on the trial
+        self.task = settings.task
+        # set up once per worker: preprocessing does not depend on the trial
+        self.datamodule = settings.datamodule(self.task)
 
     def __call__(self, trial: optuna.Trial) -> float:
         config = suggest_config(trial, self.task, self.settings.model, self.settings.fixed)
