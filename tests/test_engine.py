@@ -48,11 +48,11 @@ def test_member_gradients_are_independent(stacker):
     modules = mlps(3, linear_skip=True)
     head = RegressionHead(3)
     stack = stacker(modules)
-    head.loss(head(stack(x)), y, w).sum().backward()
+    head.loss(head(stack(x)), y, w, w.sum(dim=1)).sum().backward()
     stacked = dict((stack.module if stacker is MemberStack else stack).named_parameters())
     for m, module in enumerate(modules):
         alone = RegressionHead(1)
-        alone.loss(alone(module(x[m])[None]), y[m : m + 1], w[m : m + 1]).sum().backward()
+        alone.loss(alone(module(x[m])[None]), y[m : m + 1], w[m : m + 1], w[m : m + 1].sum(dim=1)).sum().backward()
         for name, p in module.named_parameters():
             grad = stacked[name].grad
             if stacker is StackedMLP:  # [M, in, out] weights, [M, 1, out] biases

@@ -97,10 +97,11 @@ def test_regression_head_predicts_relative_to_each_members_training_mean(house_d
 def test_heads_average_the_loss_over_each_members_own_rows():
     weight = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])  # member 1 has one row, then padding
     head = RegressionHead(2, loss="mse")
-    loss = head.loss(torch.zeros(2, 3), torch.tensor([[1.0, 3.0, 100.0], [2.0, 100.0, 100.0]]), weight)
+    rows = weight.sum(dim=1)
+    loss = head.loss(torch.zeros(2, 3), torch.tensor([[1.0, 3.0, 100.0], [2.0, 100.0, 100.0]]), weight, rows)
     torch.testing.assert_close(loss, torch.tensor([5.0, 4.0]))
     logits = torch.zeros(2, 3, 4)
-    torch.testing.assert_close(ClassificationHead(2).loss(logits, torch.zeros(2, 3, dtype=torch.long), weight),
+    torch.testing.assert_close(ClassificationHead(2).loss(logits, torch.zeros(2, 3, dtype=torch.long), weight, rows),
                                torch.full((2,), torch.log(torch.tensor(4.0)).item()))
 
 

@@ -133,10 +133,11 @@ def random_translate(images: Tensor, pixels: int, generator: torch.Generator | N
 
 
 class StackedBatches:
-    """An iterable of ``{"x": [M, B, ...], "y": [M, B], "w": [M, B]}`` batches, or with ``chunk_steps``
-    of chunks ``{"x": [S, M, B, ...], ...}`` holding S consecutive mini-batches, so that a training
-    loop pays its per-item overhead once per chunk. With ``nonzero`` (and sparse features) ``"x"``
-    is a ``SparseRows``.
+    """An iterable of ``{"x": [M, B, ...], "y": [M, B], "w": [M, B], "rows": [M]}`` batches (``rows``:
+    each member's real rows, the sum of its weights), or with ``chunk_steps`` of chunks
+    ``{"x": [S, M, B, ...], ...}`` holding S consecutive mini-batches, so that a training loop pays
+    its per-item overhead once per chunk. With ``nonzero`` (and sparse features) ``"x"`` is a
+    ``SparseRows``.
 
     ``rows[m]`` are the row indices member ``m`` trains or is scored on. Members with fewer rows
     than the largest get padding rows of weight 0 in the last batch, which the losses and metrics
@@ -190,7 +191,7 @@ class StackedBatches:
         x = self.features.gather(rows, self.translate, self.augment_generator)
         if self.nonzero:
             x = SparseRows(x, *self.features.gather_nonzero(rows))
-        batch = {"x": x, "w": weight}
+        batch = {"x": x, "w": weight, "rows": weight.sum(dim=-1)}
         if self.targets is not None:
             batch["y"] = self.targets[rows]
         return batch

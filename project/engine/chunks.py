@@ -62,7 +62,7 @@ def mini_batches(chunk: dict) -> Iterator[dict]:
 def _cut(part: Tensor | tuple, step: int, width: int, full: int) -> Tensor | tuple:
     if isinstance(part, tuple):  # SparseRows
         return type(part)(*(_cut(p, step, width, full) for p in part))
-    return part[step] if width == full else part[step, :, :width]
+    return part[step] if width == full or part.dim() == 2 else part[step, :, :width]  # [S, M] entries: per member
 
 
 @functools.cache

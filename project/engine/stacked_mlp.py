@@ -80,7 +80,6 @@ class StackedMLP(nn.Module):
     """The members' ``MLP`` layers, index for index, with every ``nn.Linear`` a ``StackedLinear``."""
 
     kind = "hand-stacked MLP"
-    accepts_nonzero = True
 
     def __init__(self, modules: Sequence[MLP]) -> None:
         super().__init__()
@@ -96,19 +95,22 @@ class StackedMLP(nn.Module):
                 layers.append(copy.deepcopy(layer))  # activations and dropout: no parameters
         self.layers = nn.Sequential(*layers)
         self.skip = StackedLinear([m.skip for m in modules]) if first.skip is not None else None
-        # behind input dropout the first layer sees dropped features, not the rows' nonzero entries
-        self.nonzero_first = isinstance(self.layers[1], StackedLinear)
+        # the first layer sums the weight rows of the nonzero entries where it is a hidden layer (a
+        # one-output layer multiplies and sums), and not behind input dropout, which drops features
+        first = self.layers[1]
+        self.accepts_nonzero = isinstance(first, StackedLinear) and first.out_features > 1
         self._offsets: Tensor | None = None  # row_offsets, made once for the features' width and device
 
     def forward(self, x: Tensor | SparseRows) -> Tensor:
         nonzero = None
         if isinstance(x, SparseRows):
-            if self.nonzero_first:
-                if self._offsets is None or self._offsets.device != x.index.device:
-                    self._offsets = row_offsets(self.members, x.dense.shape[-1], x.index)
-                nonzero = x.index + self._offsets, x.value
+            if self._offsets is None or self._offsets.device != x.index.device:
+                self._offsets = row_offsets(self.members, x.dense.shape[-1], x.index)
+            nonzero = x.index + self._offsets, x.value
             x = x.dense
-        out = flat = self.layers[0](x)  # flattened samples, which the linear path also takes
+        # samples flattened behind the member and batch dimensions (table rows already are), which
+        # the linear path also takes
+        out = flat = x if x.dim() == 3 else self.layers[0](x)
         for i, layer in enumerate(self.layers):
             if i:
                 out = layer(out, nonzero) if i == 1 and nonzero is not None else layer(out)

@@ -1,8 +1,9 @@
 """What turns a member stack's outputs into predictions, a loss and a metric, per kind of task.
 
 A head works on ``[M, B, ...]`` outputs with per-row weights ``w`` ``[M, B]`` (1 for a member's
-rows, 0 for the padding that evens out members of different sizes); its loss is one value per
-member, the mean over that member's own rows, so each member's gradient is its own.
+rows, 0 for the padding that evens out members of different sizes) and each member's count of
+rows ``[M]``; its loss is one value per member, the mean over that member's own rows, so each
+member's gradient is its own.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from torchmetrics import Metric
 from project.models.metrics import StackedAccuracy, StackedAUROC, StackedLogLoss, StackedMAE, StackedRMSE
 
 
-def member_mean(per_row: Tensor, weight: Tensor) -> Tensor:
+def member_mean(per_row: Tensor, weight: Tensor, rows: Tensor) -> Tensor:
     """The mean over each member's own rows, ``[M]``."""
-    return (per_row * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1)
+    return (per_row * weight).sum(dim=1) / rows.clamp(min=1)
 
 
 class RegressionHead(nn.Module):
@@ -44,12 +45,12 @@ class RegressionHead(nn.Module):
     def forward(self, outputs: Tensor) -> Tensor:
         return outputs.squeeze(-1) + self.offset
 
-    def loss(self, preds: Tensor, target: Tensor, weight: Tensor) -> Tensor:
+    def loss(self, preds: Tensor, target: Tensor, weight: Tensor, rows: Tensor) -> Tensor:
         if self.loss_name == "huber":
             per_row = F.huber_loss(preds, target, reduction="none", delta=self.huber_delta)
         else:
             per_row = (preds - target).square()
-        return member_mean(per_row, weight)
+        return member_mean(per_row, weight, rows)
 
     def metric(self) -> Metric:
         return self.METRICS[self.metric_name](self.members, inverse=self.inverse)
@@ -70,10 +71,10 @@ class ClassificationHead(nn.Module):
     def forward(self, outputs: Tensor) -> Tensor:
         return outputs
 
-    def loss(self, preds: Tensor, target: Tensor, weight: Tensor) -> Tensor:
+    def loss(self, preds: Tensor, target: Tensor, weight: Tensor, rows: Tensor) -> Tensor:
         per_row = F.cross_entropy(preds.flatten(0, 1), target.flatten(), reduction="none",
                                   label_smoothing=self.label_smoothing).view_as(weight)
-        return member_mean(per_row, weight)
+        return member_mean(per_row, weight, rows)
 
     def metric(self) -> Metric:
         return self.METRICS[self.metric_name](self.members)

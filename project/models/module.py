@@ -4,7 +4,8 @@ It is thin, like lightning-hydra-template's ``MNISTLitModule``: an injected net,
 (loss and metric), one ``model_step`` shared by training, validation and test, and a torchmetrics
 object per stage. The net is a *member stack* (``project.engine``): ``[M, B, ...] -> [M, B, out]``,
 member ``m`` being fold ``m``'s copy of a plain model, so every loss and metric here keeps one
-value per member. Subclass it for a new kind of loss; a new model needs no subclass (see
+value per member. A batch is ``{"x", "y", "w", "rows"}`` (see ``project.data.batches``). Subclass
+it for a new kind of loss; a new model needs no subclass (see
 ``project/models/cnn.py``). How steps are batched into Lightning steps is the engine's business
 (``project/engine/chunks.py``).
 """
@@ -60,11 +61,11 @@ class FoldModule(L.LightningModule):
     def model_step(self, batch: dict) -> tuple[Tensor, Tensor]:
         """Each member's loss ``[M]`` and the predictions ``[M, B, ...]``."""
         preds = self(batch["x"])
-        return self.head.loss(preds, batch["y"], batch["w"]), preds
+        return self.head.loss(preds, batch["y"], batch["w"], batch["rows"]), preds
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         loss, _ = self.model_step(batch)
-        self.train_loss.update(loss.detach(), batch["w"].sum(dim=1))
+        self.train_loss.update(loss.detach(), batch["rows"])
         return loss.sum()  # each member's gradient is that of its own loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
