@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: install data sweep test test-fast benchmark clean
+.PHONY: install data sweep test test-fast benchmark dashboard clean
 
 install: $(STAMP)
 
@@ -35,6 +35,11 @@ test-fast: install
 
 benchmark: data
 	$(PY) experiments/benchmark.py $(ARGS)
+
+# Optuna's own UI on a study (default: the House Prices sweep's): STUDY=fashion-mnist make dashboard
+STUDY ?= house-prices
+dashboard: install
+	$(VENV)/bin/optuna-dashboard sqlite:///experiments/outputs/$(STUDY)/optuna.db --host 127.0.0.1 --port 8080
 
 clean:
 	rm -rf $(VENV) experiments/outputs mlflow.db mlartifacts .pytest_cache

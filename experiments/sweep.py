@@ -32,7 +32,7 @@ from project.tuning.study import (
     open_study,
     run_workers,
 )
-from project.tuning.tracking import Tracker, environment_tags
+from project.tuning.tracking import Tracker, dataset_inputs, environment_tags
 
 PARENT_ATTR = "mlflow_parent_run_id"
 
@@ -91,7 +91,7 @@ class Progress(threading.Thread):
         self.bar.close()
 
 
-def parent_run(study, tracker: Tracker, settings: SweepSettings) -> str:
+def parent_run(study, tracker: Tracker, settings: SweepSettings, datamodule) -> str:
     """One MLflow run per study, created by the coordinator before any worker starts; reused on resume."""
     run_id = study.user_attrs.get(PARENT_ATTR)
     if run_id:
@@ -99,7 +99,9 @@ def parent_run(study, tracker: Tracker, settings: SweepSettings) -> str:
             tracker.client.update_run(run_id, status="RUNNING")
             return run_id
         # otherwise the study outlived its MLflow store (or uses another one): start a new parent run
-    run_id = tracker.start_run(f"study-{settings.study_name}", tags={**environment_tags(), "kind": "study"})
+    run_id = tracker.start_run(f"study-{settings.study_name}", tags={**environment_tags(settings.entry_point),
+                                                                     "kind": "study"})
+    tracker.log_inputs(run_id, dataset_inputs(datamodule))
     tracker.log_text(run_id, presets.to_yaml(settings.preset), "preset.yaml")
     tracker.log_params(run_id, {"task": settings.preset["name"], "model": settings.model, "folds": settings.folds,
                                 "seed": settings.seed, "stacking": settings.stacking,
@@ -127,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         model=model, fixed=fixed_params(args), stacking="sequential" if args.sequential_folds else "auto",
         pruning=sweep.pruning and not args.no_pruning,
         validation_folds=args.validation_folds or sweep.validation_folds or task.folds,
-        threads=args.threads or max(1, (os.cpu_count() or 1) // n_jobs),
+        threads=args.threads or max(1, (os.cpu_count() or 1) // n_jobs), entry_point=__file__,
     )
     if settings.validation_folds > settings.folds:
         parser.error(f"argument --validation-folds: {settings.validation_folds} is more than the {settings.folds} folds")
@@ -145,7 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     recovered = recover_stale_trials(study, tracker)
     if recovered:
         print(f"marked FAIL {len(recovered)} trial(s) left RUNNING by a dead worker: {recovered}")
-    settings.parent_run_id = parent_run(study, tracker, settings)
+    try:
+        datamodule = settings.datamodule(task)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    settings.parent_run_id = parent_run(study, tracker, settings, datamodule)
 
     before = len(study.trials)
     if before == 0:

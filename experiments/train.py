@@ -8,8 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
-from pathlib import Path
 
 import torch
 
@@ -17,10 +15,10 @@ from project import presets
 from project.cli import add_common_arguments, config_overrides, load_task, output_dir, run_name
 from project.cv import TrainingDiverged, cross_validate, init_model
 from project.data import DataError
-from project.model_io import save_model
+from project.predictor import Predictor
 from project.refit import refit_and_test, refit_metrics
-from project.submission import write_predictions
-from project.tuning.tracking import Tracker, environment_tags
+from project.serving import log_predictor
+from project.tuning.tracking import Tracker, dataset_inputs, environment_tags
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
@@ -52,11 +50,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"argument --model: {err}")
 
     tracker = Tracker(args.tracking_uri, args.experiment_name or task.name)
-    run_id = tracker.start_run(f"train-{task.name}", tags={**environment_tags(), "kind": "train"})
+    run_id = tracker.start_run(f"train-{task.name}", tags={**environment_tags(__file__), "kind": "train"})
     status = "FAILED"
     try:
         tracker.log_params(run_id, {**config.flat(), "task": task.name, "folds": task.folds, "seed": args.seed})
         tracker.log_text(run_id, presets.to_yaml(task.preset.resolved()), "preset.yaml")
+        tracker.log_inputs(run_id, dataset_inputs(datamodule))
         stacking = "sequential" if args.sequential_folds else "auto"
         result = cross_validate(task, config, seed=args.seed, stacking=stacking, datamodule=datamodule)
         tracker.log_cv(run_id, result, datamodule.folds)
@@ -69,20 +68,19 @@ def main(argv: list[str] | None = None) -> int:
                    "fold_scores": result.fold_scores, "params": config.to_dict(), "seconds": result.seconds,
                    "fold_layout": result.layout}
         submission = out / task.preset.submission.file
-        with tempfile.TemporaryDirectory() as tmp:
-            if task.refits:
-                fits, scores = refit_and_test(task, config, args.data_dir, args.seed, submission)
-                tracker.log_metrics(run_id, refit_metrics(scores))
-                summary.update(scores)
-                print(f"{task.name}: refit on all training rows ({task.ensemble} seeds averaged)"
-                      + "".join(f", {k.replace('_', ' ')} {v:.4f}" for k, v in scores.items() if not isinstance(v, list)))
-            else:
-                fits = result.fits
-                write_predictions(task, fits, datamodule, submission)
-            tracker.log_artifact(run_id, submission)
-            summary["submission"] = str(submission)
-            model_path = save_model(fits, config, datamodule.sample_shape, datamodule.out_features, Path(tmp) / "model.pt")
-            tracker.log_artifact(run_id, model_path, "model")
+        if task.refits:
+            predictor, scores = refit_and_test(task, config, args.data_dir, args.seed, submission)
+            tracker.log_metrics(run_id, refit_metrics(scores))
+            summary.update(scores)
+            print(f"{task.name}: refit on all training rows ({task.ensemble} seeds averaged)"
+                  + "".join(f", {k.replace('_', ' ')} {v:.4f}" for k, v in scores.items() if not isinstance(v, list)))
+        else:
+            predictor = Predictor.from_fits(task, config, result.fits, datamodule)
+            predictor.write_submission(datamodule.test_inputs(), submission, datamodule.test_ids)
+        tracker.log_artifact(run_id, submission)
+        summary["submission"] = str(submission)
+        summary["model"] = str(predictor.save(out / "model"))
+        log_predictor(predictor, tracker.tracking_uri, run_id, datamodule.test_inputs())
         summary["mlflow"] = {"tracking_uri": tracker.tracking_uri, "experiment_id": tracker.experiment_id,
                              "run_id": run_id}
         (out / "summary.json").write_text(json.dumps(summary, indent=2))

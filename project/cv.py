@@ -23,6 +23,7 @@ from project.data import FoldDataModule
 from project.data.base import Members
 from project.engine import Layout, build_stack, choose_layout, chunked
 from project.models import FoldModule, create_model
+from project.progress import EpochProgress
 from project.seeds import derive_seed
 from project.tasks import Task, TrainConfig
 
@@ -126,12 +127,23 @@ def fit(task: Task, config: TrainConfig, datamodule: FoldDataModule, seed: int, 
     train = datamodule.train_loader(config.batch_size, members, chunked=not module.automatic_optimization,
                                     nonzero=nonzero, translate=config.translate)
     val = datamodule.val_loader(members, nonzero=nonzero)
-    trainer = make_trainer(config.max_epochs, callbacks, validate=members.validates, accelerator=accelerator,
-                           precision=config.precision)
+    progress = EpochProgress(f"{config.model}, {describe(members)}")
+    trainer = make_trainer(config.max_epochs, [*callbacks, progress], validate=members.validates,
+                           accelerator=accelerator, precision=config.precision)
     trainer.fit(module, train_dataloaders=train, val_dataloaders=val or None)
     if module.diverged is not None:
         raise TrainingDiverged(members.folds[module.diverged["members"][0]], module.diverged["epoch"])
     return module
+
+
+def describe(members: Members) -> str:
+    """``fold 2``, ``folds 0-4`` or ``refit, 3 seeds``."""
+    if not members.validates:
+        return f"refit, {len(members)} seed{'s' * (len(members) > 1)}"
+    folds = members.folds
+    if len(folds) == 1:
+        return f"fold {folds[0]}"
+    return f"folds {folds[0]}-{folds[-1]}" if folds == list(range(folds[0], folds[-1] + 1)) else f"folds {folds}"
 
 
 def fold_layout(task: Task, config: TrainConfig, datamodule: FoldDataModule, members: int, seed: int,

@@ -1,31 +1,24 @@
-"""Trained fold models on disk: the registered model's name and arguments, each member's weights in
-the plain module's layout, and the head's state. Reloading needs only the model registry, never
-the code that trained it, and reads the file with ``torch.load(weights_only=True)``: tensors,
-numbers, strings and containers, so a tampered file cannot run code when it is loaded."""
+"""Trained members on disk: the registered model's name and arguments, each member's weights in the
+plain module's layout, and the head's state. Reloading needs only the model registry, never the
+code that trained it, and reads the file with ``torch.load(weights_only=True)``: tensors, numbers,
+strings and containers, so a tampered file cannot run code when it is loaded."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from project.cv import Fit
 from project.models import create_model
 from project.tasks import TrainConfig
 
 
-def _stacked(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {key: torch.cat([state[key] for state in states]) for key in states[0]}
-
-
-def save_model(fits: list[Fit], config: TrainConfig, sample_shape: tuple[int, ...], out_features: int,
-               path: Path) -> Path:
-    """The members of ``fits`` (one stack, or folds trained one after another) as one file."""
+def save_model(path: Path, config: TrainConfig, sample_shape: tuple[int, ...], out_features: int,
+               folds: list[int | None], net_state: dict[str, Tensor], head_state: dict[str, Tensor]) -> Path:
+    """``net_state``: the members' plain state_dict with a leading member dimension."""
     torch.save({"config": config.to_dict(), "sample_shape": list(sample_shape), "out_features": out_features,
-                "folds": [fold for f in fits for fold in f.members.folds],
-                "net": _stacked([f.module.net.member_state_dict() for f in fits]),
-                "head": _stacked([f.module.head.state_dict() for f in fits])}, path)
+                "folds": list(folds), "net": net_state, "head": head_state}, path)
     return path
 
 

@@ -8,14 +8,14 @@ from pathlib import Path
 import torch
 
 from project.cv import Fit, fit, fold_layout, make_trainer
-from project.submission import averaged_outputs, write_predictions
+from project.predictor import Predictor
 from project.tasks import Task, TrainConfig
 
 REPORTED = {"acc": "accuracy"}  # the name a metric is reported under, where it is not its own
 
 
 def refit_and_test(task: Task, config: TrainConfig, data_dir: str | Path, seed: int,
-                   predictions_path: Path | None = None) -> tuple[list[Fit], dict]:
+                   predictions_path: Path | None = None) -> tuple[Predictor, dict]:
     """Refit on every training row, ``task.ensemble`` members that differ only in their seeds
     (stacked or one after another, as the engine measured faster); then score the test split
     once, with their averaged class probabilities (and each member alone, for comparison), and
@@ -27,6 +27,7 @@ def refit_and_test(task: Task, config: TrainConfig, data_dir: str | Path, seed: 
     layout = fold_layout(task, config, datamodule, len(members), seed)
     groups = [members] if layout.stacked else [members.select([p]) for p in range(len(members))]
     fits = [Fit(fit(task, config, datamodule, seed, group), group) for group in groups]
+    predictor = Predictor.from_fits(task, config, fits, datamodule)
     scores = {}
     if datamodule.test_targets is not None:
         member_scores = []
@@ -35,13 +36,13 @@ def refit_and_test(task: Task, config: TrainConfig, data_dir: str | Path, seed: 
             make_trainer(1).test(f.module, dataloaders=loader, verbose=False)
             member_scores += f.module.test_scores
         metric = fits[0].module.head.metric()  # the ensemble scored as one member, from its probabilities
-        probabilities = averaged_outputs(task, fits, datamodule)
+        probabilities = predictor.averaged(datamodule.test_inputs())
         metric.update(probabilities.log()[None], datamodule.test_targets[None], torch.ones(1, len(probabilities)))
         name = f"test_{REPORTED.get(task.metric, task.metric)}"
         scores = {name: float(metric.compute()[0]), f"{name}_members": member_scores}
     if predictions_path is not None:
-        write_predictions(task, fits, datamodule, predictions_path)
-    return fits, scores
+        predictor.write_submission(datamodule.test_inputs(), predictions_path, datamodule.test_ids)
+    return predictor, scores
 
 
 def refit_metrics(scores: dict) -> dict[str, float]:

@@ -3,16 +3,15 @@ it is written (and read back and checked again)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from torch import Tensor
 
-from project.cv import Fit, predict_members
-from project.data import TARGET_TRANSFORMS, FoldDataModule
+from project.data import TARGET_TRANSFORMS
 from project.tasks import Task
 
 
@@ -33,12 +32,14 @@ class SubmissionFormat:
     probabilities: bool = False  # the columns are class probabilities summing to one
 
     @classmethod
-    def of(cls, task: Task, datamodule: FoldDataModule) -> SubmissionFormat:
+    def of(cls, task: Task, ids: np.ndarray, classes: Sequence | None) -> SubmissionFormat:
+        """The task's format for rows with these ids (a classification task's ``classes`` name its
+        probability columns)."""
         sub, data = task.preset.submission, task.preset.data
         id_column = sub.id or data.id or "id"
         target = sub.target or data.target or "label"
-        columns = tuple(str(c) for c in datamodule.classes) if sub.probabilities else (target,)
-        return cls(id_column, columns, np.asarray(datamodule.test_ids), tuple(sub.id_range) if sub.id_range else None,
+        columns = tuple(str(c) for c in classes) if sub.probabilities else (target,)
+        return cls(id_column, columns, np.asarray(ids), tuple(sub.id_range) if sub.id_range else None,
                    numeric=task.kind == "regression" or sub.probabilities,
                    positive=task.kind == "regression" and data.target_transform == "log",
                    probabilities=sub.probabilities)
@@ -80,10 +81,9 @@ def write_submission(frame: pd.DataFrame, fmt: SubmissionFormat, path: Path) -> 
     return path
 
 
-def prediction_frame(task: Task, datamodule: FoldDataModule, outputs: Tensor) -> pd.DataFrame:
-    """The submission's rows from the members' averaged outputs on the test set: a regression
-    target on its original scale, or labels (class probabilities where the preset asks)."""
-    fmt = SubmissionFormat.of(task, datamodule)
+def prediction_frame(task: Task, fmt: SubmissionFormat, classes: Sequence | None, outputs: Tensor) -> pd.DataFrame:
+    """The rows of a submission from the members' averaged outputs (``Predictor.averaged``): a
+    regression target on its original scale, or labels (class probabilities where the preset asks)."""
     columns = {fmt.id_column: fmt.ids}
     if task.kind == "regression":
         inverse = TARGET_TRANSFORMS[task.preset.data.target_transform].inverse
@@ -91,18 +91,5 @@ def prediction_frame(task: Task, datamodule: FoldDataModule, outputs: Tensor) ->
     elif fmt.probabilities:
         columns.update(zip(fmt.columns, outputs.double().numpy().T))
     else:
-        columns[fmt.columns[0]] = datamodule.labels(outputs.argmax(dim=-1).numpy())
+        columns[fmt.columns[0]] = np.asarray(classes, dtype=object)[outputs.argmax(dim=-1).numpy()]
     return pd.DataFrame(columns)
-
-
-def averaged_outputs(task: Task, fits: list[Fit], datamodule: FoldDataModule) -> Tensor:
-    """The fits' members averaged on the test set: regression outputs on the learnt scale, or class
-    probabilities."""
-    outputs = torch.cat([predict_members(f.module, datamodule, f.members) for f in fits])
-    return outputs.mean(dim=0) if task.kind == "regression" else outputs.softmax(dim=-1).mean(dim=0)
-
-
-def write_predictions(task: Task, fits: list[Fit], datamodule: FoldDataModule, path: Path) -> Path:
-    """The submission from the members of ``fits`` (the K fold models, or a refit's seeds)."""
-    frame = prediction_frame(task, datamodule, averaged_outputs(task, fits, datamodule))
-    return write_submission(frame, SubmissionFormat.of(task, datamodule), path)

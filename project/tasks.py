@@ -7,6 +7,7 @@ import functools
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import pandas as pd
 import torch
 from torch import Tensor, nn
 
@@ -19,6 +20,7 @@ from project.data import (
     TableDataModule,
     TabularSpec,
 )
+from project.data.tabular import check_frame
 from project.engine.optim import OPTIMIZERS, SCHEDULERS
 from project.models import ClassificationHead, RegressionHead
 from project.models.registry import check_model_kwargs, model_class
@@ -134,17 +136,26 @@ class Task:
         common = dict(dataset=data.dataset, data_dir=data_dir, n_folds=n_folds or self.folds, fold=fold, seed=seed,
                       replicas=replicas, batch_size=batch_size, stratified=self.preset.is_stratified)
         if data.kind == "csv":
-            spec = TabularSpec(id_column=data.id, target=data.target,
-                               numeric=None if data.numeric is None else tuple(data.numeric),
-                               categorical=tuple(data.categorical), ordinal=dict(data.ordinal),
-                               derive=presets.derive_function(data.derive, self.preset.source))
-            return TableDataModule(spec, kind=self.kind, target_transform=data.target_transform,
+            return TableDataModule(self.table_spec(), kind=self.kind, target_transform=data.target_transform,
                                    options=data.preprocess, drop_train_rows=data.drop_train_rows,
                                    train_file=data.train or "train.csv", test_file=data.test or "test.csv", **common)
         if data.kind == "idx":
             return IdxDataModule(**common)
         return ImageFolderDataModule(train_dir=data.train or "train", test_dir=data.test or "test",
                                      image_size=data.image_size, **common)
+
+    def table_spec(self) -> TabularSpec:
+        """How a CSV task's columns are read."""
+        data = self.preset.data
+        return TabularSpec(id_column=data.id, target=data.target,
+                           numeric=None if data.numeric is None else tuple(data.numeric),
+                           categorical=tuple(data.categorical), ordinal=dict(data.ordinal),
+                           derive=presets.derive_function(data.derive, self.preset.source))
+
+    def prepare_rows(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """Raw table rows as reading the test file makes them (numbers where the preset says so),
+        whether they come from a file or a request."""
+        return check_frame(frame.copy(), self.table_spec(), Path("input rows"), with_target=False)
 
     def head(self, config: TrainConfig, member_targets: list[Tensor]) -> nn.Module:
         """The head of a stack whose members train on ``member_targets``: regression predicts

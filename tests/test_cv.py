@@ -86,18 +86,16 @@ def test_refit_ensemble_scores_averaged_probabilities(tmp_path):
     write_idx_set(tmp_path / "tiny-images")
     task = Task(presets.load(presets.preset_path("fashion-mnist"), ["data.dataset=tiny-images"]))  # no pinned checksums
     config = TrainConfig(model_kwargs={"hidden_sizes": (16,)}, max_epochs=2, batch_size=32)
-    fits, scores = refit_and_test(task, config, tmp_path, seed=0, predictions_path=tmp_path / "p.csv")
-    (only,) = fits  # the MLP's members train stacked
-    weights = only.module.net.member_state_dict()["layers.1.weight"]
+    predictor, scores = refit_and_test(task, config, tmp_path, seed=0, predictions_path=tmp_path / "p.csv")
+    weights = predictor.stack.member_state_dict()["layers.1.weight"]
     assert weights.shape[0] == 3 and not torch.equal(weights[0], weights[1])  # own initialisation each
     assert len(scores["test_accuracy_members"]) == 3 and 0 <= scores["test_accuracy"] <= 1
     assert list(refit_metrics(scores)) == ["test_accuracy", "test_accuracy_seed0", "test_accuracy_seed1",
                                           "test_accuracy_seed2"]
     dm = task.datamodule(tmp_path, fold=None, replicas=3)
     dm.setup()
-    module = only.module.eval()
     with torch.no_grad():
-        logits = module(dm.members.test_features.gather(torch.arange(dm.test_size).expand(3, -1)))
+        logits = predictor.head(predictor.stack(dm.members.test_features.gather(torch.arange(dm.test_size).expand(3, -1))))
     expected = (logits.softmax(-1).mean(0).argmax(-1) == dm.test_targets).double().mean().item()
     assert scores["test_accuracy"] == pytest.approx(expected)
     labels = (tmp_path / "p.csv").read_text().splitlines()
@@ -139,3 +137,4 @@ def test_single_member_scores_stay_lists(house_dir):
     assert all(isinstance(r["val_rmse"], float) for h in result.history for r in h)
     # the module's own record keeps one value per member, as the pruning callback reads it
     assert [len(r["val_rmse"]) for r in result.fits[0].module.history] == [1, 1]
+    assert [len(r["train_loss"]) for r in result.fits[0].module.history] == [1, 1]

@@ -80,7 +80,11 @@ def test_sweep_hierarchy_resume_and_submission(real_data, tmp_path):
     assert {c.data.tags["trial_number"] for c in children} == {"0", "1", "2", "3"}
     assert sum(c.data.tags.get("best_trial") == "true" for c in children) >= 1
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"summary.json", "submission.csv", "plots", "model"} <= artifacts
+    assert {"summary.json", "submission.csv", "plots"} <= artifacts
+    # the best model: a logged model of the study's run, registered once per export (v2 after the resume)
+    name, version = summary["registered_model"].removeprefix("models:/").split("/")
+    assert (name, version) == ("house-prices", "2")
+    assert client.get_model_version(name, version).run_id == parent.info.run_id
 
 
 class AlwaysPrune(optuna.pruners.BasePruner):

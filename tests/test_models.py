@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
 
 from project.cv import cross_validate
-from project.model_io import load_model, save_model
+from project.model_io import load_model
+from project.predictor import Predictor
 from project.models import CNN, MLP, ClassificationHead, RegressionHead, create_model
 from project.models.metrics import StackedAccuracy
 from project.models.registry import MODELS, register_model
@@ -112,18 +115,24 @@ def test_stacked_accuracy_keeps_one_score_per_member():
     assert metric.compute().tolist() == pytest.approx([1.0, 4 / 6])
 
 
-def test_saved_model_reloads_by_name_with_weights_only(house_dir, tmp_path):
-    """The file records the model's name and arguments and the members' plain weights: it reloads
-    through the registry alone, as plain modules that predict what the trained stack predicted."""
+def test_a_saved_predictor_reloads_by_name_without_pickles(house_dir, tmp_path):
+    """The saved folder records the model's name and arguments, the members' plain weights and
+    their fitted preprocessing: it reloads through the registry alone (weights_only, skops with a
+    list of trusted types) and predicts from raw rows what the trained stack predicted."""
     task, dm = house_task_dm(house_dir)
     config = TrainConfig(model_kwargs={"hidden_sizes": (8,), "linear_skip": True}, max_epochs=2, batch_size=16)
     result = cross_validate(task, config, datamodule=dm)
-    path = save_model(result.fits, config, dm.sample_shape, dm.out_features, tmp_path / "model.pt")
-    members, loaded_config, saved = load_model(path)
+    predictor = Predictor.from_fits(task, config, result.fits, dm)
+    folder = predictor.save(tmp_path / "model")
+    assert sorted(p.name for p in folder.rglob("*") if p.is_file()) == [
+        "inputs.json", "member0.skops", "member1.skops", "member2.skops", "model.pt", "task.yaml"]
+    members, loaded_config, saved = load_model(folder / "model.pt")
     assert loaded_config == config and saved["folds"] == [0, 1, 2] and all(isinstance(m, MLP) for m in members)
     module = result.fits[0].module.eval()
-    x = dm.members.test_features.x  # [M, N, F]
     with torch.no_grad():
-        expected = module(x)
-        plain = torch.stack([member(x[m]).squeeze(-1) for m, member in enumerate(members)]) + saved["head"]["offset"]
-    torch.testing.assert_close(plain, expected, rtol=1e-5, atol=1e-5)
+        expected = module(dm.members.test_features.x)  # [M, N]: the stack on the DataModule's test features
+    raw = pd.read_csv(house_dir / "house-prices" / "test.csv")
+    torch.testing.assert_close(Predictor.load(folder).member_outputs(raw), expected, rtol=1e-6, atol=1e-6)
+    frame = Predictor.load(folder).predict(raw)
+    assert list(frame.columns) == ["Id", "SalePrice"] and frame["Id"].tolist() == raw["Id"].tolist()
+    np.testing.assert_allclose(frame["SalePrice"], np.exp(expected.double().mean(0).numpy()), rtol=1e-6)

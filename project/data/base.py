@@ -41,6 +41,8 @@ class Members:
     val_rows: list[Tensor]
     features: MemberFeatures
     test_features: MemberFeatures
+    # what turned each member's raw rows into its features, where that was fitted (tables)
+    preprocessors: list | None = None
 
     def __len__(self) -> int:
         return len(self.folds)
@@ -55,7 +57,8 @@ class Members:
         positions = list(positions)
         return Members([self.folds[p] for p in positions], [self.seed_ids[p] for p in positions],
                        [self.train_rows[p] for p in positions], [self.val_rows[p] for p in positions],
-                       self.features.select(positions), self.test_features.select(positions))
+                       self.features.select(positions), self.test_features.select(positions),
+                       None if self.preprocessors is None else [self.preprocessors[p] for p in positions])
 
 
 class FoldDataModule(L.LightningDataModule):
@@ -120,11 +123,11 @@ class FoldDataModule(L.LightningDataModule):
             every_fold = kfold_indices(self.n_folds, self.seed, targets, self.stratified)
             splits = [every_fold[f] for f in self.folds]
         train_parts = [self.training_part(tr) for tr, _ in splits]
-        features, test_features = self.fit_features(train_parts)
+        features, test_features, preprocessors = self.fit_features(train_parts)
         # what seeds a member: its fold, or for refit replica r, n_folds + r
         seed_ids = [self.n_folds + r if f is None else f for r, f in enumerate(self.folds)]
         self.members = Members(list(self.folds), seed_ids, [torch.from_numpy(tr) for tr in train_parts],
-                               [torch.from_numpy(va) for _, va in splits], features, test_features)
+                               [torch.from_numpy(va) for _, va in splits], features, test_features, preprocessors)
 
     def training_part(self, rows: np.ndarray) -> np.ndarray:
         """The rows of a fold's training part that are trained on; validation parts are never cut."""
@@ -135,8 +138,9 @@ class FoldDataModule(L.LightningDataModule):
         """Read the data; return the training targets used for splitting."""
         raise NotImplementedError
 
-    def fit_features(self, train_rows: list[np.ndarray]) -> tuple[MemberFeatures, MemberFeatures]:
-        """Fit preprocessing on each member's training rows; return (train-set, test-set) features."""
+    def fit_features(self, train_rows: list[np.ndarray]) -> tuple[MemberFeatures, MemberFeatures, list | None]:
+        """Fit preprocessing on each member's training rows; return the train-set and test-set
+        features, and the fitted preprocessors where there are any."""
         raise NotImplementedError
 
     targets: Tensor
@@ -146,6 +150,15 @@ class FoldDataModule(L.LightningDataModule):
     @property
     def out_features(self) -> int:
         """Outputs a model needs: 1 for regression, the number of classes for classification."""
+        raise NotImplementedError
+
+    def test_inputs(self):
+        """The test split as it was read, before any preprocessing: what a trained model predicts from."""
+        raise NotImplementedError
+
+    def data_files(self) -> dict:
+        """Where each split came from, for the record: ``{"training" | "testing": (path, the frame as
+        read, or the files)}``."""
         raise NotImplementedError
 
     @property

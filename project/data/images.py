@@ -30,7 +30,7 @@ class ImageDataModule(FoldDataModule):
     def out_features(self) -> int:
         return len(self.classes)
 
-    def fit_features(self, train_rows: list[np.ndarray]) -> tuple[MemberFeatures, MemberFeatures]:
+    def fit_features(self, train_rows: list[np.ndarray]) -> tuple[MemberFeatures, MemberFeatures, None]:
         mean, std = [], []
         for rows in train_rows:
             pixels = self.images[torch.from_numpy(rows)].double()
@@ -38,10 +38,11 @@ class ImageDataModule(FoldDataModule):
             std.append(pixels.std())
         shift, scale = torch.stack(mean).float(), torch.stack(std).float()
         return (MemberFeatures(self.images, shift, scale, self.image_shape),
-                MemberFeatures(self.test_images, shift, scale, self.image_shape))
+                MemberFeatures(self.test_images, shift, scale, self.image_shape), None)
 
-    def labels(self, class_index) -> np.ndarray:
-        return np.asarray(self.classes)[np.asarray(class_index)]
+    def test_inputs(self) -> np.ndarray:
+        """The test images, ``[N, C, H, W]`` uint8."""
+        return self.test_images.numpy().reshape(len(self.test_images), *self.image_shape)
 
     def _keep(self, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray | None) -> np.ndarray:
         self.image_shape = tuple(x_train.shape[1:])
@@ -54,6 +55,12 @@ class ImageDataModule(FoldDataModule):
 
 class IdxDataModule(ImageDataModule):
     """The official train/test split of an MNIST-format set: four IDX files under data/<dataset>/."""
+
+    def data_files(self) -> dict:
+        folder = self.data_dir / self.dataset
+        return {context: (folder / f"{prefix}-images-idx3-ubyte.gz",
+                          [folder / f"{prefix}-{kind}-idx{n}-ubyte.gz" for kind, n in (("images", 3), ("labels", 1))])
+                for context, prefix in (("training", "train"), ("testing", "t10k"))}
 
     def load(self) -> np.ndarray:
         x_train, y_train, x_test, y_test = load_idx_set(self.data_dir / self.dataset)
@@ -73,6 +80,11 @@ class ImageFolderDataModule(ImageDataModule):
         super().__init__(**kwargs)
         self.train_dir, self.test_dir = train_dir, test_dir
         self.image_size = tuple(image_size) if image_size else None
+
+    def data_files(self) -> dict:
+        root = self.data_dir / self.dataset
+        return {context: (root / folder, sorted(f for f in (root / folder).rglob("*") if f.is_file()))
+                for context, folder in (("training", self.train_dir), ("testing", self.test_dir))}
 
     def load(self) -> np.ndarray:
         root = self.data_dir / self.dataset

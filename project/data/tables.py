@@ -3,7 +3,7 @@ target (optionally log-transformed) or classification of its labels (numbers or 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,15 +138,15 @@ class TableDataModule(FoldDataModule):
     def training_part(self, rows: np.ndarray) -> np.ndarray:
         return rows[~self._dropped[rows]]
 
-    def fit_features(self, train_rows: list[np.ndarray]) -> tuple[MemberFeatures, MemberFeatures]:
-        train, test = [], []
-        for rows in train_rows:
-            pre = FoldPreprocessor(self.spec, self.options).fit(self.train_frame.iloc[rows])
-            train.append(pre.transform(self.train_frame))
-            test.append(pre.transform(self.test_frame))
-        return (MemberFeatures(torch.from_numpy(stack_members(train))),
-                MemberFeatures(torch.from_numpy(stack_members(test))))
+    def fit_features(self, train_rows: list[np.ndarray]) -> tuple[MemberFeatures, MemberFeatures, list]:
+        preprocessors = [FoldPreprocessor(self.spec, self.options).fit(self.train_frame.iloc[rows]) for rows in train_rows]
+        return (MemberFeatures(torch.from_numpy(stack_members([p.transform(self.train_frame) for p in preprocessors]))),
+                MemberFeatures(torch.from_numpy(stack_members([p.transform(self.test_frame) for p in preprocessors]))),
+                preprocessors)
 
-    def labels(self, class_index: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Class indices as the training file's labels."""
-        return self.classes[np.asarray(class_index)]
+    def test_inputs(self) -> pd.DataFrame:
+        """The test file as pandas reads it (the predictor reads numbers as the preset says)."""
+        return pd.read_csv(self.test_path)
+
+    def data_files(self) -> dict:
+        return {"training": (self.train_path, self.train_frame), "testing": (self.test_path, self.test_frame)}

@@ -50,17 +50,23 @@ def read_csv(path: Path, spec: TabularSpec, with_target: bool) -> pd.DataFrame:
         raise DataError(f"{path}: not a readable CSV: {err}") from None
     if df.empty:
         raise DataError(f"{path}: no data rows, expected at least one row under the header")
+    return check_frame(df, spec, path, with_target)
+
+
+def check_frame(df: pd.DataFrame, spec: TabularSpec, source: Path, with_target: bool) -> pd.DataFrame:
+    """The id (and target) columns present, and the numeric columns as numbers; ``source`` names
+    where the rows came from in an error."""
     required = [spec.id_column] + ([spec.target] if with_target else [])
     for column in required:
         if column not in df.columns:
             role = "the target" if column == spec.target else "the row id"
-            raise DataError(f"{path}: no column {column!r} ({role}); the header has {len(df.columns)} columns")
+            raise DataError(f"{source}: no column {column!r} ({role}); the header has {len(df.columns)} columns")
     numeric = spec.numeric
     if numeric is None:
         numeric = tuple(df.select_dtypes("number").columns)
     for column in numeric:
         if column in df.columns and column not in (spec.target, spec.id_column):  # ids keep their type
-            df[column] = as_numbers(df[column], path, column)
+            df[column] = as_numbers(df[column], source, column)
     return df
 
 
@@ -141,10 +147,16 @@ class QuantileClipper(TransformerMixin, BaseEstimator):
 
 class FoldPreprocessor:
     """Numeric: median imputation (+ indicators), optional log1p of skewed columns, scaling.
-    Categorical: a missing-value level, rare-level grouping, one-hot encoding."""
+    Categorical: a missing-value level, rare-level grouping, one-hot encoding. ``columns_`` is the
+    fitted scikit-learn transformer (what a saved predictor keeps); the rest follows from the spec."""
 
     def __init__(self, spec: TabularSpec, options: PreprocessOptions | None = None) -> None:
         self.spec, self.options = spec, options or PreprocessOptions()
+
+    def restored(self, columns: ColumnTransformer) -> FoldPreprocessor:
+        """This preprocessor with an already fitted transformer."""
+        self.columns_ = columns
+        return self
 
     def _frame(self, df: pd.DataFrame) -> pd.DataFrame:
         df = df.drop(columns=[c for c in (self.spec.id_column, self.spec.target) if c in df.columns])
@@ -168,7 +180,7 @@ class FoldPreprocessor:
         encoder = OneHotEncoder(handle_unknown="infrequent_if_exist" if o.min_frequency > 1 else "ignore",
                                 min_frequency=o.min_frequency if o.min_frequency > 1 else None,
                                 sparse_output=False, dtype=np.float32)
-        as_text = FunctionTransformer(_categories_as_text, feature_names_out="one-to-one")
+        as_text = FunctionTransformer(categories_as_text, feature_names_out="one-to-one")
         self.columns_ = ColumnTransformer(
             [("numeric", make_pipeline(*numeric_steps), numeric),
              ("categorical", make_pipeline(as_text, encoder), categorical)],
@@ -180,7 +192,8 @@ class FoldPreprocessor:
         return np.asarray(self.columns_.transform(self._frame(df)), dtype=np.float32)
 
 
-def _categories_as_text(frame: pd.DataFrame) -> np.ndarray:
+def categories_as_text(frame: pd.DataFrame) -> np.ndarray:
+    """Category columns as text, a missing value as its own level (the one-hot encoder's input)."""
     frame = pd.DataFrame(frame)
     return frame.astype(object).where(frame.notna(), MISSING).astype(str).to_numpy(dtype=object)
 

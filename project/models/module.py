@@ -107,7 +107,7 @@ class FoldModule(L.LightningModule):
         self._publish({f"test/{self.metric_name}": scores.mean()})
 
     def _epoch_record(self) -> dict:
-        train_loss = self.train_loss.compute().cpu()
+        train_loss = self.train_loss.compute().cpu().reshape(-1)  # torchmetrics squeezes a single member
         if not torch.isfinite(train_loss).all() and self.diverged is None:
             bad = [m for m, v in enumerate(train_loss.tolist()) if not math.isfinite(v)]
             self.diverged = {"epoch": self.current_epoch, "members": bad}

@@ -10,9 +10,9 @@ import optuna
 from optuna.trial import TrialState
 
 from project.cv import cross_validate
-from project.model_io import save_model
+from project.predictor import Predictor
 from project.refit import refit_and_test, refit_metrics
-from project.submission import write_predictions
+from project.serving import log_predictor
 from project.tuning.plots import learning_curves, study_plots
 from project.tuning.space import config_from_params
 from project.tuning.recovery import RUN_ID_ATTR
@@ -57,16 +57,15 @@ def export_best(study: optuna.Study, settings: SweepSettings, tracker: Tracker, 
     }
     plots_dir = out_dir / "plots"
     plots = study_plots(study, plots_dir) + [learning_curves(result, datamodule.folds, plots_dir / "best_learning_curves.png")]
-    model_path = out_dir / "model.pt"
     submission = out_dir / task.preset.submission.file
     if task.refits:
-        fits, scores = refit_and_test(task, config, settings.data_dir, settings.seed, submission)
+        predictor, scores = refit_and_test(task, config, settings.data_dir, settings.seed, submission)
         summary.update(scores)
     else:
-        fits = result.fits
-        write_predictions(task, fits, datamodule, submission)
+        predictor = Predictor.from_fits(task, config, result.fits, datamodule)
+        predictor.write_submission(datamodule.test_inputs(), submission, datamodule.test_ids)
     summary["submission"] = str(submission)
-    save_model(fits, config, datamodule.sample_shape, datamodule.out_features, model_path)
+    summary["model"] = str(predictor.save(out_dir / "model"))
     summary["mlflow"] = {"tracking_uri": tracker.tracking_uri, "experiment_id": tracker.experiment_id,
                          "run_id": parent_run_id}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -83,5 +82,9 @@ def export_best(study: optuna.Study, settings: SweepSettings, tracker: Tracker, 
             tracker.log_artifact(parent_run_id, plot, "plots")
         for path in (out_dir / "summary.json", submission):
             tracker.log_artifact(parent_run_id, path)
-        tracker.log_artifact(parent_run_id, model_path, "model")
+        version = log_predictor(predictor, tracker.tracking_uri, parent_run_id, datamodule.test_inputs(),
+                                registered_name=task.name,
+                                tags={"study": settings.study_name, "trial": best.number, f"cv_{task.metric}": best.value})
+        summary["registered_model"] = f"models:/{version.name}/{version.version}"
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

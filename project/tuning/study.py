@@ -24,7 +24,7 @@ from project.tuning.locks import sqlite_creation_lock
 from project.tuning.pruning import FoldPruningCallback
 from project.tuning.recovery import RUN_ID_ATTR, claim
 from project.tuning.space import suggest_config
-from project.tuning.tracking import Tracker
+from project.tuning.tracking import Tracker, dataset_inputs, source_tags
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
 # settings a resumed study must share with the one that created it: its trials would not compare
@@ -53,6 +53,7 @@ class SweepSettings:
     pruning: bool = True
     threads: int | None = None
     parent_run_id: str | None = None
+    entry_point: str | None = None  # the script the runs name as their source (default: this process's)
 
     @property
     def task(self) -> Task:
@@ -161,12 +162,15 @@ class Objective:
         self.task = settings.task
         # set up once per worker: preprocessing does not depend on the trial
         self.datamodule = settings.datamodule(self.task)
+        self.inputs, self.source = dataset_inputs(self.datamodule), source_tags(settings.entry_point)
 
     def __call__(self, trial: optuna.Trial) -> float:
         config = suggest_config(trial, self.task, self.settings.model, self.settings.fixed)
         run_id = self.tracker.start_run(f"trial-{trial.number}", self.settings.parent_run_id,
-                                        {"trial_number": str(trial.number), "study": self.settings.study_name})
+                                        {"trial_number": str(trial.number), "study": self.settings.study_name,
+                                         **self.source})
         trial.set_user_attr(RUN_ID_ATTR, run_id)
+        self.tracker.log_inputs(run_id, self.inputs)
         self.tracker.log_params(run_id, {**config.flat(), "trial_number": trial.number})
         pruner = FoldPruningCallback(trial)
         state, status = "FAIL", "FAILED"

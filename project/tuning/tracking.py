@@ -7,17 +7,23 @@ not create, given the run id.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
 import subprocess
-import tempfile
+import sys
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from importlib import metadata
 from pathlib import Path
 
-from mlflow.entities import Metric, Param, RunTag
+import mlflow.data
+import pandas as pd
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -28,6 +34,7 @@ from project.tuning.locks import sqlite_creation_lock
 PARENT_TAG = "mlflow.parentRunId"
 PACKAGES = ("torch", "lightning", "torchmetrics", "optuna", "mlflow", "pandas", "scikit-learn", "numpy")
 _BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch call
+EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
@@ -43,13 +50,12 @@ def _artifact_root(tracking_uri: str, experiment_name: str) -> str | None:
     return (db.parent / "mlartifacts" / experiment_name).resolve().as_uri()
 
 
-def environment_tags() -> dict[str, str]:
-    tags = {"python": platform.python_version(), "platform": platform.platform()}
-    for package in PACKAGES:
-        try:
-            tags[f"version.{package}"] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            pass
+def source_tags(entry_point: str | None = None) -> dict[str, str]:
+    """What the runs table's Source column shows: the script that ran (default: this process's)
+    and the git commit of the code."""
+    script = Path(entry_point or sys.argv[0]).resolve()
+    name = str(script.relative_to(REPO_ROOT)) if script.is_relative_to(REPO_ROOT) else str(script)
+    tags = {"mlflow.source.name": name, "mlflow.source.type": "LOCAL"}
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5)
         if commit.returncode == 0:
@@ -57,6 +63,40 @@ def environment_tags() -> dict[str, str]:
     except OSError:
         pass
     return tags
+
+
+def environment_tags(entry_point: str | None = None) -> dict[str, str]:
+    """The run's source and the versions it ran with."""
+    tags = {"python": platform.python_version(), "platform": platform.platform(), **source_tags(entry_point)}
+    for package in PACKAGES:
+        try:
+            tags[f"version.{package}"] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return tags
+
+
+def dataset_inputs(datamodule) -> list[DatasetInput]:
+    """A task's train and test data as MLflow dataset inputs: tables with their schema, row count
+    and a digest of their content, image files with the sha256 of their bytes; each with its
+    source path, so a run's Dataset column says what it was trained and tested on."""
+    inputs = []
+    with warnings.catch_warnings():
+        # MLflow registers its local-file source twice and says so on every path; and it hints
+        # that integer columns cannot hold missing values, which concerns models, not a record
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
+        for context, (path, content) in datamodule.data_files().items():
+            name = f"{datamodule.dataset}/{path.name}"
+            if isinstance(content, pd.DataFrame):
+                dataset = mlflow.data.from_pandas(content, source=str(path), name=name)
+            else:
+                digest = hashlib.sha256()
+                for file in content:
+                    digest.update(file.read_bytes())
+                dataset = MetaDataset(resolve_dataset_source(str(path)), name=name, digest=digest.hexdigest()[:8])
+            inputs.append(DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", context)]))
+    return inputs
 
 
 class Tracker:
@@ -79,10 +119,14 @@ class Tracker:
                 time.sleep(1.0 + attempt)
 
     def _experiment(self, name: str) -> str:
+        """The experiment's id; it opens in the UI's model-training view (not the GenAI one)."""
         experiment = self.client.get_experiment_by_name(name)
-        if experiment is not None:
-            return experiment.experiment_id
-        return self.client.create_experiment(name, artifact_location=_artifact_root(self.tracking_uri, name))
+        if experiment is None:
+            return self.client.create_experiment(name, artifact_location=_artifact_root(self.tracking_uri, name),
+                                                 tags={EXPERIMENT_KIND: MODEL_TRAINING})
+        if experiment.tags.get(EXPERIMENT_KIND) != MODEL_TRAINING:
+            self.client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
+        return experiment.experiment_id
 
     def start_run(self, name: str, parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> str:
         tags = dict(tags or {})
@@ -91,13 +135,19 @@ class Tracker:
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
         return run.info.run_id
 
+    def log_inputs(self, run_id: str, inputs: list[DatasetInput]) -> None:
+        self.client.log_inputs(run_id, datasets=inputs)
+
     def log_params(self, run_id: str, params: dict) -> None:
         items = [Param(k, json.dumps(v) if isinstance(v, (list, tuple)) else str(v)) for k, v in params.items()]
         for start in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[start : start + 100])
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
-        self._log(run_id, [Metric(k, float(v), 0, step) for k, v in metrics.items()])
+        """Timestamped now: a resumed study logs its totals again at the same step, and the newest
+        value is the run's (and its logged model's, which allows one value per timestamp and step)."""
+        now = int(time.time() * 1000)
+        self._log(run_id, [Metric(k, float(v), now, step) for k, v in metrics.items()])
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
@@ -151,4 +201,7 @@ class Tracker:
         self.client.set_terminated(run_id, status)
 
     def ui_command(self) -> str:
-        return f"mlflow ui --backend-store-uri {self.tracking_uri} --host 127.0.0.1"
+        """The command that serves this store, and the experiment's page in the model-training view
+        (MLflow 3's UI opens on its GenAI view unless the address asks for the other)."""
+        return (f"mlflow ui --backend-store-uri {self.tracking_uri} --host 127.0.0.1\n  then open "
+                f"http://127.0.0.1:5000/#/experiments/{self.experiment_id}/runs?workflowType=machine_learning")

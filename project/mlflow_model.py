@@ -1,0 +1,7 @@
+"""The entry point of the MLflow Model (MLflow's models-from-code): run when the model is loaded."""
+
+from mlflow.models import set_model
+
+from project.serving import PredictorModel
+
+set_model(PredictorModel())

@@ -1,0 +1,150 @@
+"""A trained task as one object that predicts from raw inputs what its submission holds.
+
+A ``Predictor`` holds the members (the K fold models, or a refit's seeds) as plain modules in one
+stack, their head, what turned raw inputs into their features (each member's fitted table
+preprocessing, or its pixel normalisation) and the task's preset. It writes the submission, and
+the MLflow Model wraps it (``project/serving.py``), so both give the same predictions.
+
+Saved as a folder of plain files, none of them a pickle: ``task.yaml`` (the resolved preset),
+``model.pt`` (``project.model_io``: weights, loaded with ``weights_only=True``), ``inputs.json``
+(class labels, pixel statistics) and ``preprocessing/member<m>.skops`` (each member's fitted
+scikit-learn transformer, loaded by skops with only the scikit-learn and project types listed in
+``TRUSTED`` allowed).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import OmegaConf
+from torch import Tensor, nn
+
+from project import presets
+from project.cv import Fit
+from project.data import FoldDataModule
+from project.data.batches import MemberFeatures, StackedBatches
+from project.data.tabular import FoldPreprocessor, stack_members
+from project.engine import build_stack
+from project.model_io import load_model, save_model
+from project.submission import SubmissionFormat, prediction_frame, write_submission
+from project.tasks import Task, TrainConfig
+
+# what a saved member's preprocessing may be made of (anything else is refused when it is loaded)
+TRUSTED = [
+    "numpy.dtype", "numpy.ndarray", "numpy.float32", "numpy.float64", "numpy.int64",
+    "builtins.object", "builtins.str", "builtins.float", "builtins.int",
+    "sklearn.compose._column_transformer.ColumnTransformer",
+    "sklearn.compose._column_transformer._RemainderColsList",
+    "sklearn.pipeline.Pipeline", "sklearn.impute._base.SimpleImputer", "sklearn.impute._base.MissingIndicator",
+    "sklearn.preprocessing._data.StandardScaler", "sklearn.preprocessing._data.RobustScaler",
+    "sklearn.preprocessing._encoders.OneHotEncoder", "sklearn.preprocessing._function_transformer.FunctionTransformer",
+    "project.data.tabular.QuantileClipper", "project.data.tabular.SkewedLog1p",
+    "project.data.tabular.categories_as_text",
+]
+EVAL_ROWS = 4096
+
+
+class Predictor:
+    def __init__(self, task: Task, config: TrainConfig, members: list[nn.Module], head: nn.Module,
+                 preprocessors: list[FoldPreprocessor] | None, inputs: dict) -> None:
+        self.task, self.config, self.head, self.preprocessors, self.inputs = task, config, head.eval(), preprocessors, inputs
+        self.stack = build_stack(members, config.model).eval()
+
+    @classmethod
+    def from_fits(cls, task: Task, config: TrainConfig, fits: list[Fit], datamodule: FoldDataModule) -> Predictor:
+        """The members of ``fits`` (one stack, or folds trained one after another)."""
+        members = [m for f in fits for m in _plain_members(f, config, datamodule)]
+        head = task.head(config, [torch.zeros(1)] * len(members))
+        head.load_state_dict({k: torch.cat([f.module.head.state_dict()[k] for f in fits]) for k in head.state_dict()})
+        preprocessors = None if fits[0].members.preprocessors is None else [
+            p for f in fits for p in f.members.preprocessors]
+        features = fits[0].members.features
+        inputs = {"sample_shape": list(datamodule.sample_shape), "out_features": datamodule.out_features,
+                  "folds": [fold for f in fits for fold in f.members.folds],
+                  "classes": None if getattr(datamodule, "classes", None) is None else
+                  [c.item() if isinstance(c, np.generic) else c for c in datamodule.classes]}
+        if features.shared:  # images: each member's pixel statistics
+            inputs["shift"] = torch.cat([f.members.features.shift for f in fits]).tolist()
+            inputs["scale"] = torch.cat([f.members.features.scale for f in fits]).tolist()
+        return cls(task, config, members, head, preprocessors, inputs)
+
+    def member_outputs(self, raw: pd.DataFrame | np.ndarray) -> Tensor:
+        """Each member's head outputs on raw inputs, ``[M, N, ...]``: table rows as the test file
+        holds them, or images ``[N, C, H, W]`` of uint8 pixels."""
+        features = self._features(raw)
+        loader = StackedBatches(features, None, [torch.arange(features.n_rows)] * self.stack.members, EVAL_ROWS,
+                                nonzero=self.stack.accepts_nonzero)
+        with torch.no_grad():
+            return torch.cat([self.head(self.stack(batch["x"])) for batch in loader], dim=1)
+
+    def averaged(self, raw: pd.DataFrame | np.ndarray) -> Tensor:
+        """The members' average: regression outputs on the learnt scale, or class probabilities."""
+        outputs = self.member_outputs(raw)
+        return outputs.mean(dim=0) if self.task.kind == "regression" else outputs.softmax(dim=-1).mean(dim=0)
+
+    def predict(self, raw: pd.DataFrame | np.ndarray, ids: np.ndarray | None = None) -> pd.DataFrame:
+        """What the submission holds for these rows: their ids (``ids``, else a table's id column
+        or the images' positions) with the prediction in the task's format."""
+        return prediction_frame(self.task, self._format(raw, ids), self.inputs["classes"], self.averaged(raw))
+
+    def write_submission(self, raw: pd.DataFrame | np.ndarray, path: Path, ids: np.ndarray | None = None) -> Path:
+        """The submission for the test split's raw inputs, checked before it is written."""
+        return write_submission(self.predict(raw, ids), self._format(raw, ids), path)
+
+    def _format(self, raw: pd.DataFrame | np.ndarray, ids: np.ndarray | None) -> SubmissionFormat:
+        if ids is None:
+            ids = raw[self.task.preset.data.id].to_numpy() if isinstance(raw, pd.DataFrame) else np.arange(len(raw))
+        return SubmissionFormat.of(self.task, ids, self.inputs["classes"])
+
+    def _features(self, raw: pd.DataFrame | np.ndarray) -> MemberFeatures:
+        if self.preprocessors is not None:
+            frame = self.task.prepare_rows(raw)
+            return MemberFeatures(torch.from_numpy(stack_members([p.transform(frame) for p in self.preprocessors])))
+        pixels = torch.as_tensor(np.asarray(raw, dtype=np.uint8)).reshape(len(raw), -1)
+        return MemberFeatures(pixels, torch.tensor(self.inputs["shift"]), torch.tensor(self.inputs["scale"]),
+                              tuple(self.inputs["sample_shape"]))
+
+    def save(self, folder: Path) -> Path:
+        import skops.io
+
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "task.yaml").write_text(presets.to_yaml(self.task.preset.resolved()))
+        (folder / "inputs.json").write_text(json.dumps(self.inputs, indent=2))
+        save_model(folder / "model.pt", self.config, self.inputs["sample_shape"], self.inputs["out_features"],
+                   self.inputs["folds"], self.stack.member_state_dict(), self.head.state_dict())
+        for m, pre in enumerate(self.preprocessors or []):
+            (folder / "preprocessing").mkdir(exist_ok=True)
+            skops.io.dump(pre.columns_, folder / "preprocessing" / f"member{m}.skops")
+        return folder
+
+    @classmethod
+    def load(cls, folder: Path) -> Predictor:
+        import skops.io
+
+        folder = Path(folder)
+        task = Task(presets.from_resolved(OmegaConf.to_container(OmegaConf.load(folder / "task.yaml"))))
+        members, config, saved = load_model(folder / "model.pt")
+        head = task.head(config, [torch.zeros(1)] * len(members))
+        head.load_state_dict(saved["head"])
+        inputs = json.loads((folder / "inputs.json").read_text())
+        files = sorted((folder / "preprocessing").glob("member*.skops"), key=lambda p: int(p.stem[6:]))
+        preprocessors = [FoldPreprocessor(task.table_spec(), task.preset.data.preprocess).restored(
+                         skops.io.load(f, trusted=TRUSTED)) for f in files] or None
+        return cls(task, config, members, head, preprocessors, inputs)
+
+
+def _plain_members(fit: Fit, config: TrainConfig, datamodule: FoldDataModule) -> list[nn.Module]:
+    """A fit's members as plain modules, each holding its own weights."""
+    from project.models import create_model
+
+    state = fit.module.net.member_state_dict()
+    members = []
+    for m in range(len(fit.members)):
+        module = create_model(config.model, datamodule.sample_shape, datamodule.out_features, **config.model_kwargs)
+        module.load_state_dict({k: v[m] for k, v in state.items()})
+        members.append(module.eval())
+    return members

@@ -1,0 +1,44 @@
+"""Progress of long fits: a Fashion-MNIST trial or a refit takes minutes, a House Prices fit seconds.
+
+A fit that has run for ``after`` seconds shows its epochs from then on, on standard error: a bar on
+a terminal, else one line per epoch (a log file, a batch job). Shorter fits, the many small ones
+of a tabular sweep, show nothing.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+import lightning as L
+from tqdm import tqdm
+
+
+class EpochProgress(L.Callback):
+    def __init__(self, label: str, after: float = 10.0, stream: TextIO | None = None) -> None:
+        self.label, self.after, self.stream = label, after, stream or sys.stderr
+        self.started, self.bar = 0.0, None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.started, self.bar = time.monotonic(), None
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        elapsed = time.monotonic() - self.started
+        if elapsed < self.after or not pl_module.history:
+            return
+        record, epoch = pl_module.history[-1], trainer.current_epoch + 1
+        figures = ", ".join(f"{key} {sum(value) / len(value):.4f}" for key, value in record.items() if key != "epoch")
+        if self.stream.isatty():
+            if self.bar is None:
+                self.bar = tqdm(total=trainer.max_epochs, initial=epoch - 1, desc=self.label, unit="epoch",
+                                file=self.stream, leave=False, dynamic_ncols=True)
+            self.bar.set_postfix_str(figures, refresh=False)
+            self.bar.update(1)
+        else:
+            print(f"{self.label}: epoch {epoch}/{trainer.max_epochs}, {figures} ({elapsed:.0f} s)", file=self.stream,
+                  flush=True)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.bar is not None:
+            self.bar.close()
