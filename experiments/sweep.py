@@ -10,6 +10,7 @@ Running the same command again resumes the study stored in --storage.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import threading
@@ -18,10 +19,11 @@ import time
 from optuna.trial import TrialState
 from tqdm import tqdm
 
-from project import presets
+from project import presets, stopping
 from project.cli import add_common_arguments, fixed_params, load_task, output_dir, positive_float, positive_int, run_name
 from project.data import DataError
-from project.tuning.export import export_best
+from project.stopping import Interrupted
+from project.tuning.export import export_best, study_summary
 from project.tuning.recovery import recover_stale_trials
 from project.tuning.space import start_point
 from project.tuning.study import (
@@ -112,6 +114,11 @@ def parent_run(study, tracker: Tracker, settings: SweepSettings, datamodule) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
+    with stopping.handling_signals():  # Ctrl-C or SIGTERM: a clean stop, see project/stopping.py
+        return run_sweep(argv)
+
+
+def run_sweep(argv: list[str] | None) -> int:
     args, parser = parse_args(argv)
     task, model = load_task(args, parser)
     name = run_name(task, model)
@@ -163,18 +170,24 @@ def main(argv: list[str] | None = None) -> int:
     progress.start()
     started = time.perf_counter()
     try:
-        run_workers(settings, n_trials, n_jobs, args.timeout)
+        lost = run_workers(settings, n_trials, n_jobs, args.timeout)
     except DataError as err:
         progress.stop()
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except Interrupted as err:
+        progress.stop()
+        return stopped(err, study, settings, tracker, out)
     finally:
         if progress.is_alive():
             progress.stop()
     elapsed = time.perf_counter() - started
 
-    summary = export_best(study, settings, tracker, out, settings.parent_run_id)
-    tracker.end_run(settings.parent_run_id, "FINISHED")
+    try:
+        summary = export_best(study, settings, tracker, out, settings.parent_run_id)
+    except Interrupted as err:
+        return stopped(err, study, settings, tracker, out)
+    tracker.end_run(settings.parent_run_id, "FAILED" if lost else "FINISHED")
     states = {s.name: sum(t.state == s for t in study.trials) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
     print(f"\n{n_trials} trial(s) in {elapsed:.0f}s; study totals: {states}")
     print(f"best trial {summary['best_trial']}: cv_{task.metric} {summary['cv_mean']:.5f} ± {summary['cv_std']:.5f}")
@@ -187,7 +200,27 @@ def main(argv: list[str] | None = None) -> int:
     print(f"submission: {summary['submission']}")
     print(f"summary: {out / 'summary.json'}\nplots:   {out / 'plots'}")
     print(f"MLflow:  {tracker.ui_command()}")
+    if lost:
+        print(f"error: {len(lost)} worker process(es) lost, their trials failed: " + "; ".join(map(str, lost)),
+              file=sys.stderr)
+        return 1
     return 0
+
+
+def stopped(err: Interrupted, study, settings: SweepSettings, tracker: Tracker, out) -> int:
+    """A stop on request: the running trials ended FAIL ("interrupted") with KILLED runs; end the
+    study's run and write what the study holds."""
+    summary = {**study_summary(study, settings), "interrupted": str(err),
+               "mlflow": {"tracking_uri": tracker.tracking_uri, "experiment_id": tracker.experiment_id,
+                          "run_id": settings.parent_run_id}}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    tracker.set_tags(settings.parent_run_id, {"interrupted": str(err)})
+    tracker.end_run(settings.parent_run_id, "KILLED")
+    best = f"; best so far trial {summary['best_trial']}, cv_{summary['metric']} {summary['cv_mean']:.5f}" \
+        if "best_trial" in summary else ""
+    print(f"stopped, {err}: {summary['n_complete']} trial(s) complete, {summary['n_failed']} failed{best}; "
+          f"summary: {out / 'summary.json'}; the same command resumes the study", file=sys.stderr)
+    return err.exit_code
 
 
 if __name__ == "__main__":

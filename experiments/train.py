@@ -17,6 +17,7 @@ from project.cv import TrainingDiverged, cross_validate, init_model
 from project.data import DataError
 from project.predictor import Predictor
 from project.refit import refit_and_test, refit_metrics
+from project.stopping import Interrupted, handling_signals
 from project.serving import log_predictor
 from project.tuning.tracking import Tracker, dataset_inputs, environment_tags
 
@@ -28,6 +29,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argpa
 
 
 def main(argv: list[str] | None = None) -> int:
+    with handling_signals():  # Ctrl-C or SIGTERM: a clean stop, see project/stopping.py
+        return train(argv)
+
+
+def train(argv: list[str] | None) -> int:
     args, parser = parse_args(argv)
     task, model = load_task(args, parser)
     out = output_dir(args, parser, run_name(task, model))
@@ -95,6 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except Interrupted as err:
+        status = "KILLED"
+        tracker.set_tags(run_id, {"failure": "interrupted"})
+        print(f"stopped, {err}: MLflow run {run_id} KILLED", file=sys.stderr)
+        return err.exit_code
     finally:
         tracker.end_run(run_id, status)
 

@@ -9,6 +9,7 @@ own initialisation, batches, optimiser state and dropout masks.
 from __future__ import annotations
 
 import logging
+import signal
 import time
 import warnings
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 
 from project.data import FoldDataModule
@@ -24,6 +26,7 @@ from project.data.base import Members
 from project.engine import Layout, build_stack, choose_layout, chunked
 from project.models import FoldModule, create_model
 from project.progress import EpochProgress
+from project.stopping import Interrupted, StopOnRequest
 from project.seeds import derive_seed
 from project.tasks import Task, TrainConfig
 
@@ -89,7 +92,7 @@ def make_trainer(max_epochs: int, callbacks: Sequence[L.Callback] = (), validate
         num_sanity_val_steps=0,
         limit_val_batches=None if validate else 0,
         deterministic=True,
-        callbacks=list(callbacks),
+        callbacks=[*callbacks, StopOnRequest()],
     )
 
 
@@ -130,7 +133,10 @@ def fit(task: Task, config: TrainConfig, datamodule: FoldDataModule, seed: int, 
     progress = EpochProgress(f"{config.model}, {describe(members)}")
     trainer = make_trainer(config.max_epochs, [*callbacks, progress], validate=members.validates,
                            accelerator=accelerator, precision=config.precision)
-    trainer.fit(module, train_dataloaders=train, val_dataloaders=val or None)
+    try:
+        trainer.fit(module, train_dataloaders=train, val_dataloaders=val or None)
+    except SIGTERMException:  # Lightning's own stop on SIGTERM, which also asked ours
+        raise Interrupted(signal.SIGTERM) from None
     if module.diverged is not None:
         raise TrainingDiverged(members.folds[module.diverged["members"][0]], module.diverged["epoch"])
     return module

@@ -1,8 +1,8 @@
 """Progress of long fits: a Fashion-MNIST trial or a refit takes minutes, a House Prices fit seconds.
 
 A fit that has run for ``after`` seconds shows its epochs from then on, on standard error: a bar on
-a terminal, else one line per epoch (a log file, a batch job). Shorter fits, the many small ones
-of a tabular sweep, show nothing.
+a terminal, else one line per epoch (a log file, a batch job), at most one every ``every`` seconds
+where epochs are shorter. Shorter fits, the many small ones of a tabular sweep, show nothing.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ from tqdm import tqdm
 
 
 class EpochProgress(L.Callback):
-    def __init__(self, label: str, after: float = 10.0, stream: TextIO | None = None) -> None:
-        self.label, self.after, self.stream = label, after, stream or sys.stderr
-        self.started, self.bar = 0.0, None
+    def __init__(self, label: str, after: float = 10.0, every: float = 5.0, stream: TextIO | None = None) -> None:
+        self.label, self.after, self.every, self.stream = label, after, every, stream or sys.stderr
+        self.started, self.printed, self.bar = 0.0, 0.0, None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.started, self.bar = time.monotonic(), None
+        self.started, self.printed, self.bar = time.monotonic(), 0.0, None
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         elapsed = time.monotonic() - self.started
@@ -35,7 +35,8 @@ class EpochProgress(L.Callback):
                                 file=self.stream, leave=False, dynamic_ncols=True)
             self.bar.set_postfix_str(figures, refresh=False)
             self.bar.update(1)
-        else:
+        elif elapsed - self.printed >= self.every or epoch == trainer.max_epochs:
+            self.printed = elapsed
             print(f"{self.label}: epoch {epoch}/{trainer.max_epochs}, {figures} ({elapsed:.0f} s)", file=self.stream,
                   flush=True)
 

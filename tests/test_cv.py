@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from project.cv import TrainingDiverged, build_module, cross_validate
 from project.models import register_model
+from project.predictor import Predictor
 from project.refit import refit_and_test, refit_metrics
 from project import presets
 from project.tasks import Task, TrainConfig, get_task
@@ -100,6 +102,14 @@ def test_refit_ensemble_scores_averaged_probabilities(tmp_path):
     assert scores["test_accuracy"] == pytest.approx(expected)
     labels = (tmp_path / "p.csv").read_text().splitlines()
     assert labels[0] == "id,label" and len(labels) == dm.test_size + 1
+    # saved and reloaded, it predicts from raw pixels ([N, 1, 28, 28] uint8) what it wrote
+    pixels = dm.test_inputs()
+    assert pixels.dtype == np.uint8 and pixels.shape == (dm.test_size, 1, 28, 28)
+    reloaded = Predictor.load(predictor.save(tmp_path / "model"))
+    frame = reloaded.predict(pixels)
+    assert frame.to_csv(index=False).splitlines() == labels
+    probabilities = torch.from_numpy(reloaded.averaged(pixels).numpy())
+    torch.testing.assert_close(probabilities, logits.softmax(-1).mean(0), rtol=1e-5, atol=1e-6)
 
 
 def test_same_seed_same_cv_score(house_dir):

@@ -27,6 +27,24 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
     return study.best_trial
 
 
+def study_summary(study: optuna.Study, settings: SweepSettings) -> dict:
+    """What the study holds: its trial counts and, once a trial completed, the best one."""
+    task, trials = settings.task, study.get_trials(deepcopy=False)
+    summary = {
+        "task": task.name, "metric": task.metric, "direction": task.direction,
+        "n_trials": len(trials), "n_complete": sum(t.state == TrialState.COMPLETE for t in trials),
+        "n_pruned": sum(t.state == TrialState.PRUNED for t in trials),
+        "n_failed": sum(t.state == TrialState.FAIL for t in trials),
+        "study": {"storage": settings.storage, "name": settings.study_name},
+    }
+    if summary["n_complete"]:
+        best = study.best_trial
+        summary.update({"cv_mean": best.value, "cv_std": best.user_attrs.get("cv_std"),
+                        "fold_scores": best.user_attrs.get("fold_scores"), "best_trial": best.number,
+                        "best_params": best.params})
+    return summary
+
+
 def export_best(study: optuna.Study, settings: SweepSettings, tracker: Tracker, out_dir: Path,
                 parent_run_id: str | None) -> dict:
     """Rebuild the best trial's fold models (deterministic: the same models) where the submission
@@ -44,17 +62,8 @@ def export_best(study: optuna.Study, settings: SweepSettings, tracker: Tracker, 
     if rerun:
         result = cross_validate(task, config, seed=settings.seed, stacking=settings.stacking, datamodule=datamodule)
 
-    trials = study.get_trials(deepcopy=False)
-    summary = {
-        "task": task.name, "metric": task.metric, "direction": task.direction,
-        "cv_mean": best.value, "cv_std": best.user_attrs.get("cv_std"),
-        "fold_scores": best.user_attrs.get("fold_scores"), "cv_mean_rerun": result.mean if rerun else None,
-        "best_trial": best.number, "best_params": best.params, "config": config.to_dict(),
-        "n_trials": len(trials), "n_complete": sum(t.state == TrialState.COMPLETE for t in trials),
-        "n_pruned": sum(t.state == TrialState.PRUNED for t in trials),
-        "n_failed": sum(t.state == TrialState.FAIL for t in trials),
-        "study": {"storage": settings.storage, "name": settings.study_name},
-    }
+    summary = {**study_summary(study, settings), "cv_mean_rerun": result.mean if rerun else None,
+               "config": config.to_dict()}
     plots_dir = out_dir / "plots"
     plots = study_plots(study, plots_dir) + [learning_curves(result, datamodule.folds, plots_dir / "best_learning_curves.png")]
     submission = out_dir / task.preset.submission.file

@@ -91,12 +91,22 @@ def recover_stale_trials(study: optuna.Study, tracker: Tracker) -> list[int]:
     return sorted(failed)
 
 
+def fail_trials_of(study: optuna.Study, tracker: Tracker, pid: int, reason: str) -> list[int]:
+    """Mark FAIL the RUNNING trials this host's process ``pid`` claimed (it is known to have died),
+    and their MLflow runs FAILED; returns their numbers."""
+    host = socket.gethostname()
+    failed = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+              if t.user_attrs.get(WORKER_ATTR) == {"host": host, "pid": pid} and _fail(study, t, reason)]
+    _close_failed_runs(study, tracker)
+    return failed
+
+
 def _close_failed_runs(study: optuna.Study, tracker: Tracker) -> None:
     """FAIL trials, whether failed here or by the storage heartbeat, get FAILED MLflow runs: a run
     may still say RUNNING, or FINISHED when its worker died after ending it but before Optuna
-    recorded the trial's end."""
+    recorded the trial's end. An interrupted trial's run stays KILLED."""
     for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
         run_id = trial.user_attrs.get(RUN_ID_ATTR)
-        if run_id and tracker.has_run(run_id) and tracker.client.get_run(run_id).info.status != "FAILED":
+        if run_id and tracker.has_run(run_id) and tracker.client.get_run(run_id).info.status not in ("FAILED", "KILLED"):
             tracker.set_tags(run_id, {"state": "FAIL", "failure": trial.user_attrs.get("failure", "worker died")})
             tracker.end_run(run_id, "FAILED")

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
+import multiprocessing.connection
+import signal
+import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-import warnings
 
 import optuna
 import sqlalchemy
@@ -16,13 +19,14 @@ import torch
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
+from project import presets, stopping
 from project.cv import TrainingDiverged, cross_validate
 from project.seeds import derive_seed
-from project import presets
+from project.stopping import Interrupted
 from project.tasks import Task
 from project.tuning.locks import sqlite_creation_lock
 from project.tuning.pruning import FoldPruningCallback
-from project.tuning.recovery import RUN_ID_ATTR, claim
+from project.tuning.recovery import RUN_ID_ATTR, claim, fail_trials_of, recover_stale_trials
 from project.tuning.space import suggest_config
 from project.tuning.tracking import Tracker, dataset_inputs, source_tags
 
@@ -175,6 +179,7 @@ class Objective:
         pruner = FoldPruningCallback(trial)
         state, status = "FAIL", "FAILED"
         try:
+            stopping.check()  # asked to stop while this trial was being created: it ends before training
             result = cross_validate(self.task, config, seed=self.settings.seed, stacking=self.settings.stacking,
                                     callbacks=[pruner], datamodule=self.datamodule)
             self.tracker.log_cv(run_id, result, self.datamodule.folds)
@@ -192,44 +197,114 @@ class Objective:
             trial.set_user_attr("failure", str(err))
             self.tracker.set_tags(run_id, {"failure": str(err)})
             raise
+        except Interrupted:
+            state, status = "FAIL", "KILLED"
+            trial.set_user_attr("failure", "interrupted")
+            self.tracker.set_tags(run_id, {"failure": "interrupted"})
+            raise
         finally:
             self.tracker.set_tags(run_id, {"state": state})
             self.tracker.end_run(run_id, status)
 
 
 def run_worker(settings: SweepSettings, n_trials: int, timeout: float | None) -> None:
-    """One worker: its own process, sharing the study storage and the MLflow store with the others."""
+    """One worker: its own process, sharing the study storage and the MLflow store with the others.
+    A stop request ends its running trial FAIL ("interrupted") and raises ``Interrupted``."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     tracker = Tracker(settings.tracking_uri, settings.experiment_name)
     study = open_study(settings)
     objective = Objective(settings, tracker)
-    study.optimize(objective, n_trials=n_trials, timeout=timeout, catch=(TrainingDiverged,), gc_after_trial=False)
+    stopping.check()
+    study.optimize(objective, n_trials=n_trials, timeout=timeout, catch=(TrainingDiverged,), gc_after_trial=False,
+                   callbacks=[_stop_when_asked])
 
 
-def run_workers(settings: SweepSettings, n_trials: int, n_jobs: int, timeout: float | None) -> None:
+def _stop_when_asked(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    if stopping.requested():
+        study.stop()
+
+
+class _NotInterrupted(logging.Filter):
+    """Optuna logs a failed trial with its traceback, then its value; an interrupted trial is no
+    failure of the code, and the sweep's own line says it was interrupted."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not stopping.requested()
+
+
+logging.getLogger("optuna.study._optimize").addFilter(_NotInterrupted())
+
+
+def _worker_process(settings: SweepSettings, n_trials: int, timeout: float | None) -> None:
+    stopping.install_for_worker()
+    try:
+        run_worker(settings, n_trials, timeout)
+    except Interrupted as err:
+        sys.exit(err.exit_code)
+
+
+@dataclass(frozen=True)
+class LostWorker:
+    """A worker process that ended by itself before its share was done (killed, or crashed)."""
+    index: int
+    pid: int
+    how: str  # "killed by SIGKILL", "exited with code 1"
+    trials: list[int]  # its RUNNING trials, failed at once
+
+    def __str__(self) -> str:
+        during = f"during trial {', '.join(map(str, self.trials))}" if self.trials else "between trials"
+        return (f"worker {self.index} (pid {self.pid}) {self.how} {during}: "
+                f"{'that trial is' if len(self.trials) == 1 else 'its trials are'} FAIL, the other workers go on")
+
+
+def run_workers(settings: SweepSettings, n_trials: int, n_jobs: int, timeout: float | None) -> list[LostWorker]:
+    """Run the trials in ``n_jobs`` worker processes (or in this one). A worker that dies is
+    reported at once, its trial failed in Optuna and MLflow, and the others go on; the lost
+    workers are returned. A stop request is passed on to the workers, and raises ``Interrupted``
+    here once they have ended their trials."""
     if n_jobs == 1:
         run_worker(settings, n_trials, timeout)
-        return
+        return []
     # create both stores' tables and the experiment here, once: workers racing to do so collide
-    Tracker(settings.tracking_uri, settings.experiment_name)
-    open_study(settings)
+    tracker = Tracker(settings.tracking_uri, settings.experiment_name)
+    study = open_study(settings)
     context = multiprocessing.get_context("spawn")
     shares = [n_trials // n_jobs + (i < n_trials % n_jobs) for i in range(n_jobs)]
-    workers = [context.Process(target=run_worker, args=(settings, share, timeout)) for share in shares if share]
+    workers = [context.Process(target=_worker_process, args=(settings, share, timeout)) for share in shares if share]
     for worker in workers:
         worker.start()
+    lost, running = [], dict(enumerate(workers))
     try:
-        for worker in workers:
-            worker.join()
+        with stopping.forwarding_to([w.pid for w in workers]):
+            while running:
+                multiprocessing.connection.wait([w.sentinel for w in running.values()], timeout=1.0)
+                for index, worker in list(running.items()):
+                    if worker.exitcode is None:
+                        continue
+                    del running[index]
+                    asked = stopping.requested()
+                    # a worker stopped on request, or by the signal itself before its handler was set
+                    stopped = asked is not None and worker.exitcode in (128 + asked, -asked)
+                    if worker.exitcode != 0 and not stopped:
+                        lost.append(_lost(study, tracker, index, worker))
+                        print(lost[-1], file=sys.stderr, flush=True)
     finally:
         for worker in workers:
             if worker.is_alive():
                 worker.terminate()
-    failed = [w.exitcode for w in workers if w.exitcode]
-    if failed:
-        raise RuntimeError(f"{len(failed)} worker process(es) exited with code(s) {failed}; see the messages above")
+    if lost:  # a worker killed before it claimed its newest trial left that one unattributed
+        recover_stale_trials(study, tracker)
+    stopping.check()
+    return lost
+
+
+def _lost(study: optuna.Study, tracker: Tracker, index: int, worker: multiprocessing.Process) -> LostWorker:
+    code = worker.exitcode
+    how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+    trials = fail_trials_of(study, tracker, worker.pid, f"worker process {how}")
+    return LostWorker(index, worker.pid, f"was {how}" if code < 0 else how, trials)
 
 
 def default_storage(output_dir: Path) -> str:
