@@ -74,6 +74,7 @@ def train(argv: list[str] | None) -> int:
                    "fold_scores": result.fold_scores, "params": config.to_dict(), "seconds": result.seconds,
                    "fold_layout": result.layout}
         submission = out / task.preset.submission.file
+        test_inputs = datamodule.test_inputs()  # read once: the file for a table task
         if task.refits:
             predictor, scores = refit_and_test(task, config, args.data_dir, args.seed, submission)
             tracker.log_metrics(run_id, refit_metrics(scores))
@@ -82,11 +83,11 @@ def train(argv: list[str] | None) -> int:
                   + "".join(f", {k.replace('_', ' ')} {v:.4f}" for k, v in scores.items() if not isinstance(v, list)))
         else:
             predictor = Predictor.from_fits(task, config, result.fits, datamodule)
-            predictor.write_submission(datamodule.test_inputs(), submission, datamodule.test_ids)
+            predictor.write_submission(test_inputs, submission, datamodule.test_ids)
         tracker.log_artifact(run_id, submission)
         summary["submission"] = str(submission)
         summary["model"] = str(predictor.save(out / "model"))
-        log_predictor(predictor, tracker.tracking_uri, run_id, datamodule.test_inputs())
+        log_predictor(predictor, tracker.tracking_uri, run_id, test_inputs)
         summary["mlflow"] = {"tracking_uri": tracker.tracking_uri, "experiment_id": tracker.experiment_id,
                              "run_id": run_id}
         (out / "summary.json").write_text(json.dumps(summary, indent=2))

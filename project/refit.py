@@ -28,6 +28,7 @@ def refit_and_test(task: Task, config: TrainConfig, data_dir: str | Path, seed: 
     groups = [members] if layout.stacked else [members.select([p]) for p in range(len(members))]
     fits = [Fit(fit(task, config, datamodule, seed, group), group) for group in groups]
     predictor = Predictor.from_fits(task, config, fits, datamodule)
+    test_inputs = datamodule.test_inputs()  # read once: the file for a table task
     scores = {}
     if datamodule.test_targets is not None:
         member_scores = []
@@ -36,12 +37,12 @@ def refit_and_test(task: Task, config: TrainConfig, data_dir: str | Path, seed: 
             make_trainer(1).test(f.module, dataloaders=loader, verbose=False)
             member_scores += f.module.test_scores
         metric = fits[0].module.head.metric()  # the ensemble scored as one member, from its probabilities
-        probabilities = predictor.averaged(datamodule.test_inputs())
+        probabilities = predictor.averaged(test_inputs)
         metric.update(probabilities.log()[None], datamodule.test_targets[None], torch.ones(1, len(probabilities)))
         name = f"test_{REPORTED.get(task.metric, task.metric)}"
         scores = {name: float(metric.compute()[0]), f"{name}_members": member_scores}
     if predictions_path is not None:
-        predictor.write_submission(datamodule.test_inputs(), predictions_path, datamodule.test_ids)
+        predictor.write_submission(test_inputs, predictions_path, datamodule.test_ids)
     return predictor, scores
 
 

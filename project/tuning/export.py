@@ -67,12 +67,13 @@ def export_best(study: optuna.Study, settings: SweepSettings, tracker: Tracker, 
     plots_dir = out_dir / "plots"
     plots = study_plots(study, plots_dir) + [learning_curves(result, datamodule.folds, plots_dir / "best_learning_curves.png")]
     submission = out_dir / task.preset.submission.file
+    test_inputs = datamodule.test_inputs()  # read once: the file for a table task
     if task.refits:
         predictor, scores = refit_and_test(task, config, settings.data_dir, settings.seed, submission)
         summary.update(scores)
     else:
         predictor = Predictor.from_fits(task, config, result.fits, datamodule)
-        predictor.write_submission(datamodule.test_inputs(), submission, datamodule.test_ids)
+        predictor.write_submission(test_inputs, submission, datamodule.test_ids)
     summary["submission"] = str(submission)
     summary["model"] = str(predictor.save(out_dir / "model"))
     summary["mlflow"] = {"tracking_uri": tracker.tracking_uri, "experiment_id": tracker.experiment_id,
@@ -91,7 +92,7 @@ def export_best(study: optuna.Study, settings: SweepSettings, tracker: Tracker, 
             tracker.log_artifact(parent_run_id, plot, "plots")
         for path in (out_dir / "summary.json", submission):
             tracker.log_artifact(parent_run_id, path)
-        version = log_predictor(predictor, tracker.tracking_uri, parent_run_id, datamodule.test_inputs(),
+        version = log_predictor(predictor, tracker.tracking_uri, parent_run_id, test_inputs,
                                 registered_name=task.name,
                                 tags={"study": settings.study_name, "trial": best.number, f"cv_{task.metric}": best.value})
         summary["registered_model"] = f"models:/{version.name}/{version.version}"
