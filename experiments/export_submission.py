@@ -19,7 +19,7 @@ from project.data.sources import KAGGLE_COMPETITION, _kaggle_credentials
 from project.paths import REPO_ROOT
 from project.tuning.export import export_best
 from project.tuning.study import PRESET_ATTR, SweepSettings, default_storage, make_storage
-from project.tuning.tracking import Tracker
+from project.tuning.tracking import resolve_tracking_uri
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,11 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     settings = SweepSettings(preset=preset, data_dir=str(args.data_dir), seed=stored["seed"], storage=storage,
                              study_name=name, tracking_uri="", experiment_name=preset["name"], model=stored["model"],
                              fixed=stored["fixed"], stacking=stored["stacking"],
-                             validation_folds=stored["validation_folds"])
+                             validation_folds=stored["validation_folds"], output_dir=str(out))
     task = settings.task
-    tracker = Tracker(args.tracking_uri, settings.experiment_name)
-    settings.tracking_uri = tracker.tracking_uri
+    settings.tracking_uri = resolve_tracking_uri(args.tracking_uri)
+    tracker = settings.tracker()
+    tracker.send_kept()  # what the sweep could not log
     summary = export_best(study, settings, tracker, out, study.user_attrs.get("mlflow_parent_run_id"))
+    tracker.send_kept(left_for="the next command on this study")
     rerun = "" if summary["cv_mean_rerun"] is None else f" (re-run {summary['cv_mean_rerun']:.5f})"
     print(f"best trial {summary['best_trial']}: cv_{task.metric} {summary['cv_mean']:.5f}{rerun}; "
           f"wrote {out / 'summary.json'}")

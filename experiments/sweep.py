@@ -15,6 +15,7 @@ import os
 import sys
 import threading
 import time
+import uuid
 
 from optuna.trial import TrialState
 from tqdm import tqdm
@@ -29,12 +30,15 @@ from project.tuning.space import start_point
 from project.tuning.study import (
     SweepSettings,
     check_frozen,
+    STORAGE_ERRORS,
     STORAGE_SCHEMES,
+    StorageUnreachable,
     default_storage,
     open_study,
     run_workers,
 )
-from project.tuning.tracking import Tracker, dataset_inputs, environment_tags
+from project.tuning.pending import PENDING_PREFIX
+from project.tuning.tracking import Tracker, dataset_inputs, environment_tags, resolve_tracking_uri
 
 PARENT_ATTR = "mlflow_parent_run_id"
 
@@ -68,7 +72,11 @@ class Progress(threading.Thread):
         self.done = threading.Event()
 
     def poll(self) -> None:
-        for trial in self.study.get_trials(deepcopy=False):
+        try:
+            trials = self.study.get_trials(deepcopy=False)
+        except STORAGE_ERRORS:
+            return  # the database server is away: the sweep stops and says so
+        for trial in trials:
             if trial.number < self.first or trial.number in self.seen or not trial.state.is_finished():
                 continue
             self.seen.add(trial.number)
@@ -98,7 +106,7 @@ def parent_run(study, tracker: Tracker, settings: SweepSettings, datamodule) -> 
     run_id = study.user_attrs.get(PARENT_ATTR)
     if run_id:
         if tracker.has_run(run_id):
-            tracker.client.update_run(run_id, status="RUNNING")
+            tracker.set_running(run_id)
             return run_id
         # otherwise the study outlived its MLflow store (or uses another one): start a new parent run
     run_id = tracker.start_run(f"study-{settings.study_name}", tags={**environment_tags(settings.entry_point),
@@ -137,12 +145,14 @@ def run_sweep(argv: list[str] | None) -> int:
         pruning=sweep.pruning and not args.no_pruning,
         validation_folds=args.validation_folds or sweep.validation_folds or task.folds,
         threads=args.threads or max(1, (os.cpu_count() or 1) // n_jobs), entry_point=__file__,
+        output_dir=str(out), command=uuid.uuid4().hex,
     )
     if settings.validation_folds > settings.folds:
         parser.error(f"argument --validation-folds: {settings.validation_folds} is more than the {settings.folds} folds")
 
-    tracker = Tracker(args.tracking_uri, settings.experiment_name)
-    settings.tracking_uri = tracker.tracking_uri
+    settings.tracking_uri = resolve_tracking_uri(args.tracking_uri)
+    tracker = settings.tracker()
+    tracker.send_kept()  # what an earlier command could not log
     try:
         study = open_study(settings)
     except Exception as err:  # an unreachable or foreign database: name it and stop before any work
@@ -151,6 +161,8 @@ def run_sweep(argv: list[str] | None) -> int:
         check_frozen(study, settings)
     except ValueError as err:
         parser.error(str(err))
+    if study.user_attrs.get(PARENT_ATTR, "").startswith(PENDING_PREFIX):  # its run exists now
+        study.set_user_attr(PARENT_ATTR, tracker.journal.resolve(study.user_attrs[PARENT_ATTR]))
     recovered = recover_stale_trials(study, tracker)
     if recovered:
         print(f"marked FAIL {len(recovered)} trial(s) left RUNNING by a dead worker: {recovered}")
@@ -170,7 +182,7 @@ def run_sweep(argv: list[str] | None) -> int:
     progress.start()
     started = time.perf_counter()
     try:
-        lost = run_workers(settings, n_trials, n_jobs, args.timeout)
+        lost = run_workers(settings, n_trials, n_jobs, args.timeout, tracker)
     except DataError as err:
         progress.stop()
         print(f"error: {err}", file=sys.stderr)
@@ -178,6 +190,14 @@ def run_sweep(argv: list[str] | None) -> int:
     except Interrupted as err:
         progress.stop()
         return stopped(err, study, settings, tracker, out)
+    except StorageUnreachable as err:
+        progress.stop()
+        tracker.set_tags(settings.parent_run_id, {"failure": str(err)})
+        tracker.end_run(settings.parent_run_id, "FAILED")
+        tracker.send_kept(left_for="the next command on this study")
+        print(f"error: {err}; the study is as its database holds it: the trials running then are failed by "
+              "the next command on it", file=sys.stderr)
+        return 1
     finally:
         if progress.is_alive():
             progress.stop()
@@ -188,6 +208,7 @@ def run_sweep(argv: list[str] | None) -> int:
     except Interrupted as err:
         return stopped(err, study, settings, tracker, out)
     tracker.end_run(settings.parent_run_id, "FAILED" if lost else "FINISHED")
+    tracker.send_kept(left_for="the next command on this study")
     states = {s.name: sum(t.state == s for t in study.trials) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
     print(f"\n{n_trials} trial(s) in {elapsed:.0f}s; study totals: {states}")
     print(f"best trial {summary['best_trial']}: cv_{task.metric} {summary['cv_mean']:.5f} ± {summary['cv_std']:.5f}")
@@ -216,6 +237,7 @@ def stopped(err: Interrupted, study, settings: SweepSettings, tracker: Tracker, 
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     tracker.set_tags(settings.parent_run_id, {"interrupted": str(err)})
     tracker.end_run(settings.parent_run_id, "KILLED")
+    tracker.send_kept(left_for="the next command on this study")
     best = f"; best so far trial {summary['best_trial']}, cv_{summary['metric']} {summary['cv_mean']:.5f}" \
         if "best_trial" in summary else ""
     print(f"stopped, {err}: {summary['n_complete']} trial(s) complete, {summary['n_failed']} failed{best}; "

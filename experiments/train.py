@@ -55,7 +55,8 @@ def train(argv: list[str] | None) -> int:
     except ValueError as err:
         parser.error(f"argument --model: {err}")
 
-    tracker = Tracker(args.tracking_uri, args.experiment_name or task.name)
+    tracker = Tracker(args.tracking_uri, args.experiment_name or task.name, pending=out / "mlflow-pending")
+    tracker.send_kept()  # what an earlier command could not log
     run_id = tracker.start_run(f"train-{task.name}", tags={**environment_tags(__file__), "kind": "train"})
     status = "FAILED"
     try:
@@ -87,7 +88,10 @@ def train(argv: list[str] | None) -> int:
         tracker.log_artifact(run_id, submission)
         summary["submission"] = str(submission)
         summary["model"] = str(predictor.save(out / "model"))
-        log_predictor(predictor, tracker.tracking_uri, run_id, test_inputs)
+        if not tracker.attempt(lambda: log_predictor(predictor, tracker.tracking_uri, tracker.resolve(run_id),
+                                                     test_inputs) or True):
+            print(f"the MLflow Model is not logged, tracking being unreachable: it is saved in {summary['model']}",
+                  file=sys.stderr)
         summary["mlflow"] = {"tracking_uri": tracker.tracking_uri, "experiment_id": tracker.experiment_id,
                              "run_id": run_id}
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -109,6 +113,7 @@ def train(argv: list[str] | None) -> int:
         return err.exit_code
     finally:
         tracker.end_run(run_id, status)
+        tracker.send_kept(left_for="the next train.py with this --output-dir")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
 import sweep  # noqa: E402
 import train  # noqa: E402
+from tests.servers import free_port  # noqa: E402
 
 TINY = ["--folds", "2", "--max-epochs", "2", "--batch-size", "64"]
 # what Kaggle accepts for House Prices: Id 1461..2919 ascending, a positive SalePrice each
@@ -134,12 +134,6 @@ def test_corrupt_train_csv_is_refused_naming_the_file(house_dir, tmp_path, capsy
     assert "train.csv" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_mlflow_server_serves_the_runs(tmp_path):
     """What `mlflow ui` shows: a server on 127.0.0.1 over the same store returns our runs by REST."""
@@ -148,7 +142,7 @@ def test_mlflow_server_serves_the_runs(tmp_path):
     run_id = tracker.start_run("study")
     tracker.log_metrics(run_id, {"cv_mean": 0.123})
     tracker.end_run(run_id)
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
                                "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import glob
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -20,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from project.tuning.study import make_storage
+from tests.servers import PostgresCluster
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEP = [sys.executable, str(REPO / "experiments" / "sweep.py")]
@@ -97,36 +94,13 @@ def test_kill_9_then_resume_keeps_finished_work(real_data, tmp_path, point):
         assert any(t.user_attrs.get("failure") == "worker process died before it claimed the trial" for t in failed)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def postgres(tmp_path):
-    """A throw-away PostgreSQL cluster on 127.0.0.1, from Debian's postgresql package."""
-    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    if not bins:
-        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
-    bindir = Path(bins[-1]).parent
-    root = Path(tempfile.mkdtemp(prefix="pg-"))  # beside, not under, pytest's private tmp: postgres must reach it
-    run_as = []
-    if os.geteuid() == 0:  # initdb refuses to run as root
-        shutil.chown(root, "postgres")
-        run_as = ["runuser", "-u", "postgres", "--"]
-    port = _free_port()
-    subprocess.run([*run_as, bindir / "initdb", "-D", root / "data", "-A", "trust", "-U", "postgres"],
-                   check=True, capture_output=True)
-    subprocess.run([*run_as, bindir / "pg_ctl", "-D", root / "data", "-l", root / "log", "-w", "-o",
-                    f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start"], check=True, capture_output=True)
+def postgres():
+    cluster = PostgresCluster()
     try:
-        subprocess.run([*run_as, bindir / "createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "optuna"],
-                       check=True, capture_output=True)
-        yield f"postgresql://postgres@127.0.0.1:{port}/optuna"
+        yield cluster.url
     finally:
-        subprocess.run([*run_as, bindir / "pg_ctl", "-D", root / "data", "-m", "immediate", "stop"], capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
+        cluster.remove()
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ worker. Real processes on the real House Prices data; the states in Optuna and M
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
@@ -48,6 +49,13 @@ def runs(tmp_path: Path) -> tuple[MlflowClient, list]:
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("house-prices")
     return client, client.search_runs([experiment.experiment_id], max_results=1000)
+
+
+def counts(study_trials: list, mlflow_runs: list) -> str:
+    """Trials by state and runs by status, for the figures a test prints."""
+    states = collections.Counter(t.state.name for t in study_trials)
+    statuses = collections.Counter(r.info.status for r in mlflow_runs)
+    return f"trials {dict(states)}, MLflow runs {dict(statuses)}"
 
 
 class SignalAfterStep(L.Callback):
@@ -98,9 +106,9 @@ def test_a_stop_request_ends_the_sweep_cleanly(real_data, tmp_path, jobs, signum
     assert sweep.returncode == 128 + signum, err[-3000:]
     assert "Traceback" not in err and "Traceback" not in out, err[-3000:]
     assert f"{signal.Signals(signum).name}: stopping" in err and "stopped, interrupted by" in err
-    print(f"{signal.Signals(signum).name}, {jobs} worker(s): stopped {seconds:.1f} s after the signal")
-
     after = trials(storage)
+    print(f"\n{signal.Signals(signum).name}, {jobs} worker(s): stopped {seconds:.1f} s after the signal; "
+          f"{counts(after, runs(tmp_path)[1])}")
     assert not [t.number for t in after if t.state == TrialState.RUNNING]
     interrupted = [t for t in after if t.user_attrs.get("failure") == "interrupted"]
     assert 1 <= len(interrupted) <= jobs and all(t.state == TrialState.FAIL for t in interrupted)
@@ -163,6 +171,9 @@ def test_a_dead_worker_is_reported_and_the_others_finish(real_data, tmp_path):
         victim = next(t for t in trials(storage) if t.state == TrialState.RUNNING and "worker" in t.user_attrs)
         pid = victim.user_attrs["worker"]["pid"]
         os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        wait_for(lambda: trials(storage)[victim.number].state == TrialState.FAIL, 60)
+        failed_after = time.monotonic() - killed
         out, err = sweep.communicate(timeout=300)
     finally:
         if sweep.poll() is None:
@@ -181,6 +192,8 @@ def test_a_dead_worker_is_reported_and_the_others_finish(real_data, tmp_path):
     assert client.get_run(victim.user_attrs["mlflow_run_id"]).info.status == "FAILED"
     assert not [r.info.run_name for r in all_runs if r.info.status == "RUNNING"]
     assert client.get_run(summary["mlflow"]["run_id"]).info.status == "FAILED"
+    print(f"\nworker killed during trial {victim.number}: FAIL in Optuna {failed_after:.1f} s later; "
+          f"{counts(after, all_runs)}")
 
 
 @pytest.mark.slow

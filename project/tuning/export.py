@@ -4,6 +4,7 @@ test accuracy, the model, plots and summary.json, all logged on the study's MLfl
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import optuna
@@ -92,9 +93,13 @@ def export_best(study: optuna.Study, settings: SweepSettings, tracker: Tracker, 
             tracker.log_artifact(parent_run_id, plot, "plots")
         for path in (out_dir / "summary.json", submission):
             tracker.log_artifact(parent_run_id, path)
-        version = log_predictor(predictor, tracker.tracking_uri, parent_run_id, test_inputs,
-                                registered_name=task.name,
-                                tags={"study": settings.study_name, "trial": best.number, f"cv_{task.metric}": best.value})
-        summary["registered_model"] = f"models:/{version.name}/{version.version}"
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        tags = {"study": settings.study_name, "trial": best.number, f"cv_{task.metric}": best.value}
+        version = tracker.attempt(lambda: log_predictor(predictor, tracker.tracking_uri, tracker.resolve(parent_run_id),
+                                                        test_inputs, registered_name=task.name, tags=tags))
+        if version is None:
+            print(f"the MLflow Model is not registered, tracking being unreachable: it is saved in {summary['model']}, "
+                  "and experiments/export_submission.py registers it once the server is back", file=sys.stderr)
+        else:
+            summary["registered_model"] = f"models:/{version.name}/{version.version}"
+            (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

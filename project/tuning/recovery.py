@@ -107,6 +107,6 @@ def _close_failed_runs(study: optuna.Study, tracker: Tracker) -> None:
     recorded the trial's end. An interrupted trial's run stays KILLED."""
     for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
         run_id = trial.user_attrs.get(RUN_ID_ATTR)
-        if run_id and tracker.has_run(run_id) and tracker.client.get_run(run_id).info.status not in ("FAILED", "KILLED"):
+        if run_id and tracker.run_status(run_id) not in (None, "FAILED", "KILLED"):
             tracker.set_tags(run_id, {"state": "FAIL", "failure": trial.user_attrs.get("failure", "worker died")})
             tracker.end_run(run_id, "FAILED")

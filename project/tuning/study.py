@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing
 import multiprocessing.connection
 import signal
 import sys
+import threading
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -58,6 +61,13 @@ class SweepSettings:
     threads: int | None = None
     parent_run_id: str | None = None
     entry_point: str | None = None  # the script the runs name as their source (default: this process's)
+    # MLflow writes wait in <output_dir>/mlflow-pending/ while the tracking server is unreachable
+    output_dir: str | None = None
+    command: str = ""  # this command's id: its processes say an outage once between them
+
+    def tracker(self) -> Tracker:
+        pending = Path(self.output_dir) / "mlflow-pending" if self.output_dir else None
+        return Tracker(self.tracking_uri, self.experiment_name, pending=pending, command=self.command or None)
 
     @property
     def task(self) -> Task:
@@ -76,11 +86,43 @@ class SweepSettings:
         return datamodule
 
 
+class StorageUnreachable(Exception):
+    """The study's database server stopped answering (``--storage``)."""
+
+    def __init__(self, url: str, err: BaseException) -> None:
+        self.url = url
+        super().__init__(f"--storage {url} is unreachable ({str(err).strip().splitlines()[0][:160]})")
+
+
+# what a database server that has gone away raises: SQLAlchemy's error, or Optuna's around it
+STORAGE_ERRORS = (sqlalchemy.exc.DBAPIError, optuna.exceptions.StorageInternalError)
+
+
+def storage_error_in(err: BaseException | None) -> BaseException | None:
+    """The database driver's error behind ``err``, if a database error is behind it (Optuna wraps
+    it, and may raise another error while handling it)."""
+    found = None
+    while err is not None:
+        if isinstance(err, sqlalchemy.exc.DBAPIError):
+            return err.orig or err
+        if isinstance(err, optuna.exceptions.StorageInternalError):
+            found = err
+        err = err.__cause__ or err.__context__
+    return found
+
+
+# a worker's exit code when it lost the study's database (EX_TEMPFAIL): the coordinator says so once
+STORAGE_LOST = 75
+CONNECT_TIMEOUT = 10  # seconds to reach a database server before saying it is unreachable
+
+
 def make_storage(url: str) -> optuna.storages.BaseStorage:
-    """RDB URLs (SQLite, PostgreSQL, MySQL) get a heartbeat so a killed worker's trial is failed."""
+    """RDB URLs (SQLite, PostgreSQL, MySQL) get a heartbeat so a killed worker's trial is failed;
+    a database server has ``CONNECT_TIMEOUT`` seconds to answer each new connection."""
     if url.startswith(("sqlite:", "postgresql", "mysql")):
+        server = {"pool_pre_ping": True, "connect_args": {"connect_timeout": CONNECT_TIMEOUT}}
         return RDBStorage(url, heartbeat_interval=10, grace_period=30,
-                          engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite:") else None)
+                          engine_kwargs=None if url.startswith("sqlite:") else server)
     if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
@@ -117,11 +159,19 @@ def open_study(settings: SweepSettings, attempts: int = 5) -> optuna.Study:
         try:
             with sqlite_creation_lock(settings.storage):
                 return _create_or_load(settings)
-        except sqlalchemy.exc.SQLAlchemyError:
-            if attempt == attempts - 1:
+        except sqlalchemy.exc.SQLAlchemyError as err:
+            if attempt == attempts - 1 or _connection_failed(err):
                 raise
             time.sleep(1.0 + attempt)
     raise AssertionError("unreachable")
+
+
+def _connection_failed(err: sqlalchemy.exc.SQLAlchemyError) -> bool:
+    """The database server could not be reached (no race to retry: it would only wait longer)."""
+    text = str(err).lower()
+    return isinstance(err, sqlalchemy.exc.OperationalError) and any(
+        s in text for s in ("could not connect", "connection refused", "timeout expired", "can't connect",
+                            "could not translate host name", "server closed the connection"))
 
 
 def _create_or_load(settings: SweepSettings) -> optuna.Study:
@@ -207,13 +257,15 @@ class Objective:
             self.tracker.end_run(run_id, status)
 
 
-def run_worker(settings: SweepSettings, n_trials: int, timeout: float | None) -> None:
-    """One worker: its own process, sharing the study storage and the MLflow store with the others.
-    A stop request ends its running trial FAIL ("interrupted") and raises ``Interrupted``."""
+def run_worker(settings: SweepSettings, n_trials: int, timeout: float | None, tracker: Tracker | None = None) -> None:
+    """One worker: its own process (or the coordinator's, with its ``tracker``), sharing the study
+    storage and the MLflow store with the others. A stop request ends its running trial FAIL
+    ("interrupted") and raises ``Interrupted``."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    tracker = Tracker(settings.tracking_uri, settings.experiment_name)
+    threading.excepthook = _quiet_storage_loss
+    tracker = tracker or settings.tracker()
     study = open_study(settings)
     objective = Objective(settings, tracker)
     stopping.check()
@@ -243,6 +295,16 @@ def _worker_process(settings: SweepSettings, n_trials: int, timeout: float | Non
         run_worker(settings, n_trials, timeout)
     except Interrupted as err:
         sys.exit(err.exit_code)
+    except Exception as err:
+        if storage_error_in(err) is None:
+            raise
+        sys.exit(STORAGE_LOST)  # the coordinator says it once for every worker
+
+
+def _quiet_storage_loss(args: threading.ExceptHookArgs) -> None:
+    """Optuna's heartbeat thread ends on the error its trial's process stops on: no second traceback."""
+    if storage_error_in(args.exc_value) is None:
+        threading.__excepthook__(args)
 
 
 @dataclass(frozen=True)
@@ -259,16 +321,18 @@ class LostWorker:
                 f"{'that trial is' if len(self.trials) == 1 else 'its trials are'} FAIL, the other workers go on")
 
 
-def run_workers(settings: SweepSettings, n_trials: int, n_jobs: int, timeout: float | None) -> list[LostWorker]:
+def run_workers(settings: SweepSettings, n_trials: int, n_jobs: int, timeout: float | None,
+                tracker: Tracker) -> list[LostWorker]:
     """Run the trials in ``n_jobs`` worker processes (or in this one). A worker that dies is
     reported at once, its trial failed in Optuna and MLflow, and the others go on; the lost
     workers are returned. A stop request is passed on to the workers, and raises ``Interrupted``
-    here once they have ended their trials."""
+    here once they have ended their trials. ``tracker`` (the coordinator's, which has made the
+    experiment: workers racing to do so collide) keeps sending its own kept writes meanwhile,
+    such as the study's run that the trials' runs name as their parent."""
     if n_jobs == 1:
-        run_worker(settings, n_trials, timeout)
+        with _storage_loss_raised(settings.storage):
+            run_worker(settings, n_trials, timeout, tracker)
         return []
-    # create both stores' tables and the experiment here, once: workers racing to do so collide
-    tracker = Tracker(settings.tracking_uri, settings.experiment_name)
     study = open_study(settings)
     context = multiprocessing.get_context("spawn")
     shares = [n_trials // n_jobs + (i < n_trials % n_jobs) for i in range(n_jobs)]
@@ -277,9 +341,11 @@ def run_workers(settings: SweepSettings, n_trials: int, n_jobs: int, timeout: fl
         worker.start()
     lost, running = [], dict(enumerate(workers))
     try:
-        with stopping.forwarding_to([w.pid for w in workers]):
+        with stopping.forwarding_to([w.pid for w in workers]), _storage_loss_raised(settings.storage):
             while running:
                 multiprocessing.connection.wait([w.sentinel for w in running.values()], timeout=1.0)
+                if tracker.journal is not None and tracker.journal.holding:
+                    tracker.flush()
                 for index, worker in list(running.items()):
                     if worker.exitcode is None:
                         continue
@@ -287,6 +353,9 @@ def run_workers(settings: SweepSettings, n_trials: int, n_jobs: int, timeout: fl
                     asked = stopping.requested()
                     # a worker stopped on request, or by the signal itself before its handler was set
                     stopped = asked is not None and worker.exitcode in (128 + asked, -asked)
+                    if worker.exitcode == STORAGE_LOST:
+                        study.get_trials(deepcopy=False)  # raises what the database server answers now
+                        raise StorageUnreachable(settings.storage, ConnectionError("a worker lost its connection"))
                     if worker.exitcode != 0 and not stopped:
                         lost.append(_lost(study, tracker, index, worker))
                         print(lost[-1], file=sys.stderr, flush=True)
@@ -298,6 +367,18 @@ def run_workers(settings: SweepSettings, n_trials: int, n_jobs: int, timeout: fl
         recover_stale_trials(study, tracker)
     stopping.check()
     return lost
+
+
+@contextlib.contextmanager
+def _storage_loss_raised(url: str) -> Iterator[None]:
+    """Calls to a database server that has gone away raise ``StorageUnreachable``, which names it."""
+    try:
+        yield
+    except Exception as err:
+        cause = storage_error_in(err)
+        if cause is None:
+            raise
+        raise StorageUnreachable(url, cause) from None
 
 
 def _lost(study: optuna.Study, tracker: Tracker, index: int, worker: multiprocessing.Process) -> LostWorker:

@@ -13,28 +13,48 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
+import uuid
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from importlib import metadata
 from pathlib import Path
+from typing import TypeVar
 
 import mlflow.data
 import pandas as pd
+import requests
+from google.protobuf.json_format import MessageToDict, ParseDict
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.protos.service_pb2 import DatasetInput as ProtoDatasetInput
 from mlflow.tracking import MlflowClient
 
 from project.cv import CVResult
 from project.paths import REPO_ROOT
 from project.tuning.locks import sqlite_creation_lock
+from project.tuning.pending import PENDING_PREFIX, PROBE_EVERY, Journal, Unresolved, is_unreachable, why_unreachable
 
 PARENT_TAG = "mlflow.parentRunId"
 PACKAGES = ("torch", "lightning", "torchmetrics", "optuna", "mlflow", "pandas", "scikit-learn", "numpy")
 _BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch call
+T = TypeVar("T")
 EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+
+
+# with a tracking server: every request bounded, 10 s to answer and two retries (MLflow's defaults,
+# 120 s and seven retries with backoff, wait minutes on a server that has gone away), and no line of
+# MLflow's own for each ended run (the sweep gives the experiment's address once); the environment
+# overrides each
+SERVER_ENV = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+              "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+
+
+def _now() -> int:
+    return int(time.time() * 1000)
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
@@ -100,10 +120,24 @@ def dataset_inputs(datamodule) -> list[DatasetInput]:
 
 
 class Tracker:
-    """One MLflow experiment and the runs logged into it."""
+    """One MLflow experiment and the runs logged into it.
 
-    def __init__(self, tracking_uri: str | None, experiment_name: str) -> None:
+    Given ``pending`` (a folder), a tracking server that cannot be reached does not stop or stall
+    the work: every request is bounded (``REQUEST_BOUNDS``), the first failure is said once, and
+    the writes wait in that folder until the server answers again (see pending.py). Without it an
+    unreachable server raises, as MLflow does.
+    """
+
+    def __init__(self, tracking_uri: str | None, experiment_name: str, pending: Path | None = None,
+                 command: str | None = None) -> None:
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
+        self.experiment_name, self.experiment_id = experiment_name, None
+        if self.tracking_uri.startswith(("http://", "https://")):
+            for name, value in SERVER_ENV.items():
+                os.environ.setdefault(name, value)
+        self.journal = Journal(pending, command or uuid.uuid4().hex) if pending else None
+        self._next_probe = 0.0  # while unreachable: when to try the server again
+        self._said = False  # this process said the server is unreachable: it says when it is back
         # processes started together against a new store race to create its tables and the
         # experiment: SQLite stores are created under a file lock, and on a database server the
         # loser retries and finds them
@@ -113,10 +147,17 @@ class Tracker:
                     self.client = MlflowClient(self.tracking_uri)
                     self.experiment_id = self._experiment(experiment_name)
                 break
-            except Exception:  # noqa: BLE001 - MLflow, SQLAlchemy and alembic each raise their own
+            except Exception as err:  # noqa: BLE001 - MLflow, SQLAlchemy and alembic each raise their own
+                if self.journal is not None and is_unreachable(err):
+                    self._unreachable(err)
+                    break
                 if attempt == 4:
                     raise
                 time.sleep(1.0 + attempt)
+
+    @property
+    def reachable(self) -> bool:
+        return self._next_probe == 0.0
 
     def _experiment(self, name: str) -> str:
         """The experiment's id; it opens in the UI's model-training view (not the GenAI one)."""
@@ -128,77 +169,222 @@ class Tracker:
             self.client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
         return experiment.experiment_id
 
+    # writes: each is one call of _write, which sends it now or keeps it for later
+
     def start_run(self, name: str, parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> str:
         tags = dict(tags or {})
         if parent_run_id:
             tags[PARENT_TAG] = parent_run_id
-        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
-        return run.info.run_id
+        args = {"run": None, "run_name": name, "tags": tags, "start_time": _now()}
+        return self._write("create_run", args)
 
     def log_inputs(self, run_id: str, inputs: list[DatasetInput]) -> None:
-        self.client.log_inputs(run_id, datasets=inputs)
+        self._write("log_inputs", {"run": run_id, "datasets": [MessageToDict(d.to_proto()) for d in inputs]})
 
     def log_params(self, run_id: str, params: dict) -> None:
-        items = [Param(k, json.dumps(v) if isinstance(v, (list, tuple)) else str(v)) for k, v in params.items()]
+        items = [[k, json.dumps(v) if isinstance(v, (list, tuple)) else str(v)] for k, v in params.items()]
         for start in range(0, len(items), 100):
-            self.client.log_batch(run_id, params=items[start : start + 100])
+            self._write("log_batch", {"run": run_id, "params": items[start : start + 100]})
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
         """Timestamped now: a resumed study logs its totals again at the same step, and the newest
         value is the run's (and its logged model's, which allows one value per timestamp and step)."""
-        now = int(time.time() * 1000)
-        self._log(run_id, [Metric(k, float(v), now, step) for k, v in metrics.items()])
+        now = _now()
+        self._log(run_id, [[k, float(v), now, step] for k, v in metrics.items()])
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
-        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self._write("log_batch", {"run": run_id, "tags": [[k, str(v)] for k, v in tags.items()]})
 
     def log_cv(self, run_id: str, result: CVResult, folds: Iterable[int]) -> None:
         """CV mean/std, per-fold scores and per-epoch per-fold curves (``fold0/val_rmse`` ...)."""
-        metrics = [Metric("cv_mean", result.mean, 0, 0), Metric("cv_std", result.std, 0, 0)]
+        metrics = [["cv_mean", result.mean, 0, 0], ["cv_std", result.std, 0, 0]]
         for fold, score, history in zip(folds, result.fold_scores, result.history):
-            metrics.append(Metric(f"fold{fold}_{result.metric}", score, 0, 0))
+            metrics.append([f"fold{fold}_{result.metric}", score, 0, 0])
             for record in history:
                 for key, value in record.items():
                     if key != "epoch":
-                        metrics.append(Metric(f"fold{fold}/{key}", float(value), 0, record["epoch"]))
+                        metrics.append([f"fold{fold}/{key}", float(value), 0, record["epoch"]])
         self._log(run_id, metrics)
 
-    def read_cv(self, run_id: str, folds: Sequence[int], metric: str) -> CVResult | None:
-        """What ``log_cv`` logged, read back: per-fold scores and curves (None if this store lacks the run)."""
-        try:
-            logged = self.client.get_run(run_id).data.metrics
-        except MlflowException:
-            return None
-        scores, history = [], []
-        for fold in folds:
-            if f"fold{fold}_{metric}" not in logged:
-                return None
-            curves = {key: {m.step: m.value for m in self.client.get_metric_history(run_id, f"fold{fold}/{key}")}
-                      for key in ("train_loss", f"val_{metric}")}
-            scores.append(logged[f"fold{fold}_{metric}"])
-            history.append([{"epoch": epoch, **{k: c[epoch] for k, c in curves.items() if epoch in c}}
-                            for epoch in sorted(curves["train_loss"])])
-        return CVResult(metric, scores, history, logged.get("seconds", 0.0))
-
-    def _log(self, run_id: str, metrics: list[Metric]) -> None:
+    def _log(self, run_id: str, metrics: list[list]) -> None:
         for start in range(0, len(metrics), _BATCH):
-            self.client.log_batch(run_id, metrics=metrics[start : start + _BATCH])
+            self._write("log_batch", {"run": run_id, "metrics": metrics[start : start + _BATCH]})
 
     def log_artifact(self, run_id: str, path: Path, folder: str | None = None) -> None:
-        self.client.log_artifact(run_id, str(path), folder)
+        self._write("log_artifact", {"run": run_id, "path": str(path), "folder": folder})
 
     def log_text(self, run_id: str, text: str, name: str) -> None:
-        self.client.log_text(run_id, text, name)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            path.write_text(text)
+            self.log_artifact(run_id, path)
 
-    def has_run(self, run_id: str) -> bool:
-        try:
-            self.client.get_run(run_id)
-        except MlflowException:
-            return False
-        return True
+    def set_running(self, run_id: str) -> None:
+        self._write("update_run", {"run": run_id, "status": "RUNNING"})
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
-        self.client.set_terminated(run_id, status)
+        self._write("set_terminated", {"run": run_id, "status": status, "end_time": _now()})
+
+    def _write(self, op: str, args: dict) -> str | None:
+        """Send one write, or keep it: while the server is unreachable, or while earlier writes of
+        this process still wait (their order is kept). Returns the run id of a created run."""
+        if self.journal is None:
+            return self._send(op, args)
+        if self.journal.holding or not self.reachable:
+            self.flush()
+        if not self.journal.holding and self.reachable:
+            try:
+                return self._send(op, args)
+            except Unresolved:
+                pass  # it names a run whose creation waits in another process's journal
+            except Exception as err:
+                if not is_unreachable(err):
+                    raise
+                self._unreachable(err)
+        if op == "create_run":
+            args = {**args, "run": self.journal.new_run_id()}
+        self.journal.append(op, args)
+        return args["run"] if op == "create_run" else None
+
+    def flush(self, everyone: bool = False, force: bool = False) -> int:
+        """Send the writes kept while the server was unreachable, if it is time to try again
+        (``force``: now); ``everyone``: also those of this command's and earlier commands' ended
+        processes. Returns how many were sent."""
+        if self.journal is None or (not force and time.monotonic() < self._next_probe):
+            return 0
+        try:
+            if self.experiment_id is None:
+                self.experiment_id = self._experiment(self.experiment_name)
+            sent = self.journal.send(self._send, everyone=everyone)
+        except Exception as err:
+            if not is_unreachable(err):
+                raise
+            self._unreachable(err)
+            return 0
+        if self._said:
+            print(f"MLflow tracking at {self.tracking_uri} is reachable again: {sent} kept write(s) sent",
+                  file=sys.stderr, flush=True)
+        self._next_probe, self._said = 0.0, False
+        return sent
+
+    def send_kept(self, left_for: str | None = None) -> None:
+        """Send the writes this command's processes and earlier commands kept while the server was
+        unreachable, and say so; ``left_for``: at the end of a command, say who sends what is still
+        kept."""
+        if self.journal is None:
+            return
+        sent = self.flush(everyone=True, force=True)
+        if sent:
+            print(f"sent {sent} MLflow write(s) kept while {self.tracking_uri} was unreachable", flush=True)
+        left = self.journal.waiting()
+        if left and left_for:
+            print(f"MLflow tracking at {self.tracking_uri} is still unreachable: {left} write(s) kept in "
+                  f"{self.journal.folder}; {left_for} sends them", file=sys.stderr, flush=True)
+
+    def attempt(self, call: Callable[[], T]) -> T | None:
+        """``call()``, a request of its own to the server (logging a model), unless the server is
+        unreachable: then None, said once like any write."""
+        if not self.reachable:
+            return None
+        try:
+            return call()
+        except Exception as err:
+            if self.journal is None or not is_unreachable(err):
+                raise
+            self._unreachable(err)
+            return None
+
+    def _unreachable(self, err: BaseException) -> None:
+        if self.reachable and self.journal.first_to_say():
+            self._said = True
+            print(f"MLflow tracking at {self.tracking_uri} is unreachable ({why_unreachable(err)}); "
+                  f"training goes on, and what it logs is kept in {self.journal.folder} until the server is back",
+                  file=sys.stderr, flush=True)
+        self._next_probe = time.monotonic() + PROBE_EVERY
+
+    def _send(self, op: str, args: dict) -> str | None:
+        """One write, as MLflow's client makes it; a run's local id is resolved (a run whose
+        creation still waits elsewhere raises ``Unresolved``)."""
+        if op == "create_run":
+            tags = {k: self._resolve(v) for k, v in args["tags"].items()}
+            created = self.client.create_run(self.experiment_id, start_time=args["start_time"], tags=tags,
+                                             run_name=args["run_name"]).info.run_id
+            if args["run"]:
+                self.journal.record(args["run"], created)
+            return created
+        run = self._resolve(args["run"])
+        if op == "log_batch":
+            self.client.log_batch(run, metrics=[Metric(*m) for m in args.get("metrics", [])],
+                                  params=[Param(*p) for p in args.get("params", [])],
+                                  tags=[RunTag(k, self._resolve(v)) for k, v in args.get("tags", [])])
+        elif op == "log_inputs":
+            self.client.log_inputs(run, datasets=[DatasetInput.from_proto(ParseDict(d, ProtoDatasetInput()))
+                                                  for d in args["datasets"]])
+        elif op == "log_artifact":
+            self.client.log_artifact(run, args["path"], args["folder"])
+        elif op == "update_run":
+            self.client.update_run(run, status=args["status"])
+        elif op == "set_terminated":
+            self.client.set_terminated(run, args["status"], end_time=args["end_time"])
+        else:
+            raise ValueError(f"unknown MLflow write {op!r}")
+        return None
+
+    def resolve(self, run_id: str) -> str:
+        """The id the server knows a run by (a run created while it was unreachable had a local one)."""
+        return self.journal.resolve(run_id) if self.journal is not None else run_id
+
+    def _resolve(self, value: str) -> str:
+        if self.journal is None or not isinstance(value, str) or not value.startswith(PENDING_PREFIX):
+            return value
+        resolved = self.journal.resolve(value)
+        if resolved == value:
+            raise Unresolved(value)
+        return resolved
+
+    # reads: none while the server is unreachable
+
+    def read_cv(self, run_id: str, folds: Sequence[int], metric: str) -> CVResult | None:
+        """What ``log_cv`` logged, read back: per-fold scores and curves (None if this store lacks
+        the run, or cannot be reached)."""
+        try:
+            run_id = self._resolve(run_id)
+            logged = self.client.get_run(run_id).data.metrics
+            scores, history = [], []
+            for fold in folds:
+                if f"fold{fold}_{metric}" not in logged:
+                    return None
+                curves = {key: {m.step: m.value for m in self.client.get_metric_history(run_id, f"fold{fold}/{key}")}
+                          for key in ("train_loss", f"val_{metric}")}
+                scores.append(logged[f"fold{fold}_{metric}"])
+                history.append([{"epoch": epoch, **{k: c[epoch] for k, c in curves.items() if epoch in c}}
+                                for epoch in sorted(curves["train_loss"])])
+        except (MlflowException, Unresolved, requests.exceptions.RequestException):
+            return None
+        return CVResult(metric, scores, history, logged.get("seconds", 0.0))
+
+    def run_status(self, run_id: str) -> str | None:
+        """The run's status (RUNNING, FINISHED, ...); None if this store lacks it or cannot be reached."""
+        if not self.reachable:
+            return None
+        try:
+            return self.client.get_run(self._resolve(run_id)).info.status
+        except Unresolved:
+            return None
+        except Exception as err:
+            if is_unreachable(err) and self.journal is not None:
+                self._unreachable(err)
+                return None
+            if isinstance(err, MlflowException):
+                return None
+            raise
+
+    def has_run(self, run_id: str) -> bool:
+        """Whether the run exists (a run still waiting to be created counts, and so does any run
+        while the server cannot be asked)."""
+        if self.journal is not None and (not self.reachable or self.journal.resolve(run_id).startswith(PENDING_PREFIX)):
+            return True
+        return self.run_status(run_id) is not None or not self.reachable
 
     def ui_command(self) -> str:
         """The command that serves this store, and the experiment's page in the model-training view
