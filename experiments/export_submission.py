@@ -17,7 +17,7 @@ import optuna
 from project.cli import output_dir
 from project.data.sources import KAGGLE_COMPETITION, _kaggle_credentials
 from project.paths import REPO_ROOT
-from project.tuning.export import export_best
+from project.tuning.export import ENSEMBLES, export_best
 from project.tuning.study import PRESET_ATTR, SweepSettings, default_storage, make_storage
 from project.tuning.tracking import resolve_tracking_uri
 
@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=REPO_ROOT / "data", help="(default: data/)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: as the sweep)")
     parser.add_argument("--submit", action="store_true", help="send the submission with the Kaggle API")
+    parser.add_argument("--ensemble", choices=ENSEMBLES, default="greedy",
+                        help="an ensemble selected from the study's trials, or the best trial alone (default: %(default)s)")
     args = parser.parse_args(argv)
     name = args.study_name
     out = output_dir(args, parser, name)
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = SweepSettings(preset=preset, data_dir=str(args.data_dir), seed=stored["seed"], storage=storage,
                              study_name=name, tracking_uri="", experiment_name=preset["name"], model=stored["model"],
                              fixed=stored["fixed"], stacking=stored["stacking"],
-                             validation_folds=stored["validation_folds"], output_dir=str(out))
+                             validation_folds=stored["validation_folds"], output_dir=str(out), ensemble=args.ensemble)
     task = settings.task
     settings.tracking_uri = resolve_tracking_uri(args.tracking_uri)
     tracker = settings.tracker()

@@ -24,7 +24,7 @@ from project import presets, stopping
 from project.cli import add_common_arguments, fixed_params, load_task, output_dir, positive_float, positive_int, run_name
 from project.data import DataError
 from project.stopping import Interrupted
-from project.tuning.export import export_best, study_summary
+from project.tuning.export import ENSEMBLES, export_best, study_summary
 from project.tuning.recovery import recover_stale_trials
 from project.tuning.space import start_point
 from project.tuning.study import (
@@ -58,6 +58,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argpa
                         help="how many of the folds each trial trains and scores "
                              "(default: the preset's sweep.validation_folds, else all)")
     parser.add_argument("--no-pruning", action="store_true", help="run every trial to its last epoch")
+    parser.add_argument("--ensemble", choices=ENSEMBLES, default="greedy",
+                        help="the submission: an ensemble of the study's trials selected on their out-of-fold "
+                             "predictions (greedy, where the task is scored on a test file), or the best trial "
+                             "alone (none) (default: %(default)s)")
     return parser.parse_args(argv), parser
 
 
@@ -145,7 +149,7 @@ def run_sweep(argv: list[str] | None) -> int:
         pruning=sweep.pruning and not args.no_pruning,
         validation_folds=args.validation_folds or sweep.validation_folds or task.folds,
         threads=args.threads or max(1, (os.cpu_count() or 1) // n_jobs), entry_point=__file__,
-        output_dir=str(out), command=uuid.uuid4().hex,
+        output_dir=str(out), command=uuid.uuid4().hex, ensemble=args.ensemble,
     )
     if settings.validation_folds > settings.folds:
         parser.error(f"argument --validation-folds: {settings.validation_folds} is more than the {settings.folds} folds")
@@ -213,6 +217,12 @@ def run_sweep(argv: list[str] | None) -> int:
     print(f"\n{n_trials} trial(s) in {elapsed:.0f}s; study totals: {states}")
     print(f"best trial {summary['best_trial']}: cv_{task.metric} {summary['cv_mean']:.5f} ± {summary['cv_std']:.5f}")
     print("best params: " + ", ".join(f"{k}={v}" for k, v in summary["best_params"].items()))
+    ensemble = summary.get("ensemble", {})
+    if f"oof_{task.metric}" in ensemble:
+        members = ", ".join(f"trial {m['trial']} × {m['weight']:.2f}" for m in ensemble["members"])
+        print(f"ensemble of {len(ensemble['members'])} of {ensemble['library']} trial(s): {members}; out-of-fold "
+              f"{task.metric} {ensemble[f'oof_{task.metric}']:.5f}, the best trial's alone "
+              f"{ensemble[f'best_trial_oof_{task.metric}']:.5f} (both chosen on these folds: optimistic)")
     for key, value in summary.items():
         if key.startswith("test_") and not key.endswith("_members"):
             alone = ", ".join(f"{a:.4f}" for a in summary[f"{key}_members"])

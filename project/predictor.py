@@ -48,7 +48,31 @@ TRUSTED = [
 EVAL_ROWS = 4096
 
 
-class Predictor:
+class Predicts:
+    """What every predictor offers on top of ``averaged``: the submission's rows, and the file."""
+
+    task: Task
+    inputs: dict
+
+    def averaged(self, raw: pd.DataFrame | np.ndarray) -> Tensor:
+        raise NotImplementedError
+
+    def predict(self, raw: pd.DataFrame | np.ndarray, ids: np.ndarray | None = None) -> pd.DataFrame:
+        """What the submission holds for these rows: their ids (``ids``, else a table's id column
+        or the images' positions) with the prediction in the task's format."""
+        return prediction_frame(self.task, self._format(raw, ids), self.inputs["classes"], self.averaged(raw))
+
+    def write_submission(self, raw: pd.DataFrame | np.ndarray, path: Path, ids: np.ndarray | None = None) -> Path:
+        """The submission for the test split's raw inputs, checked before it is written."""
+        return write_submission(self.predict(raw, ids), self._format(raw, ids), path)
+
+    def _format(self, raw: pd.DataFrame | np.ndarray, ids: np.ndarray | None) -> SubmissionFormat:
+        if ids is None:
+            ids = raw[self.task.preset.data.id].to_numpy() if isinstance(raw, pd.DataFrame) else np.arange(len(raw))
+        return SubmissionFormat.of(self.task, ids, self.inputs["classes"])
+
+
+class Predictor(Predicts):
     def __init__(self, task: Task, config: TrainConfig, members: list[nn.Module], head: nn.Module,
                  preprocessors: list[FoldPreprocessor] | None, inputs: dict) -> None:
         self.task, self.config, self.head, self.preprocessors, self.inputs = task, config, head.eval(), preprocessors, inputs
@@ -86,20 +110,6 @@ class Predictor:
         outputs = self.member_outputs(raw)
         return outputs.mean(dim=0) if self.task.kind == "regression" else outputs.softmax(dim=-1).mean(dim=0)
 
-    def predict(self, raw: pd.DataFrame | np.ndarray, ids: np.ndarray | None = None) -> pd.DataFrame:
-        """What the submission holds for these rows: their ids (``ids``, else a table's id column
-        or the images' positions) with the prediction in the task's format."""
-        return prediction_frame(self.task, self._format(raw, ids), self.inputs["classes"], self.averaged(raw))
-
-    def write_submission(self, raw: pd.DataFrame | np.ndarray, path: Path, ids: np.ndarray | None = None) -> Path:
-        """The submission for the test split's raw inputs, checked before it is written."""
-        return write_submission(self.predict(raw, ids), self._format(raw, ids), path)
-
-    def _format(self, raw: pd.DataFrame | np.ndarray, ids: np.ndarray | None) -> SubmissionFormat:
-        if ids is None:
-            ids = raw[self.task.preset.data.id].to_numpy() if isinstance(raw, pd.DataFrame) else np.arange(len(raw))
-        return SubmissionFormat.of(self.task, ids, self.inputs["classes"])
-
     def _features(self, raw: pd.DataFrame | np.ndarray) -> MemberFeatures:
         if self.preprocessors is not None:
             frame = self.task.prepare_rows(raw)
@@ -135,6 +145,37 @@ class Predictor:
         preprocessors = [FoldPreprocessor(task.table_spec(), task.preset.data.preprocess).restored(
                          skops.io.load(f, trusted=TRUSTED)) for f in files] or None
         return cls(task, config, members, head, preprocessors, inputs)
+
+
+class Ensemble(Predicts):
+    """Several predictors (trials selected from a study) as one: the weighted average of their
+    averaged outputs (regression outputs on the learnt scale, or class probabilities). Saved as
+    ``ensemble.json`` (the weights and the trials they belong to) and one predictor folder per member."""
+
+    def __init__(self, weights: list[float], predictors: list[Predictor], trials: list[int]) -> None:
+        self.weights, self.predictors, self.trials = weights, predictors, trials
+        self.task, self.inputs = predictors[0].task, predictors[0].inputs
+
+    def averaged(self, raw: pd.DataFrame | np.ndarray) -> Tensor:
+        return sum(w * p.averaged(raw) for w, p in zip(self.weights, self.predictors))
+
+    def save(self, folder: Path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "ensemble.json").write_text(json.dumps({"weights": self.weights, "trials": self.trials}, indent=2))
+        for i, predictor in enumerate(self.predictors):
+            predictor.save(folder / f"member{i}")
+        return folder
+
+    @classmethod
+    def load(cls, folder: Path) -> Ensemble:
+        spec = json.loads((Path(folder) / "ensemble.json").read_text())
+        predictors = [Predictor.load(Path(folder) / f"member{i}") for i in range(len(spec["weights"]))]
+        return cls(spec["weights"], predictors, spec["trials"])
+
+
+def load_predictor(folder: Path) -> Predicts:
+    """A saved ``Predictor`` or ``Ensemble``."""
+    return Ensemble.load(folder) if (Path(folder) / "ensemble.json").is_file() else Predictor.load(folder)
 
 
 def _plain_members(fit: Fit, config: TrainConfig, datamodule: FoldDataModule) -> list[nn.Module]:

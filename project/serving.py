@@ -23,7 +23,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.models import ModelSignature, infer_signature
 from mlflow.types.schema import ColSpec, Schema
 
-from project.predictor import Predictor
+from project.predictor import Predicts, load_predictor
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 MODEL_CODE = PACKAGE_DIR / "mlflow_model.py"
@@ -36,7 +36,7 @@ class PredictorModel(mlflow.pyfunc.PythonModel):
     (``[N, C, H, W]`` uint8) and returns the submission's rows for them."""
 
     def load_context(self, context) -> None:
-        self.predictor = Predictor.load(Path(context.artifacts["predictor"]))
+        self.predictor = load_predictor(Path(context.artifacts["predictor"]))
 
     # no type hints: MLflow would read them as a schema (a table), and this model also takes images
     def predict(self, context, model_input, params=None):
@@ -47,7 +47,7 @@ def pinned_requirements() -> list[str]:
     return [f"{name}=={metadata.version(name)}" for name in REQUIREMENTS]
 
 
-def signature(predictor: Predictor, test_inputs: pd.DataFrame | np.ndarray) -> ModelSignature:
+def signature(predictor: Predicts, test_inputs: pd.DataFrame | np.ndarray) -> ModelSignature:
     """The model's signature, inferred from the whole test split as it was read (a column empty in
     the first rows still gets its type), every table column optional: a request may leave any value
     empty, as the test file does."""
@@ -60,7 +60,7 @@ def signature(predictor: Predictor, test_inputs: pd.DataFrame | np.ndarray) -> M
     return ModelSignature(Schema(columns), inferred.outputs)
 
 
-def log_predictor(predictor: Predictor, tracking_uri: str, run_id: str, test_inputs: pd.DataFrame | np.ndarray,
+def log_predictor(predictor: Predicts, tracking_uri: str, run_id: str, test_inputs: pd.DataFrame | np.ndarray,
                   registered_name: str | None = None, tags: dict | None = None) -> ModelVersion | None:
     """Log the predictor as the run's MLflow Model (a logged model, with a signature and five test
     rows as its input example); register it under ``registered_name`` with ``tags``, where given."""

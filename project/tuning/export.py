@@ -11,14 +11,18 @@ import optuna
 from optuna.trial import TrialState
 
 from project.cv import cross_validate
-from project.predictor import Predictor
+from project.ensemble import Predictions, blend, scores, select
+from project.predictor import Ensemble, Predictor
 from project.refit import refit_and_test, refit_metrics
 from project.serving import log_predictor
 from project.tuning.plots import learning_curves, study_plots
 from project.tuning.space import config_from_params
 from project.tuning.recovery import RUN_ID_ATTR
-from project.tuning.study import SweepSettings
+from project.tuning.study import PREDICTIONS_ATTR, SweepSettings
 from project.tuning.tracking import Tracker
+
+
+ENSEMBLES = ("greedy", "none")
 
 
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
@@ -44,6 +48,30 @@ def study_summary(study: optuna.Study, settings: SweepSettings) -> dict:
                         "fold_scores": best.user_attrs.get("fold_scores"), "best_trial": best.number,
                         "best_params": best.params})
     return summary
+
+
+def select_ensemble(study: optuna.Study, task, datamodule, best: optuna.trial.FrozenTrial) -> tuple[dict[int, float], dict]:
+    """The completed trials' weights in the ensemble selected on their out-of-fold predictions
+    (project/ensemble.py), and what to report of it: its members, its out-of-fold score and the
+    best trial's alone. Trials without kept predictions (run before they were kept, or by a
+    worker on another machine) are left out; with fewer than two, the best trial alone."""
+    library = {t.number: Predictions.load(Path(t.user_attrs[PREDICTIONS_ATTR]))
+               for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+               if Path(t.user_attrs.get(PREDICTIONS_ATTR, "")).is_file()}
+    if len(library) < 2 or best.number not in library:
+        return {best.number: 1.0}, {"members": [{"trial": best.number, "weight": 1.0}],
+                                    "note": f"{len(library)} trial(s) with kept predictions: the best trial alone"}
+    targets = datamodule.targets[library[best.number].rows].numpy()
+    weights = select(task, library, targets)
+    weights = dict(sorted(weights.items(), key=lambda item: (item[0] != best.number, -item[1])))
+    metric = task.metric
+    oof = float(scores(task, blend(library, weights)[None], targets)[0])
+    alone = float(scores(task, library[best.number].oof[None], targets)[0])
+    return weights, {
+        "members": [{"trial": n, "weight": w} for n, w in weights.items()], f"oof_{metric}": oof,
+        f"best_trial_oof_{metric}": alone, "library": len(library),
+        "note": "selected on the same out-of-fold predictions it is scored on, so its score is optimistic",
+    }
 
 
 def export_best(study: optuna.Study, settings: SweepSettings, tracker: Tracker, out_dir: Path,
@@ -73,7 +101,19 @@ def export_best(study: optuna.Study, settings: SweepSettings, tracker: Tracker, 
         predictor, scores = refit_and_test(task, config, settings.data_dir, settings.seed, submission)
         summary.update(scores)
     else:
-        predictor = Predictor.from_fits(task, config, result.fits, datamodule)
+        weights = {best.number: 1.0}
+        if settings.ensemble == "greedy":
+            weights, summary["ensemble"] = select_ensemble(study, task, datamodule, best)
+        predictors = []
+        for number in weights:  # each member's fold models, trained again (deterministic: the same models)
+            if number == best.number:
+                member_config, fits = config, result.fits
+            else:
+                member_config = config_from_params(task, settings.model, study.trials[number].params, settings.fixed)
+                fits = cross_validate(task, member_config, seed=settings.seed, stacking=settings.stacking,
+                                      datamodule=datamodule).fits
+            predictors.append(Predictor.from_fits(task, member_config, fits, datamodule))
+        predictor = predictors[0] if len(predictors) == 1 else Ensemble(list(weights.values()), predictors, list(weights))
         predictor.write_submission(test_inputs, submission, datamodule.test_ids)
     summary["submission"] = str(submission)
     summary["model"] = str(predictor.save(out_dir / "model"))
@@ -86,6 +126,12 @@ def export_best(study: optuna.Study, settings: SweepSettings, tracker: Tracker, 
             tracker.set_tags(best_run, {"best_trial": "true"})
         tracker.set_tags(parent_run_id, {"best_trial_number": best.number, "best_trial_run_id": best_run or ""})
         metrics = {"best_cv_mean": best.value, "n_complete": summary["n_complete"]}
+        ensemble = summary.get("ensemble", {})
+        if f"oof_{task.metric}" in ensemble:
+            metrics.update({f"ensemble_oof_{task.metric}": ensemble[f"oof_{task.metric}"],
+                            f"best_trial_oof_{task.metric}": ensemble[f"best_trial_oof_{task.metric}"]})
+        if ensemble:
+            tracker.set_tags(parent_run_id, {"ensemble": json.dumps(ensemble["members"])})
         if task.refits:
             metrics.update(refit_metrics(scores))
         tracker.log_metrics(parent_run_id, metrics)
@@ -94,6 +140,8 @@ def export_best(study: optuna.Study, settings: SweepSettings, tracker: Tracker, 
         for path in (out_dir / "summary.json", submission):
             tracker.log_artifact(parent_run_id, path)
         tags = {"study": settings.study_name, "trial": best.number, f"cv_{task.metric}": best.value}
+        if len(ensemble.get("members", [])) > 1:
+            tags["ensemble"] = json.dumps(ensemble["members"])
         version = tracker.attempt(lambda: log_predictor(predictor, tracker.tracking_uri, tracker.resolve(parent_run_id),
                                                         test_inputs, registered_name=task.name, tags=tags))
         if version is None:

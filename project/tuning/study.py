@@ -24,6 +24,7 @@ from optuna.trial import TrialState
 
 from project import presets, stopping
 from project.cv import TrainingDiverged, cross_validate
+from project.ensemble import out_of_fold
 from project.seeds import derive_seed
 from project.stopping import Interrupted
 from project.tasks import Task
@@ -38,6 +39,7 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 FROZEN = ("model", "validation_folds", "seed", "fixed", "stacking")
 FROZEN_PRESET = ("name", "kind", "metric", "metric_scale", "folds", "data")
 PRESET_ATTR = "preset"
+PREDICTIONS_ATTR = "predictions"
 STORAGE_SCHEMES = ("sqlite:", "postgresql", "mysql", "journal:")
 
 
@@ -61,9 +63,11 @@ class SweepSettings:
     threads: int | None = None
     parent_run_id: str | None = None
     entry_point: str | None = None  # the script the runs name as their source (default: this process's)
-    # MLflow writes wait in <output_dir>/mlflow-pending/ while the tracking server is unreachable
+    # the trials' out-of-fold predictions go to <output_dir>/predictions/, and MLflow writes wait in
+    # <output_dir>/mlflow-pending/ while the tracking server is unreachable
     output_dir: str | None = None
     command: str = ""  # this command's id: its processes say an outage once between them
+    ensemble: str = "greedy"  # what export makes of the study: see export.py
 
     def tracker(self) -> Tracker:
         pending = Path(self.output_dir) / "mlflow-pending" if self.output_dir else None
@@ -241,6 +245,8 @@ class Objective:
             if pruner.stopped:
                 state, status = "PRUNED", "FINISHED"
                 raise optuna.TrialPruned(f"pruned after epoch {len(result.history[0]) - 1}")
+            if self.settings.output_dir:
+                self.keep_predictions(trial, run_id, result)
             state, status = "COMPLETE", "FINISHED"
             return result.mean
         except TrainingDiverged as err:
@@ -255,6 +261,15 @@ class Objective:
         finally:
             self.tracker.set_tags(run_id, {"state": state})
             self.tracker.end_run(run_id, status)
+
+
+    def keep_predictions(self, trial: optuna.Trial, run_id: str, result) -> None:
+        """The trial's out-of-fold (and test) predictions, a file in the output folder that its
+        MLflow run also holds, for the study's ensemble (see project/ensemble.py)."""
+        path = Path(self.settings.output_dir) / "predictions" / f"trial-{trial.number}.npz"
+        out_of_fold(self.task, result, self.datamodule, with_test=not self.task.refits).save(path)
+        self.tracker.log_artifact(run_id, path, "predictions")
+        trial.set_user_attr(PREDICTIONS_ATTR, str(path))
 
 
 def run_worker(settings: SweepSettings, n_trials: int, timeout: float | None, tracker: Tracker | None = None) -> None:

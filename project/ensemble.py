@@ -1,0 +1,114 @@
+"""Out-of-fold predictions of every trial, and an ensemble selected from the whole study.
+
+Each completed trial keeps what its fold models predict: every validated training row by the one
+fold model that did not train on it (out of fold), and, for a task scored on a test file, every
+test row by the fold models' average; regression on the scale the model learns, classification as
+class probabilities. ``select`` is greedy ensemble selection with replacement on those out-of-fold
+predictions (Caruana et al., 2004, as auto-sklearn and AutoGluon do it): start empty, and at each
+of ``rounds`` steps add (again, if it helps most) the trial whose addition gives the best score of
+the averaged predictions; a trial's weight is the share of steps that chose it.
+
+The ensemble's out-of-fold score is chosen on the same folds it is reported on, so it is
+optimistic, as the best trial's CV score is; the test split or the leaderboard says how much.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from project.cv import CVResult, predict_members
+from project.data import FoldDataModule
+from project.tasks import Task, TrainConfig
+
+ROUNDS = 50  # auto-sklearn's ensemble_size
+
+
+@dataclass
+class Predictions:
+    """One trial's out-of-fold predictions of ``rows`` (training row indices, sorted) and, where
+    the task has a test file to predict, its test predictions."""
+
+    rows: np.ndarray
+    oof: np.ndarray  # [R] or [R, C]
+    test: np.ndarray | None = None  # [N] or [N, C]
+
+    def save(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {"rows": self.rows, "oof": self.oof}
+        if self.test is not None:
+            arrays["test"] = self.test
+        with open(path, "wb") as handle:  # np.savez would add ".npz" to a name without it
+            np.savez(handle, **arrays)
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> Predictions:
+        with np.load(path, allow_pickle=False) as saved:
+            return cls(saved["rows"], saved["oof"], saved["test"] if "test" in saved else None)
+
+
+def _scale(task: Task, outputs: torch.Tensor) -> torch.Tensor:
+    """Head outputs as predictions to average: regression values, or class probabilities."""
+    return outputs.double() if task.kind == "regression" else outputs.double().softmax(dim=-1)
+
+
+@torch.no_grad()
+def out_of_fold(task: Task, result: CVResult, datamodule: FoldDataModule, with_test: bool = True) -> Predictions:
+    """What the fold models of ``result`` predict: each its own validation rows, and (``with_test``)
+    the test rows, averaged over the folds."""
+    rows, oof, test = [], [], []
+    for fit in result.fits:
+        module = fit.module.eval()
+        loader = datamodule.val_loader(fit.members, nonzero=module.net.accepts_nonzero)
+        outputs = torch.cat([module.predict_step(module.transfer_batch_to_device(b, module.device, 0), 0).cpu()
+                             for b in loader], dim=1)  # [M, padded rows, ...]: each member's rows in order
+        for m, val in enumerate(fit.members.val_rows):
+            rows.append(val.numpy())
+            oof.append(_scale(task, outputs[m, : len(val)]).numpy())
+        if with_test:
+            test.append(_scale(task, predict_members(module, datamodule, fit.members)))
+    rows, oof = np.concatenate(rows), np.concatenate(oof)
+    order = np.argsort(rows, kind="stable")
+    return Predictions(rows[order], oof[order], torch.cat(test).mean(dim=0).numpy() if with_test else None)
+
+
+def scores(task: Task, candidates: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """The task's metric of each of ``candidates`` ``[T, R, ...]`` against ``targets`` ``[R]``,
+    computed by the task's own stacked metric (one member per candidate)."""
+    count = len(candidates)
+    y = torch.as_tensor(targets).expand(count, -1)
+    head = task.head(TrainConfig(), [torch.as_tensor(targets, dtype=torch.float32)] * count)
+    metric = head.metric()
+    preds = torch.as_tensor(candidates)
+    if task.kind != "regression":  # probabilities to logits: the argmax and the softmax are the same
+        preds = preds.clamp(min=1e-12).log()
+    metric.update(preds, y, torch.ones(y.shape, dtype=torch.float64))
+    return np.atleast_1d(metric.compute().double().numpy())  # torchmetrics returns one value as a scalar
+
+
+def select(task: Task, library: dict[int, Predictions], targets: np.ndarray, rounds: int = ROUNDS) -> dict[int, float]:
+    """Greedy ensemble selection with replacement over ``library`` (trial number -> predictions,
+    all of the same rows; ``targets`` are those rows' targets): each trial's weight, summing to 1."""
+    numbers = sorted(library)
+    rows = library[numbers[0]].rows
+    if any(not np.array_equal(library[n].rows, rows) for n in numbers):
+        raise ValueError("the trials' out-of-fold predictions cover different rows; they come from different folds")
+    stack = np.stack([library[n].oof for n in numbers])
+    better = np.argmin if task.direction == "minimize" else np.argmax
+    current, chosen = np.zeros_like(stack[0]), Counter()
+    for step in range(1, rounds + 1):
+        candidates = (current * (step - 1) + stack) / step
+        best = int(better(scores(task, candidates, targets)))
+        chosen[numbers[best]] += 1
+        current = candidates[best]
+    return {n: chosen[n] / rounds for n in numbers if chosen[n]}
+
+
+def blend(library: dict[int, Predictions], weights: dict[int, float], part: str = "oof") -> np.ndarray:
+    """The weighted average of the trials' ``part`` ("oof" or "test") predictions."""
+    return sum(w * getattr(library[n], part) for n, w in weights.items())

@@ -1,0 +1,98 @@
+"""The study's ensemble: every trial's out-of-fold predictions, greedy selection with replacement,
+and the ensemble a resumed sweep exports."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from project.cv import cross_validate
+from project.ensemble import Predictions, blend, out_of_fold, scores, select
+from project.predictor import Ensemble, Predictor, load_predictor
+from project.tasks import TrainConfig, get_task
+from tests.conftest import house_task_dm
+from tests.test_reliability import REPO, SWEEP, sweep_args, trials
+
+
+@pytest.mark.parametrize("stacking", ["auto", "sequential"])
+def test_out_of_fold_predictions_cover_every_row_once_as_its_fold_model_predicts_it(house_dir, stacking):
+    task, dm = house_task_dm(house_dir)
+    config = TrainConfig(model_kwargs={"hidden_sizes": (8,)}, max_epochs=5, batch_size=16)
+    result = cross_validate(task, config, stacking=stacking, datamodule=dm)
+    kept = out_of_fold(task, result, dm)
+    assert np.array_equal(kept.rows, np.arange(len(dm.targets)))  # every training row, once
+
+    # the same fold models, from raw rows through each fold's own preprocessing
+    predictor = Predictor.from_fits(task, config, result.fits, dm)
+    outputs = predictor.member_outputs(pd.read_csv(house_dir / "house-prices" / "train.csv"))
+    expected = np.empty(len(dm.targets))
+    for m, rows in enumerate(dm.members.val_rows):
+        expected[rows.numpy()] = outputs[m, rows].numpy()
+    np.testing.assert_allclose(kept.oof, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(kept.test, predictor.averaged(dm.test_inputs()).numpy(), rtol=1e-5, atol=1e-6)
+    # and its score is the metric over all rows, which the fold scores make up
+    rmse = float(np.sqrt(np.mean((kept.oof - dm.targets.numpy()) ** 2)))
+    assert scores(task, kept.oof[None], dm.targets.numpy())[0] == pytest.approx(rmse, rel=1e-6)
+    assert rmse == pytest.approx(np.sqrt(np.average(np.square(result.fold_scores),
+                                                    weights=[len(r) for r in dm.members.val_rows])), rel=1e-4)
+
+
+def test_selection_finds_the_known_best_mix():
+    """Two trials whose errors cancel exactly, a third that is only worse: half each."""
+    task = get_task("house-prices")
+    rng = np.random.default_rng(0)
+    y = rng.normal(12.0, 0.4, 500)
+    error = rng.normal(0.0, 0.1, 500)
+    rows = np.arange(500)
+    library = {3: Predictions(rows, y + error), 7: Predictions(rows, y - error),
+               9: Predictions(rows, y + 0.05 + rng.normal(0.0, 0.3, 500))}
+    weights = select(task, library, y)
+    assert weights == {3: 0.5, 7: 0.5}
+    assert scores(task, blend(library, weights)[None], y)[0] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_selection_of_classifiers_averages_probabilities():
+    task = get_task("fashion-mnist")
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 10, 400)
+    right = np.eye(10)[labels]
+    # each trial is sure and right on its own half of the rows, and unsure elsewhere
+    halves = [np.arange(400) < 200, np.arange(400) >= 200]
+    library = {n: Predictions(np.arange(400), np.where(h[:, None], 0.9 * right + 0.01, 0.1)) for n, h in enumerate(halves)}
+    library[2] = Predictions(np.arange(400), np.full((400, 10), 0.1))  # knows nothing
+    weights = select(task, library, labels)
+    assert set(weights) == {0, 1}
+    assert scores(task, blend(library, weights)[None], labels)[0] == 1.0
+    assert max(scores(task, library[n].oof[None], labels)[0] for n in (0, 1)) < 0.6
+
+
+@pytest.mark.slow
+def test_a_resumed_studys_ensemble_draws_on_both_commands(real_data, tmp_path):
+    args = [*sweep_args(real_data, tmp_path, "--no-pruning", "--n-jobs", "1"), "--max-epochs", "20"]
+    for command in range(2):
+        sweep = subprocess.run([*SWEEP, *args, "--n-trials", "3"], cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert sweep.returncode == 0, sweep.stderr[-2000:]
+    out = tmp_path / "out"
+    summary = json.loads((out / "summary.json").read_text())
+    study = trials(f"sqlite:///{out / 'optuna.db'}")
+    complete = [t.number for t in study if t.state.name == "COMPLETE"]
+    assert len(complete) >= 5 and summary["ensemble"]["library"] == len(complete)  # both commands' trials
+    members = {m["trial"]: m["weight"] for m in summary["ensemble"]["members"]}
+    assert set(members) <= set(complete) and sum(members.values()) == pytest.approx(1.0)
+    assert summary["ensemble"]["oof_rmse"] <= summary["ensemble"]["best_trial_oof_rmse"]
+    assert members.get(summary["best_trial"], 0) > 0 and "ensemble of" in sweep.stdout
+
+    # the saved model is that ensemble: its fold models, trained again, predict what the trials kept
+    model = load_predictor(out / "model")
+    test = pd.read_csv(real_data / "house-prices" / "test.csv")
+    if len(members) > 1:
+        assert isinstance(model, Ensemble) and dict(zip(model.trials, model.weights)) == members
+    library = {n: Predictions.load(out / "predictions" / f"trial-{n}.npz") for n in members}
+    np.testing.assert_allclose(model.averaged(test).numpy(), blend(library, members, "test"), rtol=1e-5)
+    submission = pd.read_csv(out / "submission.csv")
+    np.testing.assert_allclose(model.predict(test)["SalePrice"], submission["SalePrice"], rtol=1e-6)
+    np.testing.assert_allclose(submission["SalePrice"], np.exp(blend(library, members, "test")), rtol=1e-5)
