@@ -220,9 +220,10 @@ def run_sweep(argv: list[str] | None) -> int:
     ensemble = summary.get("ensemble", {})
     if f"oof_{task.metric}" in ensemble:
         members = ", ".join(f"trial {m['trial']} × {m['weight']:.2f}" for m in ensemble["members"])
-        print(f"ensemble of {len(ensemble['members'])} of {ensemble['library']} trial(s): {members}; out-of-fold "
-              f"{task.metric} {ensemble[f'oof_{task.metric}']:.5f}, the best trial's alone "
-              f"{ensemble[f'best_trial_oof_{task.metric}']:.5f} (both chosen on these folds: optimistic)")
+        print(f"ensemble of {len(ensemble['members'])} of {ensemble['library']} trial(s): {members}; "
+              f"cv_{task.metric} {ensemble[f'cv_{task.metric}']:.5f} (the best trial's {summary['cv_mean']:.5f}); "
+              f"pooled out-of-fold {ensemble[f'oof_{task.metric}']:.5f} (the best trial's "
+              f"{ensemble[f'best_trial_oof_{task.metric}']:.5f}); chosen on these folds, so optimistic")
     for key, value in summary.items():
         if key.startswith("test_") and not key.endswith("_members"):
             alone = ", ".join(f"{a:.4f}" for a in summary[f"{key}_members"])

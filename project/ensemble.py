@@ -30,16 +30,17 @@ ROUNDS = 50  # auto-sklearn's ensemble_size
 
 @dataclass
 class Predictions:
-    """One trial's out-of-fold predictions of ``rows`` (training row indices, sorted) and, where
-    the task has a test file to predict, its test predictions."""
+    """One trial's out-of-fold predictions of ``rows`` (training row indices, sorted) and the fold
+    each row was validated in; where the task has a test file to predict, its test predictions."""
 
     rows: np.ndarray
+    folds: np.ndarray  # [R]
     oof: np.ndarray  # [R] or [R, C]
     test: np.ndarray | None = None  # [N] or [N, C]
 
     def save(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
-        arrays = {"rows": self.rows, "oof": self.oof}
+        arrays = {"rows": self.rows, "folds": self.folds, "oof": self.oof}
         if self.test is not None:
             arrays["test"] = self.test
         with open(path, "wb") as handle:  # np.savez would add ".npz" to a name without it
@@ -49,7 +50,7 @@ class Predictions:
     @classmethod
     def load(cls, path: Path) -> Predictions:
         with np.load(path, allow_pickle=False) as saved:
-            return cls(saved["rows"], saved["oof"], saved["test"] if "test" in saved else None)
+            return cls(saved["rows"], saved["folds"], saved["oof"], saved["test"] if "test" in saved else None)
 
 
 def _scale(task: Task, outputs: torch.Tensor) -> torch.Tensor:
@@ -61,7 +62,7 @@ def _scale(task: Task, outputs: torch.Tensor) -> torch.Tensor:
 def out_of_fold(task: Task, result: CVResult, datamodule: FoldDataModule, with_test: bool = True) -> Predictions:
     """What the fold models of ``result`` predict: each its own validation rows, and (``with_test``)
     the test rows, averaged over the folds."""
-    rows, oof, test = [], [], []
+    rows, folds, oof, test = [], [], [], []
     for fit in result.fits:
         module = fit.module.eval()
         loader = datamodule.val_loader(fit.members, nonzero=module.net.accepts_nonzero)
@@ -69,12 +70,13 @@ def out_of_fold(task: Task, result: CVResult, datamodule: FoldDataModule, with_t
                              for b in loader], dim=1)  # [M, padded rows, ...]: each member's rows in order
         for m, val in enumerate(fit.members.val_rows):
             rows.append(val.numpy())
+            folds.append(np.full(len(val), fit.members.folds[m]))
             oof.append(_scale(task, outputs[m, : len(val)]).numpy())
         if with_test:
             test.append(_scale(task, predict_members(module, datamodule, fit.members)))
-    rows, oof = np.concatenate(rows), np.concatenate(oof)
+    rows, folds, oof = np.concatenate(rows), np.concatenate(folds), np.concatenate(oof)
     order = np.argsort(rows, kind="stable")
-    return Predictions(rows[order], oof[order], torch.cat(test).mean(dim=0).numpy() if with_test else None)
+    return Predictions(rows[order], folds[order], oof[order], torch.cat(test).mean(dim=0).numpy() if with_test else None)
 
 
 def scores(task: Task, candidates: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -89,6 +91,12 @@ def scores(task: Task, candidates: np.ndarray, targets: np.ndarray) -> np.ndarra
         preds = preds.clamp(min=1e-12).log()
     metric.update(preds, y, torch.ones(y.shape, dtype=torch.float64))
     return np.atleast_1d(metric.compute().double().numpy())  # torchmetrics returns one value as a scalar
+
+
+def cv_score(task: Task, predictions: np.ndarray, targets: np.ndarray, folds: np.ndarray) -> float:
+    """The mean over folds of each fold's score, as a trial's CV score is made."""
+    return float(np.mean([scores(task, predictions[folds == k][None], targets[folds == k])[0]
+                          for k in np.unique(folds)]))
 
 
 def select(task: Task, library: dict[int, Predictions], targets: np.ndarray, rounds: int = ROUNDS) -> dict[int, float]:

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from project.cv import cross_validate
-from project.ensemble import Predictions, blend, out_of_fold, scores, select
+from project.ensemble import Predictions, blend, cv_score, out_of_fold, scores, select
 from project.predictor import Ensemble, Predictor, load_predictor
 from project.tasks import TrainConfig, get_task
 from tests.conftest import house_task_dm
@@ -25,6 +26,8 @@ def test_out_of_fold_predictions_cover_every_row_once_as_its_fold_model_predicts
     result = cross_validate(task, config, stacking=stacking, datamodule=dm)
     kept = out_of_fold(task, result, dm)
     assert np.array_equal(kept.rows, np.arange(len(dm.targets)))  # every training row, once
+    for m, rows in enumerate(dm.members.val_rows):
+        assert (kept.folds[rows.numpy()] == dm.members.folds[m]).all()
 
     # the same fold models, from raw rows through each fold's own preprocessing
     predictor = Predictor.from_fits(task, config, result.fits, dm)
@@ -39,6 +42,7 @@ def test_out_of_fold_predictions_cover_every_row_once_as_its_fold_model_predicts
     assert scores(task, kept.oof[None], dm.targets.numpy())[0] == pytest.approx(rmse, rel=1e-6)
     assert rmse == pytest.approx(np.sqrt(np.average(np.square(result.fold_scores),
                                                     weights=[len(r) for r in dm.members.val_rows])), rel=1e-4)
+    assert cv_score(task, kept.oof, dm.targets.numpy(), kept.folds) == pytest.approx(result.mean, rel=1e-5)
 
 
 def test_selection_finds_the_known_best_mix():
@@ -48,8 +52,9 @@ def test_selection_finds_the_known_best_mix():
     y = rng.normal(12.0, 0.4, 500)
     error = rng.normal(0.0, 0.1, 500)
     rows = np.arange(500)
-    library = {3: Predictions(rows, y + error), 7: Predictions(rows, y - error),
-               9: Predictions(rows, y + 0.05 + rng.normal(0.0, 0.3, 500))}
+    folds = rows % 5
+    library = {3: Predictions(rows, folds, y + error), 7: Predictions(rows, folds, y - error),
+               9: Predictions(rows, folds, y + 0.05 + rng.normal(0.0, 0.3, 500))}
     weights = select(task, library, y)
     assert weights == {3: 0.5, 7: 0.5}
     assert scores(task, blend(library, weights)[None], y)[0] == pytest.approx(0.0, abs=1e-9)
@@ -62,8 +67,9 @@ def test_selection_of_classifiers_averages_probabilities():
     right = np.eye(10)[labels]
     # each trial is sure and right on its own half of the rows, and unsure elsewhere
     halves = [np.arange(400) < 200, np.arange(400) >= 200]
-    library = {n: Predictions(np.arange(400), np.where(h[:, None], 0.9 * right + 0.01, 0.1)) for n, h in enumerate(halves)}
-    library[2] = Predictions(np.arange(400), np.full((400, 10), 0.1))  # knows nothing
+    rows, folds = np.arange(400), np.zeros(400, dtype=int)
+    library = {n: Predictions(rows, folds, np.where(h[:, None], 0.9 * right + 0.01, 0.1)) for n, h in enumerate(halves)}
+    library[2] = Predictions(rows, folds, np.full((400, 10), 0.1))  # knows nothing
     weights = select(task, library, labels)
     assert set(weights) == {0, 1}
     assert scores(task, blend(library, weights)[None], labels)[0] == 1.0
@@ -84,6 +90,7 @@ def test_a_resumed_studys_ensemble_draws_on_both_commands(real_data, tmp_path):
     members = {m["trial"]: m["weight"] for m in summary["ensemble"]["members"]}
     assert set(members) <= set(complete) and sum(members.values()) == pytest.approx(1.0)
     assert summary["ensemble"]["oof_rmse"] <= summary["ensemble"]["best_trial_oof_rmse"]
+    assert summary["ensemble"]["cv_rmse"] <= summary["cv_mean"] * 1.01
     assert members.get(summary["best_trial"], 0) > 0 and "ensemble of" in sweep.stdout
 
     # the saved model is that ensemble: its fold models, trained again, predict what the trials kept
@@ -96,3 +103,12 @@ def test_a_resumed_studys_ensemble_draws_on_both_commands(real_data, tmp_path):
     submission = pd.read_csv(out / "submission.csv")
     np.testing.assert_allclose(model.predict(test)["SalePrice"], submission["SalePrice"], rtol=1e-6)
     np.testing.assert_allclose(submission["SalePrice"], np.exp(blend(library, members, "test")), rtol=1e-5)
+
+    # a trial whose file is not on this machine (its worker ran on another) comes from its MLflow run
+    (out / "predictions" / f"trial-{complete[0]}.npz").unlink()
+    export = subprocess.run([sys.executable, str(REPO / "experiments" / "export_submission.py"), "--output-dir", str(out),
+                             "--data-dir", str(real_data), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert export.returncode == 0, export.stderr[-2000:]
+    again = json.loads((out / "summary.json").read_text())["ensemble"]
+    assert again["library"] == len(complete) and again["members"] == summary["ensemble"]["members"]

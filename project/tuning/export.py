@@ -11,7 +11,7 @@ import optuna
 from optuna.trial import TrialState
 
 from project.cv import cross_validate
-from project.ensemble import Predictions, blend, scores, select
+from project.ensemble import Predictions, blend, cv_score, scores, select
 from project.predictor import Ensemble, Predictor
 from project.refit import refit_and_test, refit_metrics
 from project.serving import log_predictor
@@ -50,27 +50,40 @@ def study_summary(study: optuna.Study, settings: SweepSettings) -> dict:
     return summary
 
 
-def select_ensemble(study: optuna.Study, task, datamodule, best: optuna.trial.FrozenTrial) -> tuple[dict[int, float], dict]:
-    """The completed trials' weights in the ensemble selected on their out-of-fold predictions
-    (project/ensemble.py), and what to report of it: its members, its out-of-fold score and the
-    best trial's alone. Trials without kept predictions (run before they were kept, or by a
-    worker on another machine) are left out; with fewer than two, the best trial alone."""
-    library = {t.number: Predictions.load(Path(t.user_attrs[PREDICTIONS_ATTR]))
-               for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-               if Path(t.user_attrs.get(PREDICTIONS_ATTR, "")).is_file()}
+def kept_predictions(study: optuna.Study, tracker: Tracker, out_dir: Path) -> dict[int, Predictions]:
+    """The completed trials' kept predictions: the file a worker of this machine wrote, else the
+    copy its MLflow run holds (a worker on another machine), fetched into ``out_dir``."""
+    library = {}
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        path = Path(trial.user_attrs.get(PREDICTIONS_ATTR, ""))
+        if not path.is_file() and RUN_ID_ATTR in trial.user_attrs and trial.user_attrs.get(PREDICTIONS_ATTR):
+            path = tracker.download_artifact(trial.user_attrs[RUN_ID_ATTR], f"predictions/{path.name}",
+                                             out_dir / "predictions" / "downloaded") or path
+        if path.is_file():
+            library[trial.number] = Predictions.load(path)
+    return library
+
+
+def select_ensemble(library: dict[int, Predictions], task, datamodule,
+                    best: optuna.trial.FrozenTrial) -> tuple[dict[int, float], dict]:
+    """The trials' weights in the ensemble selected on their out-of-fold predictions
+    (project/ensemble.py), and what to report of it: its members, its scores and the best trial's
+    alone. Trials with no kept predictions (run before they were kept) are left out; with fewer
+    than two, the best trial alone."""
     if len(library) < 2 or best.number not in library:
         return {best.number: 1.0}, {"members": [{"trial": best.number, "weight": 1.0}],
                                     "note": f"{len(library)} trial(s) with kept predictions: the best trial alone"}
     targets = datamodule.targets[library[best.number].rows].numpy()
     weights = select(task, library, targets)
     weights = dict(sorted(weights.items(), key=lambda item: (item[0] != best.number, -item[1])))
-    metric = task.metric
-    oof = float(scores(task, blend(library, weights)[None], targets)[0])
-    alone = float(scores(task, library[best.number].oof[None], targets)[0])
+    metric, folds, mix = task.metric, library[best.number].folds, blend(library, weights)
     return weights, {
-        "members": [{"trial": n, "weight": w} for n, w in weights.items()], f"oof_{metric}": oof,
-        f"best_trial_oof_{metric}": alone, "library": len(library),
-        "note": "selected on the same out-of-fold predictions it is scored on, so its score is optimistic",
+        "members": [{"trial": n, "weight": w} for n, w in weights.items()], "library": len(library),
+        f"cv_{metric}": cv_score(task, mix, targets, folds),
+        f"oof_{metric}": float(scores(task, mix[None], targets)[0]),
+        f"best_trial_oof_{metric}": float(scores(task, library[best.number].oof[None], targets)[0]),
+        "note": f"cv_{metric}: the mean of the folds' scores, as a trial's CV score; oof_{metric}: the score of "
+                "all out-of-fold rows pooled. Selected on the same predictions it is scored on: optimistic",
     }
 
 
@@ -103,7 +116,8 @@ def export_best(study: optuna.Study, settings: SweepSettings, tracker: Tracker, 
     else:
         weights = {best.number: 1.0}
         if settings.ensemble == "greedy":
-            weights, summary["ensemble"] = select_ensemble(study, task, datamodule, best)
+            library = kept_predictions(study, tracker, out_dir)
+            weights, summary["ensemble"] = select_ensemble(library, task, datamodule, best)
         predictors = []
         for number in weights:  # each member's fold models, trained again (deterministic: the same models)
             if number == best.number:
@@ -128,7 +142,8 @@ def export_best(study: optuna.Study, settings: SweepSettings, tracker: Tracker, 
         metrics = {"best_cv_mean": best.value, "n_complete": summary["n_complete"]}
         ensemble = summary.get("ensemble", {})
         if f"oof_{task.metric}" in ensemble:
-            metrics.update({f"ensemble_oof_{task.metric}": ensemble[f"oof_{task.metric}"],
+            metrics.update({f"ensemble_cv_{task.metric}": ensemble[f"cv_{task.metric}"],
+                            f"ensemble_oof_{task.metric}": ensemble[f"oof_{task.metric}"],
                             f"best_trial_oof_{task.metric}": ensemble[f"best_trial_oof_{task.metric}"]})
         if ensemble:
             tracker.set_tags(parent_run_id, {"ensemble": json.dumps(ensemble["members"])})

@@ -379,6 +379,24 @@ class Tracker:
                 return None
             raise
 
+    def download_artifact(self, run_id: str, path: str, folder: Path) -> Path | None:
+        """A run's artifact ``path``, downloaded into ``folder``; None where the run, the file or
+        the server is not there."""
+        if not self.reachable:
+            return None
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            return Path(self.client.download_artifacts(self._resolve(run_id), path, str(folder)))
+        except Unresolved:
+            return None
+        except Exception as err:
+            if is_unreachable(err) and self.journal is not None:
+                self._unreachable(err)
+                return None
+            if isinstance(err, (MlflowException, OSError)):
+                return None
+            raise
+
     def has_run(self, run_id: str) -> bool:
         """Whether the run exists (a run still waiting to be created counts, and so does any run
         while the server cannot be asked)."""
