@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,7 +16,9 @@ import sqlalchemy
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from project.tuning.recovery import WORKER_ATTR, recover_stale_trials
 from project.tuning.study import make_storage
+from project.tuning.tracking import Tracker
 from tests.servers import PostgresCluster
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,3 +129,17 @@ def test_two_workers_share_a_postgresql_study(real_data, tmp_path, postgres):
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("house-prices").experiment_id], max_results=100)
     assert sum(r.data.tags.get("trial_number") is not None for r in runs) == 6
+
+
+def test_a_run_whose_id_never_reached_its_trial_is_failed_with_it(tmp_path):
+    """A worker killed between creating a trial's MLflow run and recording the run's id on the trial:
+    recovery finds the run by its study and trial number, and fails it with the trial."""
+    study = optuna.create_study(study_name="s", storage=make_storage(f"sqlite:///{tmp_path / 'optuna.db'}"))
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "e")
+    trial = study.ask()
+    study._storage.set_trial_user_attr(trial._trial_id, WORKER_ATTR, {"host": socket.gethostname(), "pid": 2 ** 22 + 1})
+    orphan = tracker.start_run("trial-0", tags={"trial_number": "0", "study": "s"})
+    other = tracker.start_run("trial-0", tags={"trial_number": "0", "study": "another study"})
+    assert recover_stale_trials(study, tracker) == [0]
+    assert tracker.run_status(orphan) == "FAILED" and tracker.run_status(other) == "RUNNING"
+    assert tracker.client.get_run(orphan).data.tags["failure"] == "worker process died"

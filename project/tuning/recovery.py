@@ -104,9 +104,17 @@ def fail_trials_of(study: optuna.Study, tracker: Tracker, pid: int, reason: str)
 def _close_failed_runs(study: optuna.Study, tracker: Tracker) -> None:
     """FAIL trials, whether failed here or by the storage heartbeat, get FAILED MLflow runs: a run
     may still say RUNNING, or FINISHED when its worker died after ending it but before Optuna
-    recorded the trial's end. An interrupted trial's run stays KILLED."""
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
-        run_id = trial.user_attrs.get(RUN_ID_ATTR)
-        if run_id and tracker.run_status(run_id) not in (None, "FAILED", "KILLED"):
+    recorded the trial's end. An interrupted trial's run stays KILLED. A worker killed between
+    creating a trial's run and recording the run's id on the trial leaves a run only its tags
+    name: found among the RUNNING runs by its study and trial number."""
+    failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    by_number = {str(t.number): t for t in failed}
+    unrecorded = {run.info.run_id: by_number[run.data.tags["trial_number"]]
+                  for run in tracker.running_runs(study=study.study_name)
+                  if run.data.tags.get("trial_number") in by_number
+                  and RUN_ID_ATTR not in by_number[run.data.tags["trial_number"]].user_attrs}
+    recorded = {t.user_attrs[RUN_ID_ATTR]: t for t in failed if RUN_ID_ATTR in t.user_attrs}
+    for run_id, trial in {**recorded, **unrecorded}.items():
+        if tracker.run_status(run_id) not in (None, "FAILED", "KILLED"):
             tracker.set_tags(run_id, {"state": "FAIL", "failure": trial.user_attrs.get("failure", "worker died")})
             tracker.end_run(run_id, "FAILED")

@@ -397,6 +397,19 @@ class Tracker:
                 return None
             raise
 
+    def running_runs(self, **tags: str) -> list:
+        """This experiment's RUNNING runs with these tags (none while the server cannot be asked)."""
+        if not self.reachable or self.experiment_id is None:
+            return []
+        try:
+            runs = self.client.search_runs([self.experiment_id], "attributes.status = 'RUNNING'", max_results=5000)
+        except Exception as err:
+            if is_unreachable(err) and self.journal is not None:
+                self._unreachable(err)
+                return []
+            raise
+        return [r for r in runs if all(r.data.tags.get(k) == v for k, v in tags.items())]
+
     def has_run(self, run_id: str) -> bool:
         """Whether the run exists (a run still waiting to be created counts, and so does any run
         while the server cannot be asked)."""
