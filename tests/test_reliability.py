@@ -131,6 +131,7 @@ def test_two_workers_share_a_postgresql_study(real_data, tmp_path, postgres):
     assert sum(r.data.tags.get("trial_number") is not None for r in runs) == 6
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
 def test_a_run_whose_id_never_reached_its_trial_is_failed_with_it(tmp_path):
     """A worker killed between creating a trial's MLflow run and recording the run's id on the trial:
     recovery finds the run by its study and trial number, and fails it with the trial."""
