@@ -57,6 +57,21 @@ def assert_every_trial_logged(storage: str, client: MlflowClient) -> None:
             assert client.get_metric_history(run.info.run_id, "fold0/train_loss")  # the curves too
 
 
+def run_with_fault(command: list[str], ready, fault, timeout: float = 600) -> tuple[int, str, str, float]:
+    """Start ``command``, wait for ``ready()``, call ``fault()`` and let the command end: its exit
+    code, output, error output, and the seconds from the fault to its end."""
+    process = start(command)
+    try:
+        wait_for(ready, 240)
+        fault()
+        faulted = time.monotonic()
+        out, err = process.communicate(timeout=timeout)
+        return process.returncode, out, err, time.monotonic() - faulted
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, 9)
+
+
 def outage_args(real_data: Path, tmp_path: Path, server: MlflowServer, *extra: str) -> list[str]:
     return [*sweep_args(real_data, tmp_path, *extra), "--tracking-uri", server.uri]
 
@@ -100,17 +115,9 @@ def test_a_tracking_outage_costs_no_trial_and_is_logged_once_the_server_is_back(
 @pytest.mark.slow
 def test_what_an_outage_kept_is_logged_by_the_next_command(real_data, tmp_path, server):
     storage = f"sqlite:///{tmp_path / 'out' / 'optuna.db'}"
-    sweep = start([*SWEEP, *outage_args(real_data, tmp_path, server, "--n-trials", "6", "--n-jobs", "1")])
-    try:
-        wait_for(lambda: finished(storage) >= 2, 240)
-        server.kill()
-        fault = time.monotonic()
-        out, err = sweep.communicate(timeout=600)
-        ended = time.monotonic() - fault
-    finally:
-        if sweep.poll() is None:
-            os.killpg(sweep.pid, 9)
-    assert sweep.returncode == 0, err[-3000:]
+    command = [*SWEEP, *outage_args(real_data, tmp_path, server, "--n-trials", "6", "--n-jobs", "1")]
+    code, out, err, ended = run_with_fault(command, lambda: finished(storage) >= 2, server.kill)
+    assert code == 0, err[-3000:]
     assert err.count(UNREACHABLE) == 1 and "still unreachable" in err and "Traceback" not in err
     assert "submission:" in out and list((tmp_path / "out").glob("**/submission.csv"))
     kept = list((tmp_path / "out").glob("**/mlflow-pending/*.jsonl"))
@@ -147,19 +154,15 @@ def test_a_study_database_lost_mid_sweep_stops_it_and_the_next_command_recovers(
     cluster = PostgresCluster()
     try:
         args = sweep_args(real_data, tmp_path, "--storage", cluster.url, "--n-trials", "40", "--n-jobs", "2")
-        sweep = start([*SWEEP, *args])
-        try:
-            wait_for(lambda: finished(cluster.url) >= 2 and any(
-                t.state == TrialState.RUNNING for t in trials(cluster.url)), 240)
-            before = {t.number: t.state for t in trials(cluster.url) if t.state.is_finished()}
+        before = {}
+
+        def stop_database() -> None:
+            before.update({t.number: t.state for t in trials(cluster.url) if t.state.is_finished()})
             cluster.stop()
-            fault = time.monotonic()
-            out, err = sweep.communicate(timeout=300)
-            stopped_after = time.monotonic() - fault
-        finally:
-            if sweep.poll() is None:
-                os.killpg(sweep.pid, 9)
-        assert sweep.returncode == 1, err[-3000:]
+        code, out, err, stopped_after = run_with_fault(
+            [*SWEEP, *args], lambda: finished(cluster.url) >= 2 and any(
+                t.state == TrialState.RUNNING for t in trials(cluster.url)), stop_database, timeout=300)
+        assert code == 1, err[-3000:]
         assert err.count("--storage") == 1 and "unreachable" in err and "Traceback" not in err, err[-3000:]
         client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
         experiment = client.get_experiment_by_name("house-prices")
