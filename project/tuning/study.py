@@ -94,7 +94,6 @@ class StorageUnreachable(Exception):
     """The study's database server stopped answering (``--storage``)."""
 
     def __init__(self, url: str, err: BaseException) -> None:
-        self.url = url
         super().__init__(f"--storage {url} is unreachable ({str(err).strip().splitlines()[0][:160]})")
 
 
