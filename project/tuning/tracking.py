@@ -281,18 +281,23 @@ class Tracker:
             print(f"MLflow tracking at {self.tracking_uri} is still unreachable: {left} write(s) kept in "
                   f"{self.journal.folder}; {left_for} sends them", file=sys.stderr, flush=True)
 
-    def attempt(self, call: Callable[[], T]) -> T | None:
-        """``call()``, a request of its own to the server (logging a model), unless the server is
-        unreachable: then None, said once like any write."""
+    def attempt(self, call: Callable[[], T], absent: tuple[type[Exception], ...] = ()) -> T | None:
+        """``call()``, a request of its own to the server (a read, logging a model), unless the
+        server is unreachable (then None, said once like any write), the call names a run still
+        waiting to be created, or it raises one of ``absent`` (what it asked for is not there)."""
         if not self.reachable:
             return None
         try:
             return call()
-        except Exception as err:
-            if self.journal is None or not is_unreachable(err):
-                raise
-            self._unreachable(err)
+        except Unresolved:
             return None
+        except Exception as err:
+            if self.journal is not None and is_unreachable(err):
+                self._unreachable(err)
+                return None
+            if isinstance(err, absent):
+                return None
+            raise
 
     def _unreachable(self, err: BaseException) -> None:
         if self.reachable and self.journal.first_to_say():
@@ -365,49 +370,22 @@ class Tracker:
 
     def run_status(self, run_id: str) -> str | None:
         """The run's status (RUNNING, FINISHED, ...); None if this store lacks it or cannot be reached."""
-        if not self.reachable:
-            return None
-        try:
-            return self.client.get_run(self._resolve(run_id)).info.status
-        except Unresolved:
-            return None
-        except Exception as err:
-            if is_unreachable(err) and self.journal is not None:
-                self._unreachable(err)
-                return None
-            if isinstance(err, MlflowException):
-                return None
-            raise
+        return self.attempt(lambda: self.client.get_run(self._resolve(run_id)).info.status, absent=(MlflowException,))
 
     def download_artifact(self, run_id: str, path: str, folder: Path) -> Path | None:
         """A run's artifact ``path``, downloaded into ``folder``; None where the run, the file or
         the server is not there."""
-        if not self.reachable:
-            return None
-        try:
+        def download() -> Path:
             folder.mkdir(parents=True, exist_ok=True)
             return Path(self.client.download_artifacts(self._resolve(run_id), path, str(folder)))
-        except Unresolved:
-            return None
-        except Exception as err:
-            if is_unreachable(err) and self.journal is not None:
-                self._unreachable(err)
-                return None
-            if isinstance(err, (MlflowException, OSError)):
-                return None
-            raise
+        return self.attempt(download, absent=(MlflowException, OSError))
 
     def running_runs(self, **tags: str) -> list:
         """This experiment's RUNNING runs with these tags (none while the server cannot be asked)."""
-        if not self.reachable or self.experiment_id is None:
+        if self.experiment_id is None:
             return []
-        try:
-            runs = self.client.search_runs([self.experiment_id], "attributes.status = 'RUNNING'", max_results=5000)
-        except Exception as err:
-            if is_unreachable(err) and self.journal is not None:
-                self._unreachable(err)
-                return []
-            raise
+        runs = self.attempt(lambda: self.client.search_runs([self.experiment_id], "attributes.status = 'RUNNING'",
+                                                            max_results=5000)) or []
         return [r for r in runs if all(r.data.tags.get(k) == v for k, v in tags.items())]
 
     def has_run(self, run_id: str) -> bool:
