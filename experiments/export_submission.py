@@ -42,14 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         study = optuna.load_study(study_name=name, storage=make_storage(storage))
     except (KeyError, ValueError) as err:
         parser.error(f"argument --study-name/--storage: no study {name!r} in {storage}: {err}")
-    stored, preset = study.user_attrs.get("settings", {}), study.user_attrs.get(PRESET_ATTR)
-    if preset is None:
+    if PRESET_ATTR not in study.user_attrs:
         parser.error(f"argument --study-name: study {name!r} in {storage} stores no preset; run the sweep again "
                      "with a new --study-name")
-    settings = SweepSettings(preset=preset, data_dir=str(args.data_dir), seed=stored["seed"], storage=storage,
-                             study_name=name, tracking_uri="", experiment_name=preset["name"], model=stored["model"],
-                             fixed=stored["fixed"], stacking=stored["stacking"],
-                             validation_folds=stored["validation_folds"], output_dir=str(out), ensemble=args.ensemble)
+    settings = SweepSettings.of_study(study, storage, str(args.data_dir), str(out), ensemble=args.ensemble)
     task = settings.task
     settings.tracking_uri = resolve_tracking_uri(args.tracking_uri)
     tracker = settings.tracker()

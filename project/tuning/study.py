@@ -29,7 +29,7 @@ from project.seeds import derive_seed
 from project.stopping import Interrupted
 from project.tasks import Task
 from project.tuning.locks import sqlite_creation_lock
-from project.tuning.pruning import FoldPruningCallback
+from project.tuning.pruning import FoldPruningCallback, make_pruner
 from project.tuning.recovery import RUN_ID_ATTR, claim, fail_trials_of, recover_stale_trials
 from project.tuning.space import suggest_config
 from project.tuning.tracking import Tracker, dataset_inputs, source_tags
@@ -68,6 +68,16 @@ class SweepSettings:
     output_dir: str | None = None
     command: str = ""  # this command's id: its processes say an outage once between them
     ensemble: str = "greedy"  # what export makes of the study: see export.py
+
+    @classmethod
+    def of_study(cls, study: optuna.Study, storage: str, data_dir: str, output_dir: str, **kwargs) -> SweepSettings:
+        """The settings a stored study was created with (``check_frozen``), to export or replay it;
+        a study stored without its preset raises ``KeyError``."""
+        stored, preset = study.user_attrs.get("settings", {}), study.user_attrs[PRESET_ATTR]
+        return cls(preset=preset, data_dir=data_dir, seed=stored["seed"], storage=storage,
+                   study_name=study.study_name, tracking_uri="", experiment_name=preset["name"],
+                   model=stored["model"], fixed=stored["fixed"], stacking=stored["stacking"],
+                   validation_folds=stored["validation_folds"], output_dir=output_dir, **kwargs)
 
     def tracker(self) -> Tracker:
         pending = Path(self.output_dir) / "mlflow-pending" if self.output_dir else None
@@ -185,8 +195,7 @@ def _create_or_load(settings: SweepSettings) -> optuna.Study:
         direction=task.direction,
         # constant_liar: running trials count as bad, so parallel workers spread out
         sampler=TrialSeededTPE(settings.seed, n_startup_trials=8, multivariate=True, constant_liar=True),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=6, n_warmup_steps=10) if settings.pruning
-        else optuna.pruners.NopPruner(),
+        pruner=make_pruner() if settings.pruning else optuna.pruners.NopPruner(),
         load_if_exists=True,
     )
 
