@@ -224,11 +224,14 @@ def run_sweep(argv: list[str] | None) -> int:
               f"cv_{task.metric} {ensemble[f'cv_{task.metric}']:.5f} (the best trial's {summary['cv_mean']:.5f}); "
               f"pooled out-of-fold {ensemble[f'oof_{task.metric}']:.5f} (the best trial's "
               f"{ensemble[f'best_trial_oof_{task.metric}']:.5f}); chosen on these folds, so optimistic")
+    refit = ensemble.get("refit")
+    weighted = ", ".join(f"{m['trial']} × {m['weight']:.2f}" for m in refit or [])
+    made_of = f"the weighted average of trials {weighted}, one seed each" if refit else "the average of {} seeds"
     for key, value in summary.items():
         if key.startswith("test_") and not key.endswith("_members"):
             alone = ", ".join(f"{a:.4f}" for a in summary[f"{key}_members"])
             print(f"refit on every training row, {key.replace('_', ' ')} {value:.4f} "
-                  f"(the average of {len(summary[f'{key}_members'])} seeds; each alone: {alone})")
+                  f"({made_of.format(len(summary[f'{key}_members']))}; each alone: {alone})")
     print(f"submission: {summary['submission']}")
     print(f"summary: {out / 'summary.json'}\nplots:   {out / 'plots'}")
     print(f"MLflow:  {tracker.ui_command()}")

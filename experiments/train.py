@@ -16,7 +16,7 @@ from project.cli import add_common_arguments, config_overrides, load_task, outpu
 from project.cv import TrainingDiverged, cross_validate, init_model
 from project.data import DataError
 from project.predictor import Predictor
-from project.refit import refit_and_test, refit_metrics
+from project.refit import Refit, refit_and_test, refit_metrics
 from project.stopping import Interrupted, handling_signals
 from project.serving import log_predictor
 from project.tuning.tracking import Tracker, dataset_inputs, environment_tags
@@ -77,7 +77,8 @@ def train(argv: list[str] | None) -> int:
         submission = out / task.preset.submission.file
         test_inputs = datamodule.test_inputs()  # read once: the file for a table task
         if task.refits:
-            predictor, scores = refit_and_test(task, config, args.data_dir, args.seed, submission)
+            predictor, scores = refit_and_test(task, [Refit(config, seeds=task.ensemble)], args.data_dir, args.seed,
+                                               submission)
             tracker.log_metrics(run_id, refit_metrics(scores))
             summary.update(scores)
             print(f"{task.name}: refit on all training rows ({task.ensemble} seeds averaged)"

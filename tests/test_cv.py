@@ -9,8 +9,8 @@ from torch import nn
 
 from project.cv import TrainingDiverged, build_module, cross_validate
 from project.models import register_model
-from project.predictor import Predictor
-from project.refit import refit_and_test, refit_metrics
+from project.predictor import Ensemble, Predictor, load_predictor
+from project.refit import Refit, refit_and_test, refit_metrics
 from project import presets
 from project.tasks import Task, TrainConfig, get_task
 from tests.conftest import house_task_dm, write_idx_set
@@ -88,7 +88,8 @@ def test_refit_ensemble_scores_averaged_probabilities(tmp_path):
     write_idx_set(tmp_path / "tiny-images")
     task = Task(presets.load(presets.preset_path("fashion-mnist"), ["data.dataset=tiny-images"]))  # no pinned checksums
     config = TrainConfig(model_kwargs={"hidden_sizes": (16,)}, max_epochs=2, batch_size=32)
-    predictor, scores = refit_and_test(task, config, tmp_path, seed=0, predictions_path=tmp_path / "p.csv")
+    predictor, scores = refit_and_test(task, [Refit(config, seeds=3)], tmp_path, seed=0,
+                                       predictions_path=tmp_path / "p.csv")
     weights = predictor.stack.member_state_dict()["layers.1.weight"]
     assert weights.shape[0] == 3 and not torch.equal(weights[0], weights[1])  # own initialisation each
     assert len(scores["test_accuracy_members"]) == 3 and 0 <= scores["test_accuracy"] <= 1
@@ -148,3 +149,27 @@ def test_single_member_scores_stay_lists(house_dir):
     # the module's own record keeps one value per member, as the pruning callback reads it
     assert [len(r["val_rmse"]) for r in result.fits[0].module.history] == [1, 1]
     assert [len(r["train_loss"]) for r in result.fits[0].module.history] == [1, 1]
+
+
+def test_a_refit_of_several_configurations_scores_their_weighted_average(tmp_path):
+    """The study's ensemble on a task that refits: each selected configuration refitted once, the test
+    split scored with their weighted probabilities."""
+    write_idx_set(tmp_path / "tiny-images")
+    task = Task(presets.load(presets.preset_path("fashion-mnist"), ["data.dataset=tiny-images"]))
+    narrow = TrainConfig(model_kwargs={"hidden_sizes": (16,)}, max_epochs=2, batch_size=32)
+    wide = TrainConfig(model_kwargs={"hidden_sizes": (32, 32)}, max_epochs=3, batch_size=64, lr=3e-3)
+    refits = [Refit(narrow, weight=0.6, trial=4), Refit(wide, weight=0.2, trial=1)]
+    predictor, scores = refit_and_test(task, refits, tmp_path, seed=0, predictions_path=tmp_path / "p.csv")
+    assert isinstance(predictor, Ensemble) and predictor.weights == pytest.approx([0.75, 0.25])
+    assert predictor.trials == [4, 1] and len(scores["test_accuracy_members"]) == 2
+    dm = task.datamodule(tmp_path, fold=None, replicas=2)
+    dm.setup()
+    pixels = dm.test_inputs()
+    each = [p.averaged(pixels) for p in predictor.predictors]
+    expected = 0.75 * each[0] + 0.25 * each[1]
+    assert scores["test_accuracy"] == pytest.approx((expected.argmax(-1) == dm.test_targets).double().mean().item())
+    alone = [(e.argmax(-1) == dm.test_targets).double().mean().item() for e in each]
+    assert scores["test_accuracy_members"] == pytest.approx(alone)
+    reloaded = load_predictor(predictor.save(tmp_path / "model"))
+    torch.testing.assert_close(reloaded.averaged(pixels), expected, rtol=1e-5, atol=1e-6)
+    assert reloaded.predict(pixels).to_csv(index=False).splitlines() == (tmp_path / "p.csv").read_text().splitlines()

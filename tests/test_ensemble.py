@@ -6,15 +6,20 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
+import optuna
 import pandas as pd
 import pytest
+import torch
 
 from project.cv import cross_validate
 from project.ensemble import Predictions, blend, cv_score, out_of_fold, scores, select
 from project.predictor import Ensemble, Predictor, load_predictor
 from project.tasks import TrainConfig, get_task
+from project.tuning.export import selected_refits
+from project.tuning.space import suggest_config
 from tests.conftest import house_task_dm
 from tests.test_reliability import REPO, SWEEP, sweep_args, trials
 
@@ -112,3 +117,42 @@ def test_a_resumed_studys_ensemble_draws_on_both_commands(real_data, tmp_path):
     assert export.returncode == 0, export.stderr[-2000:]
     again = json.loads((out / "summary.json").read_text())["ensemble"]
     assert again["library"] == len(complete) and again["members"] == summary["ensemble"]["members"]
+
+
+def test_a_refitting_task_refits_the_configurations_its_ensemble_weights_most():
+    """Images are scored on one validation fold, then refitted: the configurations the selection
+    weights, up to the refit's budget, are refitted once each, their weights renormalised."""
+    task = get_task("fashion-mnist")
+    start = dict(task.preset.model_preset("mlp").start)
+    study = optuna.create_study(direction="maximize")
+    for number, lr in enumerate([1e-3, 2e-3, 5e-4, 3e-4]):
+        params = {**start, "lr": lr}
+        study.add_trial(optuna.trial.create_trial(
+            params=params, distributions=_distributions(task, params), value=0.9 - 0.01 * number))
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 10, 300)
+    right = np.eye(10)[labels]
+    thirds = [np.arange(300) // 100 == k for k in range(3)]
+    rows, folds = np.arange(300), np.zeros(300, dtype=int)
+    # trials 0 to 2 are each sure and right on their own third; trial 3 knows nothing
+    library = {n: Predictions(rows, folds, np.where(t[:, None], 0.9 * right + 0.01, 0.1)) for n, t in enumerate(thirds)}
+    library[3] = Predictions(rows, folds, np.full((300, 10), 0.1))
+    settings = SimpleNamespace(task=task, model="mlp", fixed={})
+    summary = {}
+    refits = selected_refits(study, settings, summary, library, SimpleNamespace(targets=torch.as_tensor(labels)),
+                             study.best_trial)
+    assert [r.trial for r in refits] == [0, 1, 2] and all(r.seeds == 1 for r in refits)
+    assert sum(r.weight for r in refits) == pytest.approx(1.0)
+    assert [r.config.lr for r in refits] == [1e-3, 2e-3, 5e-4]
+    assert summary["ensemble"]["oof_acc"] == 1.0 and len(summary["ensemble"]["refit"]) == 3
+    del library[1], library[2]  # the best trial alone: refitted on the preset's seeds, as without selection
+    assert selected_refits(study, settings, {}, library, SimpleNamespace(targets=torch.as_tensor(labels)),
+                           study.best_trial) == []
+
+
+def _distributions(task, params: dict) -> dict:
+    """The distributions a trial of the preset's search space draws ``params`` from."""
+    recorder = optuna.create_study()
+    trial = recorder.ask()
+    suggest_config(trial, task, "mlp", {})
+    return {name: trial.distributions[name] for name in params}

@@ -13,7 +13,7 @@ from optuna.trial import TrialState
 from project.cv import cross_validate
 from project.ensemble import Predictions, blend, cv_score, scores, select
 from project.predictor import Ensemble, Predictor
-from project.refit import refit_and_test, refit_metrics
+from project.refit import Refit, refit_and_test, refit_metrics
 from project.serving import log_predictor
 from project.tuning.plots import learning_curves, study_plots
 from project.tuning.space import config_from_params
@@ -87,6 +87,22 @@ def select_ensemble(library: dict[int, Predictions], task, datamodule,
     }
 
 
+def selected_refits(study: optuna.Study, settings: SweepSettings, summary: dict, library: dict[int, Predictions],
+                    datamodule, best: optuna.trial.FrozenTrial) -> list[Refit]:
+    """For a task that refits: the configurations the study's ensemble weights most, as many as the
+    refit's budget of members (``final.ensemble``), one seed each, their weights renormalised; none
+    where the selection keeps the best trial alone (which is then refitted on that many seeds)."""
+    task = settings.task
+    weights, summary["ensemble"] = select_ensemble(library, task, datamodule, best)
+    if len(weights) < 2 or task.ensemble < 2:
+        return []
+    top = sorted(weights.items(), key=lambda item: -item[1])[: task.ensemble]
+    total = sum(w for _, w in top)
+    summary["ensemble"]["refit"] = [{"trial": n, "weight": w / total} for n, w in top]
+    return [Refit(config_from_params(task, settings.model, study.trials[n].params, settings.fixed), weight=w, trial=n)
+            for n, w in top]
+
+
 def export_best(study: optuna.Study, settings: SweepSettings, tracker: Tracker, out_dir: Path,
                 parent_run_id: str | None) -> dict:
     """Rebuild the best trial's fold models (deterministic: the same models) where the submission
@@ -111,7 +127,11 @@ def export_best(study: optuna.Study, settings: SweepSettings, tracker: Tracker, 
     submission = out_dir / task.preset.submission.file
     test_inputs = datamodule.test_inputs()  # read once: the file for a table task
     if task.refits:
-        predictor, scores = refit_and_test(task, config, settings.data_dir, settings.seed, submission)
+        refits = [Refit(config, seeds=task.ensemble, trial=best.number)]
+        if settings.ensemble == "greedy":
+            refits = selected_refits(study, settings, summary, kept_predictions(study, tracker, out_dir), datamodule,
+                                     best) or refits
+        predictor, scores = refit_and_test(task, refits, settings.data_dir, settings.seed, submission)
         summary.update(scores)
     else:
         weights = {best.number: 1.0}
@@ -145,8 +165,9 @@ def export_best(study: optuna.Study, settings: SweepSettings, tracker: Tracker, 
             metrics.update({f"ensemble_cv_{task.metric}": ensemble[f"cv_{task.metric}"],
                             f"ensemble_oof_{task.metric}": ensemble[f"oof_{task.metric}"],
                             f"best_trial_oof_{task.metric}": ensemble[f"best_trial_oof_{task.metric}"]})
+        used = ensemble.get("refit", ensemble.get("members", []))  # a refitting task refits the heaviest
         if ensemble:
-            tracker.set_tags(parent_run_id, {"ensemble": json.dumps(ensemble["members"])})
+            tracker.set_tags(parent_run_id, {"ensemble": json.dumps(used)})
         if task.refits:
             metrics.update(refit_metrics(scores))
         tracker.log_metrics(parent_run_id, metrics)
@@ -155,8 +176,8 @@ def export_best(study: optuna.Study, settings: SweepSettings, tracker: Tracker, 
         for path in (out_dir / "summary.json", submission):
             tracker.log_artifact(parent_run_id, path)
         tags = {"study": settings.study_name, "trial": best.number, f"cv_{task.metric}": best.value}
-        if len(ensemble.get("members", [])) > 1:
-            tags["ensemble"] = json.dumps(ensemble["members"])
+        if len(used) > 1:
+            tags["ensemble"] = json.dumps(used)
         version = tracker.attempt(lambda: log_predictor(predictor, tracker.tracking_uri, tracker.resolve(parent_run_id),
                                                         test_inputs, registered_name=task.name, tags=tags))
         if version is None:
