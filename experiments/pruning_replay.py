@@ -32,7 +32,8 @@ TOP = 5  # "among the best": the trials with the five best final scores
 
 def epoch_indexed() -> tuple[optuna.pruners.BasePruner, object]:
     """The pruner the sweep had before: trials compared at the same epoch from the tenth on."""
-    return optuna.pruners.MedianPruner(n_startup_trials=6, n_warmup_steps=10), lambda epoch, n, reported: range(epoch, epoch + 1)
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=6, n_warmup_steps=10)
+    return pruner, lambda epoch, max_epochs, reported: range(epoch, epoch + 1)
 
 
 def final_curves(study: optuna.Study, settings: SweepSettings) -> dict[int, list[float]]:
