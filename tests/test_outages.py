@@ -102,7 +102,9 @@ def test_a_tracking_outage_costs_no_trial_and_is_logged_once_the_server_is_back(
     assert_every_trial_logged(storage, client)
     assert not list((tmp_path / "out").glob("**/mlflow-pending/*.jsonl"))
     study = trials(storage)
-    assert len(study) == 30 and not [t.number for t in study if t.state == TrialState.FAIL]
+    # no trial lost to the outage (a configuration whose loss diverged fails for its own reason)
+    assert len(study) == 30 and not [t.number for t in study if t.state == TrialState.FAIL
+                                     and "NaN or infinite" not in t.user_attrs.get("failure", "")]
     versions = client.search_model_versions("name='house-prices'")
     assert [v.tags["trial"] for v in versions] == [str(optuna.load_study(
         study_name="house-prices", storage=storage).best_trial.number)]

@@ -303,9 +303,12 @@ def _stop_when_asked(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> No
 
 class _NotInterrupted(logging.Filter):
     """Optuna logs a failed trial with its traceback, then its value; an interrupted trial is no
-    failure of the code, and the sweep's own line says it was interrupted."""
+    failure of the code, and the sweep's own line says it was interrupted. A diverged trial is no
+    failure of the code either: its line, which names the fold and epoch, is kept, its traceback not."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], TrainingDiverged):
+            record.exc_info, record.exc_text = None, None
         return not stopping.requested()
 
 
