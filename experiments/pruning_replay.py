@@ -23,14 +23,14 @@ from optuna.trial import TrialState
 from project.cli import output_dir
 from project.cv import TrainingDiverged, cross_validate
 from project.paths import REPO_ROOT
-from project.tuning.pruning import make_pruner, replay
+from project.tuning.pruning import StepsFn, make_pruner, replay
 from project.tuning.space import config_from_params
 from project.tuning.study import PRESET_ATTR, SweepSettings, default_storage, make_storage
 
 TOP = 5  # "among the best": the trials with the five best final scores
 
 
-def epoch_indexed() -> tuple[optuna.pruners.BasePruner, object]:
+def epoch_indexed() -> tuple[optuna.pruners.BasePruner, StepsFn]:
     """The pruner the sweep had before: trials compared at the same epoch from the tenth on."""
     pruner = optuna.pruners.MedianPruner(n_startup_trials=6, n_warmup_steps=10)
     return pruner, lambda epoch, max_epochs, reported: range(epoch, epoch + 1)
