@@ -18,6 +18,9 @@ from project.data.sources import DATASETS, fetch_dataset
 
 
 CHUNK_ELEMENTS = 4 * 1024 * 1024
+# input elements per member in one evaluation pass: thousands of images in one pass spill a conv
+# net's activations out of the CPU caches, and a pass of a few hundred takes less time per row
+EVAL_ELEMENTS = 256 * 1024
 
 
 def kfold_indices(n_folds: int, seed: int, targets: np.ndarray, stratified: bool) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -174,6 +177,11 @@ class FoldDataModule(L.LightningDataModule):
     def test_size(self) -> int:
         return self.members.test_features.n_rows
 
+    @property
+    def eval_rows(self) -> int:
+        """Rows per evaluation pass: ``eval_batch_size`` at most, fewer for large samples."""
+        return max(1, min(self.eval_batch_size, EVAL_ELEMENTS // self.n_features))
+
     def train_loader(self, batch_size: int, members: Members | None = None, chunked: bool = True,
                      nonzero: bool = False, translate: int = 0) -> StackedBatches:
         """Shuffled training batches of each member's rows; ``chunked``: chunks of consecutive
@@ -189,7 +197,7 @@ class FoldDataModule(L.LightningDataModule):
         members = members or self.members
         if not members.validates:
             return []
-        return StackedBatches(members.features, self.targets, members.val_rows, self.eval_batch_size, nonzero=nonzero)
+        return StackedBatches(members.features, self.targets, members.val_rows, self.eval_rows, nonzero=nonzero)
 
     def test_loader(self, members: Members | None = None, nonzero: bool = False,
                     with_targets: bool = True) -> StackedBatches:
@@ -197,7 +205,7 @@ class FoldDataModule(L.LightningDataModule):
         members = members or self.members
         rows = [torch.arange(self.test_size)] * len(members)
         targets = self.test_targets if with_targets else None
-        return StackedBatches(members.test_features, targets, rows, self.eval_batch_size, nonzero=nonzero)
+        return StackedBatches(members.test_features, targets, rows, self.eval_rows, nonzero=nonzero)
 
     # the LightningDataModule hooks, for a Trainer given this DataModule itself
     def train_dataloader(self) -> StackedBatches:
