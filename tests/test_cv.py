@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 from project.cv import TrainingDiverged, build_module, cross_validate
+from project.data import IdxDataModule
+from project.data.base import EVAL_ELEMENTS
 from project.models import register_model
 from project.predictor import Ensemble, Predictor, load_predictor
 from project.refit import Refit, refit_and_test, refit_metrics
@@ -173,3 +175,20 @@ def test_a_refit_of_several_configurations_scores_their_weighted_average(tmp_pat
     reloaded = load_predictor(predictor.save(tmp_path / "model"))
     torch.testing.assert_close(reloaded.averaged(pixels), expected, rtol=1e-5, atol=1e-6)
     assert reloaded.predict(pixels).to_csv(index=False).splitlines() == (tmp_path / "p.csv").read_text().splitlines()
+
+
+def test_evaluation_passes_are_cut_to_the_sample_size_and_score_the_same(tmp_path):
+    """Images are evaluated a few hundred at a time (tables in one pass of up to 4096 rows); the
+    size of a pass changes nothing in the scores."""
+    write_idx_set(tmp_path / "fashion-mnist", n_train=800)  # validation folds of 400 images
+    task = get_task("fashion-mnist")
+    config = TrainConfig(model_kwargs={"hidden_sizes": (16,)}, max_epochs=2, batch_size=32)
+    scores = []
+    for eval_batch_size in (4096, 7):
+        dm = IdxDataModule(dataset="fashion-mnist", data_dir=tmp_path, n_folds=2, fold=[0, 1],
+                           eval_batch_size=eval_batch_size, stratified=True)
+        dm.setup()
+        scores.append(cross_validate(task, config, datamodule=dm).fold_scores)
+        assert dm.eval_rows == min(eval_batch_size, EVAL_ELEMENTS // (28 * 28))
+        assert len(dm.val_loader()) == (2 if eval_batch_size == 4096 else 58)
+    assert scores[0] == scores[1]
