@@ -115,6 +115,7 @@ def case_sweep(data_dir: Path, n_trials: int) -> dict:
 
     from project.tuning.space import config_from_params, suggest_config
     from project.tuning.study import SweepSettings, open_study, run_workers
+    from project.tuning.tracking import Tracker
 
     task = get_task("house-prices")
     fixed = {"max_epochs": 60}
@@ -149,8 +150,9 @@ def case_sweep(data_dir: Path, n_trials: int) -> dict:
         study = open_study(settings)
         for params in param_sets:
             study.enqueue_trial(params)
+        tracker = Tracker(settings.tracking_uri, settings.experiment_name)  # the coordinator's, as in sweep.py
         start = time.perf_counter()
-        run_workers(settings, n_trials, jobs, None)
+        run_workers(settings, n_trials, jobs, None, tracker)
         project_s = time.perf_counter() - start
     (plain_s,) = timed([plain], 1)
     return {"name": "sweep-throughput", "plain_s": round(plain_s, 3), "project_s": round(project_s, 3),

@@ -285,3 +285,15 @@ def test_benchmark_keeps_the_cases_it_measured_when_the_data_is_bad(real_data, t
                            "--repeats", "1", "--json", str(out)]) == 1
     assert [case["name"] for case in json.loads(out.read_text())["cases"]] == ["fashion-mnist-epoch"]
     assert "house-prices/train.csv: checksum mismatch" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_benchmark_measures_the_sweeps_throughput(real_data, tmp_path):
+    import benchmark
+
+    out = tmp_path / "bench.json"
+    assert benchmark.main(["--data-dir", str(real_data), "--cases", "sweep-throughput", "--sweep-trials", "2",
+                           "--json", str(out)]) == 0
+    (case,) = json.loads(out.read_text())["cases"]
+    assert case["name"] == "sweep-throughput" and case["plain_s"] > 0 and case["project_s"] > 0
+    assert case["project_trials_per_min"] == pytest.approx(120 / case["project_s"], rel=0.01)
