@@ -9,8 +9,9 @@ Adding a model takes three steps, and no change to the package:
 2. Register it: ``@register_model("my-net")`` (``from project.models import register_model``), in
    a module that is imported before the run, e.g. ``project/models/my_net.py`` listed in
    ``project/models/__init__.py``.
-3. Choose it: ``--model my-net`` on ``train.py`` or ``sweep.py`` (and a search space for its
-   arguments in ``project/tuning/space.py``).
+3. Give it settings under ``models:`` in the task's preset (``args``, ``train`` and, for the sweep,
+   a ``search`` space; ``experiments/configs/fashion-mnist.yaml`` has this model's) and choose it:
+   ``--model my-net`` on ``train.py`` or ``sweep.py``.
 
 Normalisation must not keep running statistics across batches (vmap cannot batch an in-place
 buffer update): GroupNorm, as here, or BatchNorm with ``track_running_stats=False``.
