@@ -35,6 +35,10 @@ class PredictorModel(mlflow.pyfunc.PythonModel):
     """``predict`` takes raw rows (a DataFrame with the test file's columns) or images
     (``[N, C, H, W]`` uint8) and returns the submission's rows for them."""
 
+    # predict has no type hints on purpose (below); this is MLflow's switch for such a class, without
+    # which it warns, as the class is defined, on every import of this module
+    _skip_type_hint_validation = True
+
     def load_context(self, context) -> None:
         self.predictor = load_predictor(Path(context.artifacts["predictor"]))
 
