@@ -135,6 +135,9 @@ class Tracker:
         if self.tracking_uri.startswith(("http://", "https://")):
             for name, value in SERVER_ENV.items():
                 os.environ.setdefault(name, value)
+        # MLflow draws a progress bar for each artifact download (a model's validation reads its own
+        # files back): lines of it in a sweep's log, where the sweep says what it did itself
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         self.journal = Journal(pending, command or uuid.uuid4().hex) if pending else None
         self._next_probe = 0.0  # while unreachable: when to try the server again
         self._said = False  # this process said the server is unreachable: it says when it is back
