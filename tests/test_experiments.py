@@ -259,6 +259,38 @@ def test_baselines_score_the_sweep_folds(real_data, tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_baselines_join_a_studys_ensemble(real_data, tmp_path, capsys):
+    import baselines
+
+    from project.ensemble import Predictions
+    from project.tasks import get_task
+
+    dm = get_task("house-prices").datamodule(data_dir=real_data, n_folds=5, fold=list(range(5)))
+    dm.prepare_data()
+    dm.setup()
+    targets = dm.targets.numpy().astype(np.float64)
+    folds = np.zeros(len(targets), dtype=np.int64)
+    for m, rows in enumerate(dm.members.val_rows):
+        folds[rows.numpy()] = m
+    rows = np.arange(len(targets))
+    # trial 3 predicts every row exactly: each ensemble must be it alone
+    Predictions(rows, folds, targets + 0.3).save(tmp_path / "study/predictions/trial-1.npz")
+    Predictions(rows, folds, targets.copy()).save(tmp_path / "study/predictions/trial-3.npz")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["--data-dir", str(real_data), "--models", "ridge", "--tracking-uri", uri, "--study-dir"]
+    assert baselines.main([*args, str(tmp_path / "study")]) == 0
+    lines = capsys.readouterr().out.splitlines()[-2:]
+    assert lines == ["ensemble of the study's 2 trials: CV RMSE 0.0000 (trial 3 × 1.00)",
+                     "ensemble of the study's trials and ridge: CV RMSE 0.0000 (trial 3 × 1.00)"]
+
+    Predictions(rows, (folds + 1) % 5, targets).save(tmp_path / "other/predictions/trial-0.npz")
+    with pytest.raises(SystemExit) as exit_info:
+        baselines.main([*args, str(tmp_path / "other")])
+    assert exit_info.value.code == 2
+    assert "other/predictions/trial-0.npz: its out-of-fold predictions are of other folds" in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_plain_reference_times_the_d2l_loop_on_the_project_folds(real_data, tmp_path, capsys):
     import plain_reference
 
