@@ -84,13 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    targets = dm.targets.numpy().astype(np.float64)
-    folds = np.zeros(len(targets), dtype=np.int64)
-    for m, rows in enumerate(dm.members.val_rows):
-        folds[rows.numpy()] = m
+    targets, folds = dm.targets.numpy().astype(np.float64), validation_folds(dm)
     if args.study_dir is not None:
         try:
-            library = study_library(args.study_dir, folds)
+            library = study_library(args.study_dir, folds, dm.seed)
         except ValueError as err:
             parser.error(f"argument --study-dir: {err}")
     tracker = Tracker(args.tracking_uri, "house-prices-baselines")
@@ -119,7 +116,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def study_library(study_dir: Path, folds: np.ndarray) -> dict[int, Predictions]:
+def validation_folds(datamodule) -> np.ndarray:
+    """Each training row's validation fold, as a trial's kept predictions record it."""
+    members = datamodule.members
+    folds = np.zeros(len(datamodule.targets), dtype=np.int64)
+    for fold, rows in zip(members.folds, members.val_rows):
+        folds[rows.numpy()] = fold
+    return folds
+
+
+def study_library(study_dir: Path, folds: np.ndarray, seed: int) -> dict[int, Predictions]:
     """The sweep's kept out-of-fold predictions by trial number, checked to be of these folds."""
     files = sorted((study_dir / "predictions").glob("trial-*.npz"))
     if not files:
@@ -129,7 +135,7 @@ def study_library(study_dir: Path, folds: np.ndarray) -> dict[int, Predictions]:
         kept = Predictions.load(path)
         if not (np.array_equal(kept.rows, np.arange(len(folds))) and np.array_equal(kept.folds, folds)):
             raise ValueError(f"{path}: its out-of-fold predictions are of other folds than these "
-                             f"({len(folds)} rows in --folds {folds.max() + 1}, seed 0)")
+                             f"({len(folds)} rows in --folds {folds.max() + 1}, seed {seed})")
         library[int(path.stem.removeprefix("trial-"))] = kept
     return library
 

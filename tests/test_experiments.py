@@ -268,10 +268,7 @@ def test_baselines_join_a_studys_ensemble(real_data, tmp_path, capsys):
     dm = get_task("house-prices").datamodule(data_dir=real_data, n_folds=5, fold=list(range(5)))
     dm.prepare_data()
     dm.setup()
-    targets = dm.targets.numpy().astype(np.float64)
-    folds = np.zeros(len(targets), dtype=np.int64)
-    for m, rows in enumerate(dm.members.val_rows):
-        folds[rows.numpy()] = m
+    targets, folds = dm.targets.numpy().astype(np.float64), baselines.validation_folds(dm)
     rows = np.arange(len(targets))
     # trial 3 predicts every row exactly: each ensemble must be it alone
     Predictions(rows, folds, targets + 0.3).save(tmp_path / "study/predictions/trial-1.npz")
