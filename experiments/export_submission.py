@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: as the sweep)")
     parser.add_argument("--submit", action="store_true", help="send the submission with the Kaggle API")
     parser.add_argument("--ensemble", choices=ENSEMBLES, default="greedy",
-                        help="an ensemble selected from the study's trials, or the best trial alone (default: %(default)s)")
+                        help="an ensemble selected from the study's trials and the preset's estimators, or the best trial "
+                             "alone (default: %(default)s)")
     args = parser.parse_args(argv)
     name = args.study_name
     out = output_dir(args, parser, name)
@@ -56,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"best trial {summary['best_trial']}: cv_{task.metric} {summary['cv_mean']:.5f}{rerun}; "
           f"wrote {out / 'summary.json'}")
     print(f"submission: {summary['submission']}")
+    for message in summary.get("estimator_errors", {}).values():
+        print(f"error: {message}; the ensemble was selected without it", file=sys.stderr)
+    if summary.get("estimator_errors"):
+        return 1
     if not args.submit:
         return 0
     if not _kaggle_credentials():

@@ -59,9 +59,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argpa
                              "(default: the preset's sweep.validation_folds, else all)")
     parser.add_argument("--no-pruning", action="store_true", help="run every trial to its last epoch")
     parser.add_argument("--ensemble", choices=ENSEMBLES, default="greedy",
-                        help="the submission: an ensemble of the study's trials selected on their out-of-fold "
-                             "predictions (greedy, where the task is scored on a test file), or the best trial "
-                             "alone (none) (default: %(default)s)")
+                        help="the submission: an ensemble of the study's trials and the preset's sweep.estimators, "
+                             "selected on their out-of-fold predictions (greedy), or the best trial alone (none) "
+                             "(default: %(default)s)")
     return parser.parse_args(argv), parser
 
 
@@ -217,13 +217,20 @@ def run_sweep(argv: list[str] | None) -> int:
     print(f"\n{n_trials} trial(s) in {elapsed:.0f}s; study totals: {states}")
     print(f"best trial {summary['best_trial']}: cv_{task.metric} {summary['cv_mean']:.5f} ± {summary['cv_std']:.5f}")
     print("best params: " + ", ".join(f"{k}={v}" for k, v in summary["best_params"].items()))
+    for name, estimator in summary.get("estimators", {}).items():
+        print(f"estimator {name} ({estimator['estimator']}): cv_{task.metric} {estimator[f'cv_{task.metric}']:.5f}, "
+              f"fitted in {estimator['seconds']:.0f}s")
     ensemble = summary.get("ensemble", {})
     if f"oof_{task.metric}" in ensemble:
-        members = ", ".join(f"trial {m['trial']} × {m['weight']:.2f}" for m in ensemble["members"])
-        print(f"ensemble of {len(ensemble['members'])} of {ensemble['library']} trial(s): {members}; "
+        members = ", ".join(f"{member_label(m)} × {m['weight']:.2f}" for m in ensemble["members"])
+        beside = f" and {len(ensemble['estimators'])} estimator(s)" if ensemble.get("estimators") else ""
+        print(f"ensemble of {len(ensemble['members'])} chosen from {ensemble['library']} trial(s){beside}: {members}; "
               f"cv_{task.metric} {ensemble[f'cv_{task.metric}']:.5f} (the best trial's {summary['cv_mean']:.5f}); "
               f"pooled out-of-fold {ensemble[f'oof_{task.metric}']:.5f} (the best trial's "
               f"{ensemble[f'best_trial_oof_{task.metric}']:.5f}); chosen on these folds, so optimistic")
+        if ensemble[f"held_out_cv_{task.metric}"] is not None:
+            print(f"each fold scored by the ensemble selected on the other folds: cv_{task.metric} "
+                  f"{ensemble[f'held_out_cv_{task.metric}']:.5f}")
     refit = ensemble.get("refit")
     weighted = ", ".join(f"{m['trial']} × {m['weight']:.2f}" for m in refit or [])
     made_of = f"the weighted average of trials {weighted}, one seed each" if refit else "the average of {} seeds"
@@ -235,11 +242,16 @@ def run_sweep(argv: list[str] | None) -> int:
     print(f"submission: {summary['submission']}")
     print(f"summary: {out / 'summary.json'}\nplots:   {out / 'plots'}")
     print(f"MLflow:  {tracker.ui_command()}")
+    for message in summary.get("estimator_errors", {}).values():
+        print(f"error: {message}; the ensemble was selected without it", file=sys.stderr)
     if lost:
         print(f"error: {len(lost)} worker process(es) lost, their trials failed: " + "; ".join(map(str, lost)),
               file=sys.stderr)
-        return 1
-    return 0
+    return 1 if lost or summary.get("estimator_errors") else 0
+
+
+def member_label(member: dict) -> str:
+    return f"trial {member['trial']}" if "trial" in member else member["estimator"]
 
 
 def stopped(err: Interrupted, study, settings: SweepSettings, tracker: Tracker, out) -> int:

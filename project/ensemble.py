@@ -6,10 +6,14 @@ test row by the fold models' average; regression on the scale the model learns, 
 class probabilities. ``select`` is greedy ensemble selection with replacement on those out-of-fold
 predictions (Caruana et al., 2004, as auto-sklearn and AutoGluon do it): start empty, and at each
 of ``rounds`` steps add (again, if it helps most) the trial whose addition gives the best score of
-the averaged predictions; a trial's weight is the share of steps that chose it.
+the averaged predictions; a trial's weight is the share of steps that chose it. A preset's
+scikit-learn estimators keep the same predictions (``project/estimators.py``) and are chosen from
+the same library, by name.
 
 The ensemble's out-of-fold score is chosen on the same folds it is reported on, so it is
-optimistic, as the best trial's CV score is; the test split or the leaderboard says how much.
+optimistic, as the best trial's CV score is; ``held_out_score`` measures how much the selection
+adds to that (each fold scored by weights chosen on the others), and the test split or the
+leaderboard says the rest.
 """
 
 from __future__ import annotations
@@ -99,10 +103,12 @@ def cv_score(task: Task, predictions: np.ndarray, targets: np.ndarray, folds: np
                           for k in np.unique(folds)]))
 
 
-def select(task: Task, library: dict[int, Predictions], targets: np.ndarray, rounds: int = ROUNDS) -> dict[int, float]:
-    """Greedy ensemble selection with replacement over ``library`` (trial number -> predictions,
-    all of the same rows; ``targets`` are those rows' targets): each trial's weight, summing to 1."""
-    numbers = sorted(library)
+def select(task: Task, library: dict[int | str, Predictions], targets: np.ndarray,
+           rounds: int = ROUNDS) -> dict[int | str, float]:
+    """Greedy ensemble selection with replacement over ``library`` (a trial's number, or an
+    estimator's name -> its predictions, all of the same rows; ``targets`` are those rows'
+    targets): each member's weight, summing to 1. A tie goes to the first in ``library``."""
+    numbers = list(library)
     rows = library[numbers[0]].rows
     if any(not np.array_equal(library[n].rows, rows) for n in numbers):
         raise ValueError("the trials' out-of-fold predictions cover different rows; they come from different folds")
@@ -117,6 +123,23 @@ def select(task: Task, library: dict[int, Predictions], targets: np.ndarray, rou
     return {n: chosen[n] / rounds for n in numbers if chosen[n]}
 
 
-def blend(library: dict[int, Predictions], weights: dict[int, float], part: str = "oof") -> np.ndarray:
-    """The weighted average of the trials' ``part`` ("oof" or "test") predictions."""
+def held_out_score(task: Task, library: dict[int | str, Predictions], targets: np.ndarray,
+                   folds: np.ndarray) -> float | None:
+    """The selection's own cross-validation: each fold scored by the ensemble selected on the other
+    folds' out-of-fold rows, the mean over folds. Unlike the score of the ensemble selected on every
+    row, no row helps choose the weights it is scored with (None with one validated fold)."""
+    if len(np.unique(folds)) < 2:
+        return None
+    fold_scores = []
+    for k in np.unique(folds):
+        part = folds != k
+        weights = select(task, {n: Predictions(p.rows[part], p.folds[part], p.oof[part]) for n, p in library.items()},
+                         targets[part])
+        mix = sum(w * library[n].oof[~part] for n, w in weights.items())
+        fold_scores.append(scores(task, mix[None], targets[~part])[0])
+    return float(np.mean(fold_scores))
+
+
+def blend(library: dict[int | str, Predictions], weights: dict[int | str, float], part: str = "oof") -> np.ndarray:
+    """The weighted average of the members' ``part`` ("oof" or "test") predictions."""
     return sum(w * getattr(library[n], part) for n, w in weights.items())

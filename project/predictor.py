@@ -9,13 +9,15 @@ Saved as a folder of plain files, none of them a pickle: ``task.yaml`` (the reso
 ``model.pt`` (``project.model_io``: weights, loaded with ``weights_only=True``), ``inputs.json``
 (class labels, pixel statistics) and ``preprocessing/member<m>.skops`` (each member's fitted
 scikit-learn transformer, loaded by skops with only the scikit-learn and project types listed in
-``TRUSTED`` allowed).
+``TRUSTED`` allowed). An ``EstimatorPredictor`` is the same for a preset's scikit-learn estimator
+fitted on each fold, and an ``Ensemble`` the weighted average of several of either.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from zipfile import ZIP_DEFLATED
 
 import numpy as np
 import pandas as pd
@@ -147,13 +149,76 @@ class Predictor(Predicts):
         return cls(task, config, members, head, preprocessors, inputs)
 
 
-class Ensemble(Predicts):
-    """Several predictors (trials selected from a study) as one: the weighted average of their
-    averaged outputs (regression outputs on the learnt scale, or class probabilities). Saved as
-    ``ensemble.json`` (the weights and the trials they belong to) and one predictor folder per member."""
+class EstimatorPredictor(Predicts):
+    """A preset's scikit-learn estimator fitted on each fold (``project/estimators.py``): the fold
+    models' average, each model seeing its fold's own preprocessing of the raw rows. Saved as
+    ``estimator.json`` (its name, class and arguments), ``task.yaml``, ``inputs.json`` and one
+    skops file per fold under ``preprocessing/`` and ``models/``; loading trusts the types of
+    scikit-learn, NumPy, SciPy and of the package the estimator's class comes from, nothing else."""
 
-    def __init__(self, weights: list[float], predictors: list[Predictor], trials: list[int]) -> None:
-        self.weights, self.predictors, self.trials = weights, predictors, trials
+    def __init__(self, task: Task, fitted: dict, models: list, preprocessors: list[FoldPreprocessor],
+                 inputs: dict) -> None:
+        self.task, self.fitted, self.models, self.preprocessors, self.inputs = task, fitted, models, preprocessors, inputs
+
+    @classmethod
+    def from_fitted(cls, task: Task, fitted, datamodule: FoldDataModule) -> EstimatorPredictor:
+        """The fold models of a ``FittedEstimator`` on ``datamodule``'s folds."""
+        members = datamodule.members
+        classes = None if getattr(datamodule, "classes", None) is None else [
+            c.item() if isinstance(c, np.generic) else c for c in datamodule.classes]
+        return cls(task, {"name": fitted.name, "estimator": fitted.reference, "args": fitted.args}, fitted.models,
+                   list(members.preprocessors), {"folds": list(members.folds), "classes": classes})
+
+    def averaged(self, raw: pd.DataFrame) -> Tensor:
+        from project.estimators import predict
+
+        frame = self.task.prepare_rows(raw)
+        classes = len(self.inputs["classes"] or [None])
+        outputs = [predict(self.task, m, p.transform(frame), classes) for m, p in zip(self.models, self.preprocessors)]
+        return torch.from_numpy(np.mean(outputs, axis=0))
+
+    def save(self, folder: Path) -> Path:
+        import skops.io
+
+        for part in ("preprocessing", "models"):
+            (folder / part).mkdir(parents=True, exist_ok=True)
+        (folder / "estimator.json").write_text(json.dumps(self.fitted, indent=2))
+        (folder / "task.yaml").write_text(presets.to_yaml(self.task.preset.resolved()))
+        (folder / "inputs.json").write_text(json.dumps(self.inputs, indent=2))
+        for m, (model, pre) in enumerate(zip(self.models, self.preprocessors)):
+            # compressed: a boosted model's trees are many small arrays, a sixth of their size zipped
+            skops.io.dump(pre.columns_, folder / "preprocessing" / f"member{m}.skops", compression=ZIP_DEFLATED)
+            skops.io.dump(model, folder / "models" / f"member{m}.skops", compression=ZIP_DEFLATED)
+        return folder
+
+    @classmethod
+    def load(cls, folder: Path) -> EstimatorPredictor:
+        import skops.io
+
+        folder = Path(folder)
+        task = Task(presets.from_resolved(OmegaConf.to_container(OmegaConf.load(folder / "task.yaml"))))
+        fitted = json.loads((folder / "estimator.json").read_text())
+        inputs = json.loads((folder / "inputs.json").read_text())
+        roots = {"sklearn", "numpy", "scipy", "builtins", fitted["estimator"].split(".")[0].split(":")[0]}
+        models = []
+        for m in range(len(inputs["folds"])):
+            path = folder / "models" / f"member{m}.skops"
+            trusted = [t for t in skops.io.get_untrusted_types(file=path) if t.split(".")[0] in roots]
+            models.append(skops.io.load(path, trusted=trusted))
+        preprocessors = [FoldPreprocessor(task.table_spec(), task.preset.data.preprocess).restored(
+                         skops.io.load(folder / "preprocessing" / f"member{m}.skops", trusted=TRUSTED))
+                         for m in range(len(inputs["folds"]))]
+        return cls(task, fitted, models, preprocessors, inputs)
+
+
+class Ensemble(Predicts):
+    """Several predictors (trials selected from a study, estimators fitted beside them) as one: the
+    weighted average of their averaged outputs (regression outputs on the learnt scale, or class
+    probabilities). Saved as ``ensemble.json`` (the weights and the members they belong to: a
+    trial's number or an estimator's name) and one predictor folder per member."""
+
+    def __init__(self, weights: list[float], predictors: list[Predicts], members: list[int | str]) -> None:
+        self.weights, self.predictors, self.members = weights, predictors, members
         self.task, self.inputs = predictors[0].task, predictors[0].inputs
 
     def averaged(self, raw: pd.DataFrame | np.ndarray) -> Tensor:
@@ -161,7 +226,7 @@ class Ensemble(Predicts):
 
     def save(self, folder: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "ensemble.json").write_text(json.dumps({"weights": self.weights, "trials": self.trials}, indent=2))
+        (folder / "ensemble.json").write_text(json.dumps({"weights": self.weights, "members": self.members}, indent=2))
         for i, predictor in enumerate(self.predictors):
             predictor.save(folder / f"member{i}")
         return folder
@@ -169,13 +234,16 @@ class Ensemble(Predicts):
     @classmethod
     def load(cls, folder: Path) -> Ensemble:
         spec = json.loads((Path(folder) / "ensemble.json").read_text())
-        predictors = [Predictor.load(Path(folder) / f"member{i}") for i in range(len(spec["weights"]))]
-        return cls(spec["weights"], predictors, spec["trials"])
+        predictors = [load_predictor(Path(folder) / f"member{i}") for i in range(len(spec["weights"]))]
+        return cls(spec["weights"], predictors, spec["members"])
 
 
 def load_predictor(folder: Path) -> Predicts:
-    """A saved ``Predictor`` or ``Ensemble``."""
-    return Ensemble.load(folder) if (Path(folder) / "ensemble.json").is_file() else Predictor.load(folder)
+    """A saved ``Predictor``, ``EstimatorPredictor`` or ``Ensemble``."""
+    folder = Path(folder)
+    if (folder / "ensemble.json").is_file():
+        return Ensemble.load(folder)
+    return EstimatorPredictor.load(folder) if (folder / "estimator.json").is_file() else Predictor.load(folder)
 
 
 def _plain_members(fit: Fit, config: TrainConfig, datamodule: FoldDataModule) -> list[nn.Module]:

@@ -84,11 +84,22 @@ class ModelPreset:
 
 
 @dataclass
+class Estimator:
+    """A scikit-learn model that joins the study's ensemble library beside its trials: fitted on the
+    same folds and features (each fold's own preprocessing), once per export of the study."""
+
+    estimator: str = MISSING  # "module:Class", e.g. sklearn.linear_model:Lasso
+    args: dict[str, Any] = field(default_factory=dict)  # the class's keyword arguments
+
+
+@dataclass
 class Sweep:
     trials: int = 30  # trials a command runs
     validation_folds: Optional[int] = None  # folds each trial trains and scores (default: all)
     jobs: Optional[int] = None  # worker processes (default: one per core)
     pruning: bool = True
+    # models of another kind the ensemble may draw on, by name (a CSV task scored by its fold models)
+    estimators: dict[str, Estimator] = field(default_factory=dict)
 
 
 @dataclass
@@ -245,6 +256,31 @@ def check(preset: Preset, path: Path) -> None:
         if unknown:
             raise PresetError(f"{path}: key '{where}.start': {', '.join(unknown)} are not searched; expected some of "
                               f"{', '.join(sorted(names))}")
+    check_estimators(preset, path)
+
+
+def check_estimators(preset: Preset, path: Path) -> None:
+    """Each of ``sweep.estimators`` names a class that takes its arguments and predicts what the
+    task needs, on a task whose test rows its fold models predict (a refit has no folds to fit on)."""
+    from project.estimators import build_estimator
+
+    if preset.sweep.estimators and (preset.data.kind != "csv" or preset.final.refit):
+        raise PresetError(f"{path}: key 'sweep.estimators': estimators join the ensemble of a CSV task whose fold "
+                          "models predict its test rows; expected none for this task (data.kind "
+                          f"{preset.data.kind!r}, final.refit {preset.final.refit})")
+    method = "predict" if preset.kind == "regression" else "predict_proba"
+    for name, spec in preset.sweep.estimators.items():
+        where = f"sweep.estimators.{name}"
+        try:
+            estimator = build_estimator(spec.estimator, spec.args)
+        except ImportError:
+            raise PresetError(f"{path}: key '{where}.estimator': {spec.estimator!r} is not importable; expected "
+                              "'module:Class', e.g. 'sklearn.linear_model:Lasso'") from None
+        except (TypeError, ValueError) as err:
+            raise PresetError(f"{path}: key '{where}.args': {err}") from None
+        if not (hasattr(estimator, "fit") and hasattr(estimator, method)):
+            raise PresetError(f"{path}: key '{where}.estimator': {spec.estimator!r} has no fit and {method} "
+                              f"methods; expected a scikit-learn {preset.kind} estimator")
 
 
 def check_data(preset: Preset, data_dir: str | Path) -> None:

@@ -163,7 +163,7 @@ def test_a_refit_of_several_configurations_scores_their_weighted_average(tmp_pat
     refits = [Refit(narrow, weight=0.6, trial=4), Refit(wide, weight=0.2, trial=1)]
     predictor, scores = refit_and_test(task, refits, tmp_path, seed=0, predictions_path=tmp_path / "p.csv")
     assert isinstance(predictor, Ensemble) and predictor.weights == pytest.approx([0.75, 0.25])
-    assert predictor.trials == [4, 1] and len(scores["test_accuracy_members"]) == 2
+    assert predictor.members == [4, 1] and len(scores["test_accuracy_members"]) == 2
     dm = task.datamodule(tmp_path, fold=None, replicas=2)
     dm.setup()
     pixels = dm.test_inputs()

@@ -4,6 +4,7 @@ and the ensemble a resumed sweep exports."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -14,11 +15,13 @@ import pandas as pd
 import pytest
 import torch
 
+from project import presets
 from project.cv import cross_validate
-from project.ensemble import Predictions, blend, cv_score, out_of_fold, scores, select
-from project.predictor import Ensemble, Predictor, load_predictor
-from project.tasks import TrainConfig, get_task
-from project.tuning.export import selected_refits
+from project.ensemble import Predictions, blend, cv_score, held_out_score, out_of_fold, scores, select
+from project.estimators import cross_fit, predict
+from project.predictor import Ensemble, EstimatorPredictor, Predictor, load_predictor
+from project.tasks import Task, TrainConfig, get_task
+from project.tuning.export import fit_estimators, selected_refits
 from project.tuning.space import suggest_config
 from tests.conftest import house_task_dm
 from tests.test_reliability import REPO, SWEEP, sweep_args, trials
@@ -50,19 +53,77 @@ def test_out_of_fold_predictions_cover_every_row_once_as_its_fold_model_predicts
     assert cv_score(task, kept.oof, dm.targets.numpy(), kept.folds) == pytest.approx(result.mean, rel=1e-5)
 
 
-def test_selection_finds_the_known_best_mix():
-    """Two trials whose errors cancel exactly, a third that is only worse: half each."""
+@pytest.mark.parametrize("names", [(3, 7, 9), ("lasso", 4, "boosting")])
+def test_selection_finds_the_known_best_mix(names):
+    """Two members whose errors cancel exactly, a third that is only worse: half each; trials by
+    number and estimators by name alike."""
     task = get_task("house-prices")
     rng = np.random.default_rng(0)
     y = rng.normal(12.0, 0.4, 500)
     error = rng.normal(0.0, 0.1, 500)
     rows = np.arange(500)
     folds = rows % 5
-    library = {3: Predictions(rows, folds, y + error), 7: Predictions(rows, folds, y - error),
-               9: Predictions(rows, folds, y + 0.05 + rng.normal(0.0, 0.3, 500))}
+    first, second, worse = names
+    library = {first: Predictions(rows, folds, y + error), second: Predictions(rows, folds, y - error),
+               worse: Predictions(rows, folds, y + 0.05 + rng.normal(0.0, 0.3, 500))}
     weights = select(task, library, y)
-    assert weights == {3: 0.5, 7: 0.5}
+    assert weights == {first: 0.5, second: 0.5}
     assert scores(task, blend(library, weights)[None], y)[0] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_an_estimators_kept_predictions_are_its_fold_models_on_raw_rows(house_dir, tmp_path):
+    """Each fold's estimator predicts its own validation rows, from raw rows through that fold's
+    preprocessing, and the saved ensemble of a trial and the estimator blends what both kept."""
+    task, dm = house_task_dm(house_dir)
+    fitted = cross_fit(task, "lasso", dm)
+    kept = fitted.predictions
+    assert np.array_equal(kept.rows, np.arange(len(dm.targets)))
+    train = pd.read_csv(house_dir / "house-prices" / "train.csv")
+    predictor = EstimatorPredictor.from_fitted(task, fitted, dm)
+    for m, rows in enumerate(dm.members.val_rows):
+        assert (kept.folds[rows.numpy()] == dm.members.folds[m]).all()
+        alone = predict(task, predictor.models[m], predictor.preprocessors[m].transform(task.prepare_rows(train)), 1)
+        np.testing.assert_allclose(kept.oof[rows.numpy()], alone[rows.numpy()], rtol=1e-9)
+    assert cv_score(task, kept.oof, dm.targets.numpy(), kept.folds) == pytest.approx(fitted.cv)
+    assert fitted.cv == pytest.approx(np.mean([np.sqrt(np.mean((kept.oof[r] - dm.targets.numpy()[r]) ** 2))
+                                               for r in (v.numpy() for v in dm.members.val_rows)]), rel=1e-6)
+
+    config = TrainConfig(model_kwargs={"hidden_sizes": (8,)}, max_epochs=3, batch_size=16)
+    result = cross_validate(task, config, datamodule=dm)
+    library = {0: out_of_fold(task, result, dm), "lasso": kept}
+    ensemble = Ensemble([0.25, 0.75], [Predictor.from_fits(task, config, result.fits, dm), predictor], [0, "lasso"])
+    reloaded = load_predictor(ensemble.save(tmp_path / "model"))
+    assert isinstance(reloaded.predictors[1], EstimatorPredictor) and reloaded.members == [0, "lasso"]
+    np.testing.assert_allclose(reloaded.averaged(dm.test_inputs()).numpy(),
+                               blend(library, {0: 0.25, "lasso": 0.75}, "test"), rtol=1e-5)
+
+
+def test_an_estimator_that_does_not_fit_is_named_and_left_out(house_dir):
+    task, dm = house_task_dm(house_dir)
+    task = Task(presets.load(presets.preset_path("house-prices"), ["sweep.estimators.lasso.args.alpha=-1.0"]))
+    fitted, failed = fit_estimators(optuna.create_study(), task, dm, None, house_dir, parent_run_id=None)
+    assert set(fitted) == {"boosting"} and set(failed) == {"lasso"}
+    assert re.search(r"house-prices\.yaml: key 'sweep\.estimators\.lasso': sklearn\.linear_model:Lasso did not fit: "
+                     r".*'alpha'", failed["lasso"]), failed["lasso"]
+    assert (house_dir / "predictions" / "estimator-boosting.npz").is_file()
+
+
+def test_the_selections_held_out_score_shows_its_optimism():
+    """Members that are the targets plus independent noise: the weights fitted to every row score
+    them better than weights chosen on the other folds score each fold; a member that is exact is
+    found either way."""
+    task = get_task("house-prices")
+    rng = np.random.default_rng(3)
+    y = rng.normal(12.0, 0.4, 400)
+    rows = np.arange(400)
+    folds = rows % 4
+    library = {n: Predictions(rows, folds, y + rng.normal(0.0, 0.1, 400)) for n in range(12)}
+    chosen = cv_score(task, blend(library, select(task, library, y)), y, folds)
+    held_out = held_out_score(task, library, y, folds)
+    assert chosen < held_out < min(cv_score(task, p.oof, y, folds) for p in library.values())
+    library["exact"] = Predictions(rows, folds, y.copy())
+    assert held_out_score(task, library, y, folds) == pytest.approx(0.0, abs=1e-12)
+    assert held_out_score(task, library, y, np.zeros(400, dtype=int)) is None  # one validated fold
 
 
 def test_selection_of_classifiers_averages_probabilities():
@@ -92,18 +153,21 @@ def test_a_resumed_studys_ensemble_draws_on_both_commands(real_data, tmp_path):
     study = trials(f"sqlite:///{out / 'optuna.db'}")
     complete = [t.number for t in study if t.state.name == "COMPLETE"]
     assert len(complete) >= 5 and summary["ensemble"]["library"] == len(complete)  # both commands' trials
-    members = {m["trial"]: m["weight"] for m in summary["ensemble"]["members"]}
-    assert set(members) <= set(complete) and sum(members.values()) == pytest.approx(1.0)
+    # the preset's estimators are weighed beside the trials
+    assert summary["ensemble"]["estimators"] == ["lasso", "boosting"] and set(summary["estimators"]) == {"lasso", "boosting"}
+    members = {m.get("trial", m.get("estimator")): m["weight"] for m in summary["ensemble"]["members"]}
+    assert set(members) <= {*complete, "lasso", "boosting"} and sum(members.values()) == pytest.approx(1.0)
     assert summary["ensemble"]["oof_rmse"] <= summary["ensemble"]["best_trial_oof_rmse"]
     assert summary["ensemble"]["cv_rmse"] <= summary["cv_mean"] * 1.01
-    assert members.get(summary["best_trial"], 0) > 0 and "ensemble of" in sweep.stdout
+    assert "ensemble of" in sweep.stdout
 
-    # the saved model is that ensemble: its fold models, trained again, predict what the trials kept
+    # the saved model is that ensemble: its fold models, trained again, predict what the members kept
     model = load_predictor(out / "model")
     test = pd.read_csv(real_data / "house-prices" / "test.csv")
     if len(members) > 1:
-        assert isinstance(model, Ensemble) and dict(zip(model.trials, model.weights)) == members
-    library = {n: Predictions.load(out / "predictions" / f"trial-{n}.npz") for n in members}
+        assert isinstance(model, Ensemble) and dict(zip(model.members, model.weights)) == members
+    library = {n: Predictions.load(out / "predictions" / (f"trial-{n}.npz" if isinstance(n, int) else f"estimator-{n}.npz"))
+               for n in members}
     np.testing.assert_allclose(model.averaged(test).numpy(), blend(library, members, "test"), rtol=1e-5)
     submission = pd.read_csv(out / "submission.csv")
     np.testing.assert_allclose(model.predict(test)["SalePrice"], submission["SalePrice"], rtol=1e-6)

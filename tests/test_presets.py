@@ -19,6 +19,7 @@ from tests.conftest import write_sklearn_csvs
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
+import export_submission  # noqa: E402
 import sweep  # noqa: E402
 import train  # noqa: E402
 
@@ -155,6 +156,13 @@ def test_regression_with_a_target_that_can_be_zero(tmp_path, capsys):
     (("model.dropout", "model.dropuot"), r"key 'models.mlp.search.model.dropuot': names no setting"),
     (("hidden_sizes: [16]", "hidden_size: [16]"), r"key 'models.mlp': model 'mlp' takes no argument 'hidden_size'"),
     (("start: {lr: 1.0e-2, dropout: 0.0}", "start: {lr: 1.0e-2, depth: 1}"), r"key 'models.mlp.start': depth"),
+    (("jobs: 1}", "jobs: 1, estimators: {lr: {estimator: 'sklearn.linear_model:Logistic'}}}"),
+     r"key 'sweep.estimators.lr.estimator': 'sklearn.linear_model:Logistic' is not importable; expected 'module:Class'"),
+    (("jobs: 1}", "jobs: 1, estimators: {lr: {estimator: 'sklearn.linear_model:LogisticRegression', args: {c: 1}}}}"),
+     r"key 'sweep.estimators.lr.args': .*unexpected keyword argument 'c'"),
+    (("jobs: 1}", "jobs: 1, estimators: {lasso: {estimator: 'sklearn.linear_model:Lasso'}}}"),
+     r"key 'sweep.estimators.lasso.estimator': 'sklearn.linear_model:Lasso' has no fit and predict_proba methods; "
+     r"expected a scikit-learn classification estimator"),
 ])
 def test_a_bad_preset_is_refused_before_any_work(tmp_path, capsys, edit, message):
     write_sklearn_csvs(tmp_path / "data" / "iris", "iris")
@@ -261,6 +269,63 @@ def test_image_folder_reads_colour_and_the_images_own_size(tmp_path):
 
 
 @pytest.mark.slow
+def test_estimators_are_refused_where_no_fold_models_predict_the_test_rows():
+    with pytest.raises(presets.PresetError, match=r"fashion-mnist\.yaml: key 'sweep.estimators': estimators join the "
+                                                  r"ensemble of a CSV task .* \(data.kind 'idx', final.refit True\)"):
+        presets.load(presets.preset_path("fashion-mnist"), ["sweep.estimators.lr.estimator=sklearn.linear_model:Lasso"])
+
+
+def test_an_estimator_joins_the_sweeps_ensemble_and_its_submission(tmp_path, capsys):
+    """A classifier of scikit-learn's beside the trials: fitted on their folds, weighed by the
+    selection, saved in the model that wrote the submission, tracked as a child run of the study's;
+    one that cannot fit is named, left out, and the sweep says so in its exit code."""
+    from project.ensemble import Predictions, blend
+    from project.predictor import load_predictor
+
+    write_sklearn_csvs(tmp_path / "data" / "iris", "iris")
+    estimators = ("jobs: 1, estimators: {logistic: {estimator: 'sklearn.linear_model:LogisticRegression', "
+                  "args: {C: 10.0, max_iter: 1000}}}}")
+    summary = run_sweep(tmp_path, write_preset(tmp_path, IRIS.replace("jobs: 1}", estimators)), "--n-trials", "2")
+    assert summary["estimators"]["logistic"]["cv_acc"] > 0.9
+    assert summary["ensemble"]["estimators"] == ["logistic"] and summary["ensemble"]["library"] == 2
+    out = tmp_path / "out"
+    weights = {m.get("trial", m.get("estimator")): m["weight"] for m in summary["ensemble"]["members"]}
+    library = {n: Predictions.load(out / "predictions" / (f"trial-{n}.npz" if isinstance(n, int) else f"estimator-{n}.npz"))
+               for n in weights}
+    model = load_predictor(out / "model")
+    test = pd.read_csv(tmp_path / "data" / "iris" / "test.csv")
+    np.testing.assert_allclose(model.averaged(test).numpy(), blend(library, weights, "test"), rtol=1e-5, atol=1e-7)
+    labels = np.array(model.inputs["classes"])[blend(library, weights, "test").argmax(axis=1)]
+    assert (pd.read_csv(summary["submission"])["species"].to_numpy() == labels).all()
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.search_runs([summary["mlflow"]["experiment_id"]], "tags.kind = 'estimator'")[0]
+    assert run.info.run_name == "estimator-logistic" and run.info.status == "FINISHED"
+    assert run.data.tags["mlflow.parentRunId"] == summary["mlflow"]["run_id"]
+    assert run.data.metrics["cv_mean"] == pytest.approx(summary["estimators"]["logistic"]["cv_acc"])
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "predictions")] == ["predictions/estimator-logistic.npz"]
+    # exported again, the same estimator logs to the same run
+    assert export_submission.main(["--study-name", "iris", "--output-dir", str(out), "--data-dir", str(tmp_path / "data"),
+                                   "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]) == 0
+    runs = client.search_runs([summary["mlflow"]["experiment_id"]], "tags.kind = 'estimator'")
+    assert [r.info.run_id for r in runs] == [run.info.run_id]
+    assert len(client.get_metric_history(run.info.run_id, "cv_mean")) == 2
+
+    # a value scikit-learn refuses only when it fits: the trials and the rest of the export are kept
+    capsys.readouterr()
+    failing = IRIS.replace("jobs: 1}", estimators.replace("C: 10.0", "C: -1.0"))
+    args = ["--config", str(write_preset(tmp_path, failing)), "--data-dir", str(tmp_path / "data"), "--output-dir",
+            str(out), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--n-trials", "1"]
+    assert sweep.main(args) == 1
+    err = capsys.readouterr().err
+    assert re.search(r"error: .*preset\.yaml: key 'sweep\.estimators\.logistic': "
+                     r"sklearn\.linear_model:LogisticRegression did not fit: .*'C'.*; the ensemble was selected without it",
+                     err), err
+    again = json.loads((out / "summary.json").read_text())
+    assert again["n_complete"] == 3 and "logistic" in again["estimator_errors"] and Path(again["submission"]).is_file()
+    assert "Traceback" not in err
+
+
 def test_the_readmes_preset_sweeps_to_its_submission(tmp_path):
     """The recipe as the README shows it: its example preset, unchanged, on the data it names."""
     readme = (REPO / "README.md").read_text()

@@ -7,22 +7,32 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import optuna
 from optuna.trial import TrialState
 
 from project.cv import cross_validate
-from project.ensemble import Predictions, blend, cv_score, scores, select
-from project.predictor import Ensemble, Predictor
+from project.ensemble import Predictions, blend, cv_score, held_out_score, scores, select
+from project.estimators import EstimatorFailed, FittedEstimator, cross_fit
+from project.predictor import Ensemble, EstimatorPredictor, Predictor
 from project.refit import Refit, refit_and_test, refit_metrics
 from project.serving import log_predictor
 from project.tuning.plots import learning_curves, study_plots
 from project.tuning.space import config_from_params
+from project.tuning.pending import PENDING_PREFIX
 from project.tuning.recovery import RUN_ID_ATTR
 from project.tuning.study import PREDICTIONS_ATTR, SweepSettings
 from project.tuning.tracking import Tracker
 
 
 ENSEMBLES = ("greedy", "none")
+ESTIMATOR_RUN_ATTR = "mlflow_estimator_run_ids"
+
+
+def member_entry(member: int | str, weight: float) -> dict:
+    """How summary.json and the MLflow tags name an ensemble member: a trial by its number, an
+    estimator by its name under the preset's ``sweep.estimators``."""
+    return {"trial" if isinstance(member, int) else "estimator": member, "weight": weight}
 
 
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
@@ -64,26 +74,73 @@ def kept_predictions(study: optuna.Study, tracker: Tracker, out_dir: Path) -> di
     return library
 
 
-def select_ensemble(library: dict[int, Predictions], task, datamodule,
-                    best: optuna.trial.FrozenTrial) -> tuple[dict[int, float], dict]:
-    """The trials' weights in the ensemble selected on their out-of-fold predictions
+def fit_estimators(study: optuna.Study, task, datamodule, tracker: Tracker, out_dir: Path,
+                   parent_run_id: str | None) -> tuple[dict[str, FittedEstimator], dict[str, str]]:
+    """The preset's estimators fitted on the trials' folds, their predictions kept beside the
+    trials' (``predictions/estimator-<name>.npz``), each logged as a child run of the study's;
+    and the message of each that failed."""
+    fitted, failed = {}, {}
+    for name in task.preset.sweep.estimators:
+        try:
+            fitted[name] = estimator = cross_fit(task, name, datamodule)
+        except EstimatorFailed as err:
+            failed[name] = str(err)
+            continue
+        kept = estimator.predictions.save(out_dir / "predictions" / f"estimator-{name}.npz")
+        if parent_run_id:
+            run_id = estimator_run(study, tracker, estimator, parent_run_id)
+            tracker.log_metrics(run_id, {"cv_mean": estimator.cv, "cv_std": float(np.std(estimator.fold_scores)),
+                                         "seconds": estimator.seconds,
+                                         **{f"fold{f}_{task.metric}": v
+                                            for f, v in zip(datamodule.members.folds, estimator.fold_scores)}})
+            tracker.log_artifact(run_id, kept, "predictions")
+            tracker.end_run(run_id)
+    return fitted, failed
+
+
+def estimator_run(study: optuna.Study, tracker: Tracker, estimator: FittedEstimator, parent_run_id: str) -> str:
+    """The estimator's child run of the study's: the one an earlier export created for the same
+    class and arguments, else a new one (a run's parameters cannot change)."""
+    spec = json.dumps({"estimator": estimator.reference, "args": estimator.args}, sort_keys=True)
+    runs = dict(study.user_attrs.get(ESTIMATOR_RUN_ATTR, {}))
+    earlier = runs.get(estimator.name, {})
+    if earlier.get("spec") == spec and tracker.has_run(earlier["run_id"]):
+        return earlier["run_id"]
+    run_id = tracker.start_run(f"estimator-{estimator.name}", parent_run_id, {"kind": "estimator"})
+    tracker.log_params(run_id, {"estimator": estimator.reference, **{f"args.{k}": v for k, v in estimator.args.items()}})
+    # a run created while the server is away has a local id only this command resolves: the next
+    # export creates another rather than write to an id it cannot resolve
+    if not tracker.resolve(run_id).startswith(PENDING_PREFIX):
+        runs[estimator.name] = {"run_id": tracker.resolve(run_id), "spec": spec}
+        study.set_user_attr(ESTIMATOR_RUN_ATTR, runs)
+    return run_id
+
+
+def select_ensemble(library: dict[int | str, Predictions], task, datamodule,
+                    best: optuna.trial.FrozenTrial) -> tuple[dict[int | str, float], dict]:
+    """The members' weights in the ensemble selected on their out-of-fold predictions
     (project/ensemble.py), and what to report of it: its members, its scores and the best trial's
-    alone. Trials with no kept predictions (run before they were kept) are left out; with fewer
-    than two, the best trial alone."""
+    alone. ``library`` holds the trials' kept predictions by number, and estimators' by name;
+    trials with no kept predictions (run before they were kept) are left out; with fewer than two
+    candidates, the best trial alone."""
     if len(library) < 2 or best.number not in library:
-        return {best.number: 1.0}, {"members": [{"trial": best.number, "weight": 1.0}],
+        return {best.number: 1.0}, {"members": [member_entry(best.number, 1.0)],
                                     "note": f"{len(library)} trial(s) with kept predictions: the best trial alone"}
     targets = datamodule.targets[library[best.number].rows].numpy()
     weights = select(task, library, targets)
     weights = dict(sorted(weights.items(), key=lambda item: (item[0] != best.number, -item[1])))
     metric, folds, mix = task.metric, library[best.number].folds, blend(library, weights)
     return weights, {
-        "members": [{"trial": n, "weight": w} for n, w in weights.items()], "library": len(library),
+        "members": [member_entry(n, w) for n, w in weights.items()],
+        "library": sum(isinstance(n, int) for n in library),
+        "estimators": [n for n in library if isinstance(n, str)],
         f"cv_{metric}": cv_score(task, mix, targets, folds),
         f"oof_{metric}": float(scores(task, mix[None], targets)[0]),
         f"best_trial_oof_{metric}": float(scores(task, library[best.number].oof[None], targets)[0]),
+        f"held_out_cv_{metric}": held_out_score(task, library, targets, folds),
         "note": f"cv_{metric}: the mean of the folds' scores, as a trial's CV score; oof_{metric}: the score of "
-                "all out-of-fold rows pooled. Selected on the same predictions it is scored on: optimistic",
+                "all out-of-fold rows pooled. Selected on the same predictions it is scored on: optimistic. "
+                f"held_out_cv_{metric}: each fold scored by the ensemble selected on the other folds' rows",
     }
 
 
@@ -134,12 +191,22 @@ def export_best(study: optuna.Study, settings: SweepSettings, tracker: Tracker, 
         predictor, scores = refit_and_test(task, refits, settings.data_dir, settings.seed, submission)
         summary.update(scores)
     else:
-        weights = {best.number: 1.0}
+        weights, estimators = {best.number: 1.0}, {}
         if settings.ensemble == "greedy":
             library = kept_predictions(study, tracker, out_dir)
+            estimators, failed = fit_estimators(study, task, datamodule, tracker, out_dir, parent_run_id)
+            library.update({name: e.predictions for name, e in estimators.items()})
             weights, summary["ensemble"] = select_ensemble(library, task, datamodule, best)
+            summary["estimators"] = {name: {"estimator": e.reference, f"cv_{task.metric}": e.cv,
+                                            "fold_scores": e.fold_scores, "seconds": e.seconds}
+                                     for name, e in estimators.items()}
+            if failed:
+                summary["estimator_errors"] = failed
         predictors = []
         for number in weights:  # each member's fold models, trained again (deterministic: the same models)
+            if isinstance(number, str):
+                predictors.append(EstimatorPredictor.from_fitted(task, estimators[number], datamodule))
+                continue
             if number == best.number:
                 member_config, fits = config, result.fits
             else:
@@ -165,6 +232,8 @@ def export_best(study: optuna.Study, settings: SweepSettings, tracker: Tracker, 
             metrics.update({f"ensemble_cv_{task.metric}": ensemble[f"cv_{task.metric}"],
                             f"ensemble_oof_{task.metric}": ensemble[f"oof_{task.metric}"],
                             f"best_trial_oof_{task.metric}": ensemble[f"best_trial_oof_{task.metric}"]})
+            if ensemble[f"held_out_cv_{task.metric}"] is not None:
+                metrics[f"ensemble_held_out_cv_{task.metric}"] = ensemble[f"held_out_cv_{task.metric}"]
         used = ensemble.get("refit", ensemble.get("members", []))  # a refitting task refits the heaviest
         if ensemble:
             tracker.set_tags(parent_run_id, {"ensemble": json.dumps(used)})
