@@ -101,7 +101,8 @@ def test_an_estimators_kept_predictions_are_its_fold_models_on_raw_rows(house_di
 def test_an_estimator_that_does_not_fit_is_named_and_left_out(house_dir):
     task, dm = house_task_dm(house_dir)
     task = Task(presets.load(presets.preset_path("house-prices"), ["sweep.estimators.lasso.args.alpha=-1.0"]))
-    fitted, failed = fit_estimators(optuna.create_study(), task, dm, None, house_dir, parent_run_id=None)
+    fitted, failed = fit_estimators(optuna.create_study(), SimpleNamespace(task=task), dm, None, house_dir,
+                                    parent_run_id=None)
     assert set(fitted) == {"boosting"} and set(failed) == {"lasso"}
     assert re.search(r"house-prices\.yaml: key 'sweep\.estimators\.lasso': sklearn\.linear_model:Lasso did not fit: "
                      r".*'alpha'", failed["lasso"]), failed["lasso"]

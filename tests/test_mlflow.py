@@ -89,7 +89,9 @@ def test_runs_carry_their_datasets_and_source(finished_sweep):
     experiment = client.get_experiment_by_name("house-prices")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the model-training view
     runs = client.search_runs([experiment.experiment_id])
-    assert len(runs) == 4  # the study and its three trials
+    # the study, its three trials and the preset's two estimators
+    assert sorted(r.info.run_name for r in runs) == ["estimator-boosting", "estimator-lasso", "study-house-prices",
+                                                     "trial-0", "trial-1", "trial-2"]
     for run in runs:
         inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
         assert set(inputs) == {"house-prices/train.csv", "house-prices/test.csv"}
@@ -151,13 +153,13 @@ def grid_rows(page) -> dict[str, str]:
     for i in range(rows.count()):
         parts.setdefault(rows.nth(i).get_attribute("row-id"), []).append(rows.nth(i).inner_text())
     joined = ["\n".join(text) for text in parts.values()]
-    return {next(line for line in text.splitlines() if line.startswith(("study-", "trial-"))): text for text in joined}
+    return {next(line for line in text.splitlines() if line.startswith(("study-", "trial-", "estimator-"))): text for text in joined}
 
 
 @pytest.mark.slow
 def test_the_mlflow_ui_shows_the_study_as_a_person_sees_it(finished_sweep, tmp_path):
     """A real browser on `mlflow server` over the sweep's store: the study's run with its trials
-    nested, their Dataset, Source and Models columns, each fold's curves in the chart view, and
+    and estimators nested, their Dataset, Source and Models columns, each fold's curves in the chart view, and
     the registered model. Screenshots go to $UI_SCREENSHOTS (the README's come from here)."""
     if not CHROMIUM.exists():
         if os.environ.get("REQUIRE_BROWSER"):
@@ -185,10 +187,11 @@ def test_the_mlflow_ui_shows_the_study_as_a_person_sees_it(finished_sweep, tmp_p
             study.wait_for()
             page.get_by_role("button", name="Close").click()  # the assistant's side panel
             study.locator("button").first.click()  # expand: the trials are nested under the study
-            for trial in range(3):
-                page.get_by_text(f"trial-{trial}", exact=True).wait_for()
+            for name in ("trial-0", "trial-1", "trial-2", "estimator-lasso", "estimator-boosting"):
+                page.get_by_text(name, exact=True).wait_for()
             rows = grid_rows(page)  # run name -> the text of its whole row
-            assert sorted(rows) == ["study-house-prices", "trial-0", "trial-1", "trial-2"]
+            assert sorted(rows) == ["estimator-boosting", "estimator-lasso", "study-house-prices",
+                                    "trial-0", "trial-1", "trial-2"]
             for name, text in rows.items():
                 assert "house-prices/train.csv" in text and "sweep.py" in text, (name, text)  # Dataset, Source
             assert "house-prices v1" in " ".join(rows["study-house-prices"].split())  # Models: the registered version

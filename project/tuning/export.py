@@ -22,7 +22,7 @@ from project.tuning.space import config_from_params
 from project.tuning.pending import PENDING_PREFIX
 from project.tuning.recovery import RUN_ID_ATTR
 from project.tuning.study import PREDICTIONS_ATTR, SweepSettings
-from project.tuning.tracking import Tracker
+from project.tuning.tracking import Tracker, dataset_inputs, source_tags
 
 
 ENSEMBLES = ("greedy", "none")
@@ -74,12 +74,12 @@ def kept_predictions(study: optuna.Study, tracker: Tracker, out_dir: Path) -> di
     return library
 
 
-def fit_estimators(study: optuna.Study, task, datamodule, tracker: Tracker, out_dir: Path,
+def fit_estimators(study: optuna.Study, settings: SweepSettings, datamodule, tracker: Tracker, out_dir: Path,
                    parent_run_id: str | None) -> tuple[dict[str, FittedEstimator], dict[str, str]]:
     """The preset's estimators fitted on the trials' folds, their predictions kept beside the
     trials' (``predictions/estimator-<name>.npz``), each logged as a child run of the study's;
     and the message of each that failed."""
-    fitted, failed = {}, {}
+    task, fitted, failed = settings.task, {}, {}
     for name in task.preset.sweep.estimators:
         try:
             fitted[name] = estimator = cross_fit(task, name, datamodule)
@@ -88,7 +88,7 @@ def fit_estimators(study: optuna.Study, task, datamodule, tracker: Tracker, out_
             continue
         kept = estimator.predictions.save(out_dir / "predictions" / f"estimator-{name}.npz")
         if parent_run_id:
-            run_id = estimator_run(study, tracker, estimator, parent_run_id)
+            run_id = estimator_run(study, settings, datamodule, tracker, estimator, parent_run_id)
             tracker.log_metrics(run_id, {"cv_mean": estimator.cv, "cv_std": float(np.std(estimator.fold_scores)),
                                          "seconds": estimator.seconds,
                                          **{f"fold{f}_{task.metric}": v
@@ -98,15 +98,19 @@ def fit_estimators(study: optuna.Study, task, datamodule, tracker: Tracker, out_
     return fitted, failed
 
 
-def estimator_run(study: optuna.Study, tracker: Tracker, estimator: FittedEstimator, parent_run_id: str) -> str:
-    """The estimator's child run of the study's: the one an earlier export created for the same
-    class and arguments, else a new one (a run's parameters cannot change)."""
+def estimator_run(study: optuna.Study, settings: SweepSettings, datamodule, tracker: Tracker,
+                  estimator: FittedEstimator, parent_run_id: str) -> str:
+    """The estimator's child run of the study's, with its data and source as a trial's: the one an
+    earlier export created for the same class and arguments, else a new one (a run's parameters
+    cannot change)."""
     spec = json.dumps({"estimator": estimator.reference, "args": estimator.args}, sort_keys=True)
     runs = dict(study.user_attrs.get(ESTIMATOR_RUN_ATTR, {}))
     earlier = runs.get(estimator.name, {})
     if earlier.get("spec") == spec and tracker.has_run(earlier["run_id"]):
         return earlier["run_id"]
-    run_id = tracker.start_run(f"estimator-{estimator.name}", parent_run_id, {"kind": "estimator"})
+    run_id = tracker.start_run(f"estimator-{estimator.name}", parent_run_id,
+                               {"kind": "estimator", "study": settings.study_name, **source_tags(settings.entry_point)})
+    tracker.log_inputs(run_id, dataset_inputs(datamodule))
     tracker.log_params(run_id, {"estimator": estimator.reference, **{f"args.{k}": v for k, v in estimator.args.items()}})
     # a run created while the server is away has a local id only this command resolves: the next
     # export creates another rather than write to an id it cannot resolve
@@ -194,7 +198,7 @@ def export_best(study: optuna.Study, settings: SweepSettings, tracker: Tracker, 
         weights, estimators = {best.number: 1.0}, {}
         if settings.ensemble == "greedy":
             library = kept_predictions(study, tracker, out_dir)
-            estimators, failed = fit_estimators(study, task, datamodule, tracker, out_dir, parent_run_id)
+            estimators, failed = fit_estimators(study, settings, datamodule, tracker, out_dir, parent_run_id)
             library.update({name: e.predictions for name, e in estimators.items()})
             weights, summary["ensemble"] = select_ensemble(library, task, datamodule, best)
             summary["estimators"] = {name: {"estimator": e.reference, f"cv_{task.metric}": e.cv,
