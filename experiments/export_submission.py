@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: as the sweep)")
     parser.add_argument("--submit", action="store_true", help="send the submission with the Kaggle API")
     parser.add_argument("--ensemble", choices=ENSEMBLES, default="greedy",
-                        help="an ensemble selected from the study's trials and the preset's estimators, or the best trial "
-                             "alone (default: %(default)s)")
+                        help="an ensemble selected from the study's trials and the preset's estimators (greedy), from "
+                             "the trials alone (trials), or the best trial alone (none) (default: %(default)s)")
     args = parser.parse_args(argv)
     name = args.study_name
     out = output_dir(args, parser, name)

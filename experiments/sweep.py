@@ -60,8 +60,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argpa
     parser.add_argument("--no-pruning", action="store_true", help="run every trial to its last epoch")
     parser.add_argument("--ensemble", choices=ENSEMBLES, default="greedy",
                         help="the submission: an ensemble of the study's trials and the preset's sweep.estimators, "
-                             "selected on their out-of-fold predictions (greedy), or the best trial alone (none) "
-                             "(default: %(default)s)")
+                             "selected on their out-of-fold predictions (greedy), of the trials alone (trials), or "
+                             "the best trial alone (none) (default: %(default)s)")
     return parser.parse_args(argv), parser
 
 

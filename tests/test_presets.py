@@ -310,6 +310,13 @@ def test_an_estimator_joins_the_sweeps_ensemble_and_its_submission(tmp_path, cap
     runs = client.search_runs([summary["mlflow"]["experiment_id"]], "tags.kind = 'estimator'")
     assert [r.info.run_id for r in runs] == [run.info.run_id]
     assert len(client.get_metric_history(run.info.run_id, "cv_mean")) == 2
+    # --ensemble trials: selected from the trials alone, no estimator fitted
+    assert export_submission.main(["--study-name", "iris", "--output-dir", str(out), "--data-dir", str(tmp_path / "data"),
+                                   "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--ensemble", "trials"]) == 0
+    trials_only = json.loads((out / "summary.json").read_text())
+    assert trials_only["estimators"] == {} and trials_only["ensemble"]["estimators"] == []
+    assert all("trial" in m for m in trials_only["ensemble"]["members"])
+    assert len(client.get_metric_history(run.info.run_id, "cv_mean")) == 2
 
     # a value scikit-learn refuses only when it fits: the trials and the rest of the export are kept
     capsys.readouterr()

@@ -25,7 +25,9 @@ from project.tuning.study import PREDICTIONS_ATTR, SweepSettings
 from project.tuning.tracking import Tracker, dataset_inputs, source_tags
 
 
-ENSEMBLES = ("greedy", "none")
+# greedy: selected from the trials and the preset's estimators; trials: from the trials alone;
+# none: the best trial alone
+ENSEMBLES = ("greedy", "trials", "none")
 ESTIMATOR_RUN_ATTR = "mlflow_estimator_run_ids"
 
 
@@ -189,16 +191,18 @@ def export_best(study: optuna.Study, settings: SweepSettings, tracker: Tracker, 
     test_inputs = datamodule.test_inputs()  # read once: the file for a table task
     if task.refits:
         refits = [Refit(config, seeds=task.ensemble, trial=best.number)]
-        if settings.ensemble == "greedy":
+        if settings.ensemble != "none":
             refits = selected_refits(study, settings, summary, kept_predictions(study, tracker, out_dir), datamodule,
                                      best) or refits
         predictor, scores = refit_and_test(task, refits, settings.data_dir, settings.seed, submission)
         summary.update(scores)
     else:
         weights, estimators = {best.number: 1.0}, {}
-        if settings.ensemble == "greedy":
+        if settings.ensemble != "none":
             library = kept_predictions(study, tracker, out_dir)
-            estimators, failed = fit_estimators(study, settings, datamodule, tracker, out_dir, parent_run_id)
+            failed = {}
+            if settings.ensemble == "greedy":
+                estimators, failed = fit_estimators(study, settings, datamodule, tracker, out_dir, parent_run_id)
             library.update({name: e.predictions for name, e in estimators.items()})
             weights, summary["ensemble"] = select_ensemble(library, task, datamodule, best)
             summary["estimators"] = {name: {"estimator": e.reference, f"cv_{task.metric}": e.cv,
