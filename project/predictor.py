@@ -91,8 +91,7 @@ class Predictor(Predicts):
         features = fits[0].members.features
         inputs = {"sample_shape": list(datamodule.sample_shape), "out_features": datamodule.out_features,
                   "folds": [fold for f in fits for fold in f.members.folds],
-                  "classes": None if getattr(datamodule, "classes", None) is None else
-                  [c.item() if isinstance(c, np.generic) else c for c in datamodule.classes]}
+                  "classes": class_labels(datamodule)}
         if features.shared:  # images: each member's pixel statistics
             inputs["shift"] = torch.cat([f.members.features.shift for f in fits]).tolist()
             inputs["scale"] = torch.cat([f.members.features.scale for f in fits]).tolist()
@@ -123,9 +122,7 @@ class Predictor(Predicts):
     def save(self, folder: Path) -> Path:
         import skops.io
 
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "task.yaml").write_text(presets.to_yaml(self.task.preset.resolved()))
-        (folder / "inputs.json").write_text(json.dumps(self.inputs, indent=2))
+        save_task(folder, self.task, self.inputs)
         save_model(folder / "model.pt", self.config, self.inputs["sample_shape"], self.inputs["out_features"],
                    self.inputs["folds"], self.stack.member_state_dict(), self.head.state_dict())
         for m, pre in enumerate(self.preprocessors or []):
@@ -135,17 +132,13 @@ class Predictor(Predicts):
 
     @classmethod
     def load(cls, folder: Path) -> Predictor:
-        import skops.io
-
         folder = Path(folder)
-        task = Task(presets.from_resolved(OmegaConf.to_container(OmegaConf.load(folder / "task.yaml"))))
+        task, inputs = load_task(folder)
         members, config, saved = load_model(folder / "model.pt")
         head = task.head(config, [torch.zeros(1)] * len(members))
         head.load_state_dict(saved["head"])
-        inputs = json.loads((folder / "inputs.json").read_text())
         files = sorted((folder / "preprocessing").glob("member*.skops"), key=lambda p: int(p.stem[6:]))
-        preprocessors = [FoldPreprocessor(task.table_spec(), task.preset.data.preprocess).restored(
-                         skops.io.load(f, trusted=TRUSTED)) for f in files] or None
+        preprocessors = [load_preprocessor(task, f) for f in files] or None
         return cls(task, config, members, head, preprocessors, inputs)
 
 
@@ -164,10 +157,8 @@ class EstimatorPredictor(Predicts):
     def from_fitted(cls, task: Task, fitted, datamodule: FoldDataModule) -> EstimatorPredictor:
         """The fold models of a ``FittedEstimator`` on ``datamodule``'s folds."""
         members = datamodule.members
-        classes = None if getattr(datamodule, "classes", None) is None else [
-            c.item() if isinstance(c, np.generic) else c for c in datamodule.classes]
         return cls(task, {"name": fitted.name, "estimator": fitted.reference, "args": fitted.args}, fitted.models,
-                   list(members.preprocessors), {"folds": list(members.folds), "classes": classes})
+                   list(members.preprocessors), {"folds": list(members.folds), "classes": class_labels(datamodule)})
 
     def averaged(self, raw: pd.DataFrame) -> Tensor:
         from project.estimators import predict
@@ -180,11 +171,10 @@ class EstimatorPredictor(Predicts):
     def save(self, folder: Path) -> Path:
         import skops.io
 
+        save_task(folder, self.task, self.inputs)
         for part in ("preprocessing", "models"):
-            (folder / part).mkdir(parents=True, exist_ok=True)
+            (folder / part).mkdir(exist_ok=True)
         (folder / "estimator.json").write_text(json.dumps(self.fitted, indent=2))
-        (folder / "task.yaml").write_text(presets.to_yaml(self.task.preset.resolved()))
-        (folder / "inputs.json").write_text(json.dumps(self.inputs, indent=2))
         for m, (model, pre) in enumerate(zip(self.models, self.preprocessors)):
             # compressed: a boosted model's trees are many small arrays, a sixth of their size zipped
             skops.io.dump(pre.columns_, folder / "preprocessing" / f"member{m}.skops", compression=ZIP_DEFLATED)
@@ -196,17 +186,15 @@ class EstimatorPredictor(Predicts):
         import skops.io
 
         folder = Path(folder)
-        task = Task(presets.from_resolved(OmegaConf.to_container(OmegaConf.load(folder / "task.yaml"))))
+        task, inputs = load_task(folder)
         fitted = json.loads((folder / "estimator.json").read_text())
-        inputs = json.loads((folder / "inputs.json").read_text())
         roots = {"sklearn", "numpy", "scipy", "builtins", fitted["estimator"].split(".")[0].split(":")[0]}
         models = []
         for m in range(len(inputs["folds"])):
             path = folder / "models" / f"member{m}.skops"
             trusted = [t for t in skops.io.get_untrusted_types(file=path) if t.split(".")[0] in roots]
             models.append(skops.io.load(path, trusted=trusted))
-        preprocessors = [FoldPreprocessor(task.table_spec(), task.preset.data.preprocess).restored(
-                         skops.io.load(folder / "preprocessing" / f"member{m}.skops", trusted=TRUSTED))
+        preprocessors = [load_preprocessor(task, folder / "preprocessing" / f"member{m}.skops")
                          for m in range(len(inputs["folds"]))]
         return cls(task, fitted, models, preprocessors, inputs)
 
@@ -244,6 +232,32 @@ def load_predictor(folder: Path) -> Predicts:
     if (folder / "ensemble.json").is_file():
         return Ensemble.load(folder)
     return EstimatorPredictor.load(folder) if (folder / "estimator.json").is_file() else Predictor.load(folder)
+
+
+def class_labels(datamodule: FoldDataModule) -> list | None:
+    """A classification task's labels as plain values (what inputs.json keeps), else None."""
+    classes = getattr(datamodule, "classes", None)
+    return None if classes is None else [c.item() if isinstance(c, np.generic) else c for c in classes]
+
+
+def save_task(folder: Path, task: Task, inputs: dict) -> None:
+    """What every saved predictor holds: the resolved preset and what its inputs look like."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "task.yaml").write_text(presets.to_yaml(task.preset.resolved()))
+    (folder / "inputs.json").write_text(json.dumps(inputs, indent=2))
+
+
+def load_task(folder: Path) -> tuple[Task, dict]:
+    """The task and inputs ``save_task`` wrote."""
+    task = Task(presets.from_resolved(OmegaConf.to_container(OmegaConf.load(folder / "task.yaml"))))
+    return task, json.loads((folder / "inputs.json").read_text())
+
+
+def load_preprocessor(task: Task, path: Path) -> FoldPreprocessor:
+    """A member's saved table preprocessing, loaded with only the ``TRUSTED`` types allowed."""
+    import skops.io
+
+    return FoldPreprocessor(task.table_spec(), task.preset.data.preprocess).restored(skops.io.load(path, trusted=TRUSTED))
 
 
 def _plain_members(fit: Fit, config: TrainConfig, datamodule: FoldDataModule) -> list[nn.Module]:
