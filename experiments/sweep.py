@@ -242,8 +242,6 @@ def run_sweep(argv: list[str] | None) -> int:
     print(f"submission: {summary['submission']}")
     print(f"summary: {out / 'summary.json'}\nplots:   {out / 'plots'}")
     print(f"MLflow:  {tracker.ui_command()}")
-    for message in summary.get("estimator_errors", {}).values():
-        print(f"error: {message}; the ensemble was selected without it", file=sys.stderr)
     if lost:
         print(f"error: {len(lost)} worker process(es) lost, their trials failed: " + "; ".join(map(str, lost)),
               file=sys.stderr)

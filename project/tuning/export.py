@@ -87,6 +87,7 @@ def fit_estimators(study: optuna.Study, settings: SweepSettings, datamodule, tra
             fitted[name] = estimator = cross_fit(task, name, datamodule)
         except EstimatorFailed as err:
             failed[name] = str(err)
+            print(f"error: {err}; the ensemble was selected without it", file=sys.stderr)
             continue
         kept = estimator.predictions.save(out_dir / "predictions" / f"estimator-{name}.npz")
         if parent_run_id:
@@ -116,8 +117,9 @@ def estimator_run(study: optuna.Study, settings: SweepSettings, datamodule, trac
     tracker.log_params(run_id, {"estimator": estimator.reference, **{f"args.{k}": v for k, v in estimator.args.items()}})
     # a run created while the server is away has a local id only this command resolves: the next
     # export creates another rather than write to an id it cannot resolve
-    if not tracker.resolve(run_id).startswith(PENDING_PREFIX):
-        runs[estimator.name] = {"run_id": tracker.resolve(run_id), "spec": spec}
+    resolved = tracker.resolve(run_id)
+    if not resolved.startswith(PENDING_PREFIX):
+        runs[estimator.name] = {"run_id": resolved, "spec": spec}
         study.set_user_attr(ESTIMATOR_RUN_ATTR, runs)
     return run_id
 
