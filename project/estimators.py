@@ -12,7 +12,6 @@ fitted again at each export rather than stored in the study.
 
 from __future__ import annotations
 
-import importlib
 import time
 import warnings
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from sklearn.exceptions import ConvergenceWarning
 
 from project.data import FoldDataModule
 from project.ensemble import Predictions, cv_score
+from project.presets import imported
 from project.tasks import Task
 
 
@@ -29,18 +29,9 @@ class EstimatorFailed(RuntimeError):
     """An estimator the preset lists could not be fitted; the message names its key."""
 
 
-def estimator_class(reference: str) -> type:
-    """The class ``module:Class`` names (ImportError where it names none)."""
-    module, _, name = reference.partition(":")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (AttributeError, ValueError):
-        raise ImportError(reference) from None
-
-
 def build_estimator(reference: str, args: dict):
-    """A fresh, unfitted estimator: the class ``reference`` names, called with ``args``."""
-    return estimator_class(reference)(**args)
+    """A fresh, unfitted estimator: the class ``reference`` (``module:Class``) names, called with ``args``."""
+    return imported(reference)(**args)
 
 
 @dataclass

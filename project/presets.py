@@ -324,11 +324,19 @@ def derive_function(reference: str | None, source: str | Path):
     """The ``module:function`` a preset's ``data.derive`` names (None where it names none)."""
     if not reference:
         return None
-    module, _, function = reference.partition(":")
     try:
-        return getattr(importlib.import_module(module), function)
-    except (ImportError, AttributeError, ValueError):
+        return imported(reference)
+    except ImportError:
         raise PresetError(f"{source}: key 'data.derive': {reference!r} is not importable; expected 'module:function'") from None
+
+
+def imported(reference: str):
+    """The object ``module:name`` names (ImportError where it names none)."""
+    module, _, name = reference.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (AttributeError, ValueError):
+        raise ImportError(reference) from None
 
 
 def to_yaml(values: dict) -> str:
