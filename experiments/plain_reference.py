@@ -13,7 +13,6 @@ shared machine both move with its load.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from project import files
 from project.cli import positive_int
 from project.data import DataError
 from project.paths import REPO_ROOT
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                         "runs_s": [round(s, 3) for s in seconds]})
         print(f"{name:<28}{results[-1]['plain_s']:>8.2f} s   runs: {results[-1]['runs_s']}", flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"cases": results, "torch_threads": torch.get_num_threads()}, indent=2))
+        files.write_json(args.json, {"cases": results, "torch_threads": torch.get_num_threads()}, "the figures")
     return 0
 
 

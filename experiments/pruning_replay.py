@@ -12,7 +12,6 @@ Writes <output-dir>/pruning_replay.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
+from project import files
 from project.cli import output_dir
 from project.cv import TrainingDiverged, cross_validate
 from project.paths import REPO_ROOT
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         "epoch_indexed": tally(replay(old_pruner, curves, direction, old_steps), finals, median, best, sign),
         "fraction_of_schedule": tally(replay(make_pruner(), curves, direction), finals, median, best, sign),
     }
-    (out / "pruning_replay.json").write_text(json.dumps(report, indent=2))
+    files.write_json(out / "pruning_replay.json", report, "the replay's report")
     print(f"\n{len(curves)} trials run to their end: median {median:.5f}, best {min(finals.values(), key=lambda v: sign * v):.5f}")
     for name in ("as_the_study_ran", "epoch_indexed", "fraction_of_schedule"):
         row = report[name]

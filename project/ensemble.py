@@ -18,6 +18,7 @@ leaderboard says the rest.
 
 from __future__ import annotations
 
+import io
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from project import files
 from project.cv import CVResult, predict_members
 from project.data import FoldDataModule
 from project.tasks import Task, TrainConfig
@@ -42,17 +44,22 @@ class Predictions:
     oof: np.ndarray  # [R] or [R, C]
     test: np.ndarray | None = None  # [N] or [N, C]
 
-    def save(self, path: Path) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def to_bytes(self) -> bytes:
+        """The ``.npz`` file's contents."""
         arrays = {"rows": self.rows, "folds": self.folds, "oof": self.oof}
         if self.test is not None:
             arrays["test"] = self.test
-        with open(path, "wb") as handle:  # np.savez would add ".npz" to a name without it
-            np.savez(handle, **arrays)
-        return path
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        return buffer.getvalue()
+
+    def save(self, path: Path, what: str = "kept predictions") -> Path:
+        return files.write_bytes(path, self.to_bytes(), what)
 
     @classmethod
     def load(cls, path: Path) -> Predictions:
+        """Raises ``zipfile.BadZipFile`` (a truncated file), ``OSError``, ``ValueError`` or
+        ``KeyError`` (an array missing) where the file is not a whole one."""
         with np.load(path, allow_pickle=False) as saved:
             return cls(saved["rows"], saved["folds"], saved["oof"], saved["test"] if "test" in saved else None)
 

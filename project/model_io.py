@@ -5,30 +5,53 @@ strings and containers, so a tampered file cannot run code when it is loaded."""
 
 from __future__ import annotations
 
+import io
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from project import files
 from project.models import create_model
 from project.tasks import TrainConfig
 
 
-def save_model(path: Path, config: TrainConfig, sample_shape: tuple[int, ...], out_features: int,
-               folds: list[int | None], net_state: dict[str, Tensor], head_state: dict[str, Tensor]) -> Path:
-    """``net_state``: the members' plain state_dict with a leading member dimension."""
-    torch.save({"config": config.to_dict(), "sample_shape": list(sample_shape), "out_features": out_features,
-                "folds": list(folds), "net": net_state, "head": head_state}, path)
+def model_record(config: TrainConfig, sample_shape: Sequence[int], out_features: int, folds: Sequence[int | None],
+                 net_state: dict[str, Tensor], head_state: dict[str, Tensor], **extra: object) -> bytes:
+    """The file's contents. ``net_state``: the members' plain state_dict with a leading member
+    dimension; ``extra``: plain values kept beside them (a trial's curves and fold scores)."""
+    return files.torch_bytes({"config": config.to_dict(), "sample_shape": list(sample_shape),
+                              "out_features": out_features, "folds": list(folds), "net": net_state,
+                              "head": head_state, **extra})
+
+
+def save_model(path: Path, config: TrainConfig, sample_shape: Sequence[int], out_features: int,
+               folds: Sequence[int | None], net_state: dict[str, Tensor], head_state: dict[str, Tensor]) -> Path:
+    """Written into a folder that ``files.atomic_folder`` renames into place once whole."""
+    path.write_bytes(model_record(config, sample_shape, out_features, folds, net_state, head_state))
     return path
 
 
-def load_model(path: Path) -> tuple[list[nn.Module], TrainConfig, dict]:
-    """The members' plain modules (in eval mode), their configuration, and the saved record."""
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+def read_record(data: bytes | Path) -> dict:
+    """The saved record; raises where the file is not a whole one (truncated, or not torch's)."""
+    source = io.BytesIO(data) if isinstance(data, bytes) else data
+    return torch.load(source, map_location="cpu", weights_only=True)
+
+
+def members_of(saved: dict) -> tuple[list[nn.Module], TrainConfig]:
+    """The record's members as plain modules (in eval mode), and their configuration."""
     config = TrainConfig(**saved["config"])
     members = []
     for m in range(len(saved["folds"])):
         net = create_model(config.model, tuple(saved["sample_shape"]), saved["out_features"], **config.model_kwargs)
         net.load_state_dict({k: v[m] for k, v in saved["net"].items()})
         members.append(net.eval())
+    return members, config
+
+
+def load_model(path: Path) -> tuple[list[nn.Module], TrainConfig, dict]:
+    """The members' plain modules (in eval mode), their configuration, and the saved record."""
+    saved = read_record(path)
+    members, config = members_of(saved)
     return members, config, saved

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 from torch import Tensor
 
+from project import files
 from project.data import TARGET_TRANSFORMS
 from project.tasks import Task
 
@@ -75,9 +76,9 @@ def check_submission(frame: pd.DataFrame, fmt: SubmissionFormat, source: str = "
 def write_submission(frame: pd.DataFrame, fmt: SubmissionFormat, path: Path) -> Path:
     """Validate, then write; nothing is written when validation fails."""
     check_submission(frame, fmt, str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(path, index=False)
-    check_submission(pd.read_csv(path, dtype={fmt.id_column: str}), fmt, str(path))
+    with files.atomic_path(path, "the submission") as tmp:
+        frame.to_csv(tmp, index=False)
+        check_submission(pd.read_csv(tmp, dtype={fmt.id_column: str}), fmt, str(path))
     return path
 
 

@@ -19,6 +19,7 @@ import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from project import files
 from project.paths import REPO_ROOT
 
 MANIFEST = REPO_ROOT / "data" / "checksums.json"
@@ -210,7 +211,8 @@ def fetch_dataset(dataset: str, data_dir: str | Path = "data") -> dict[str, Path
                 continue
             target.mkdir(parents=True, exist_ok=True)
             for name in missing:
-                shutil.move(workdir / name, paths[name])
+                with files.atomic_path(paths[name], f"{dataset}'s {name}") as tmp:
+                    shutil.copyfile(workdir / name, tmp)
             _say(f"{dataset}: {', '.join(missing)} from {label} -> {target}")
             return paths
     raise DataError(

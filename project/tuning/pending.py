@@ -29,6 +29,8 @@ from typing import IO
 import requests
 from mlflow.exceptions import MlflowException, RestException
 
+from project import files
+
 PENDING_PREFIX = "pending-"
 PROBE_EVERY = 20.0  # seconds between attempts to reach a server that was unreachable
 IDS = "ids.json"
@@ -84,16 +86,22 @@ class Journal:
         return True
 
     def append(self, op: str, args: dict) -> None:
-        if op == "log_artifact":  # keep the file as it is now
-            copy = self.folder / "files" / uuid.uuid4().hex / Path(args["path"]).name
-            copy.parent.mkdir(parents=True)
-            shutil.copyfile(args["path"], copy)
-            args = {**args, "path": str(copy)}
-        if self._handle is None:
-            self._handle = self._open_own()
-        self._handle.write(json.dumps({"op": op, "args": args}) + "\n")
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
+        try:
+            if op == "log_artifact":  # keep the file as it is now
+                copy = self.folder / "files" / uuid.uuid4().hex / Path(args["path"]).name
+                copy.parent.mkdir(parents=True)
+                with files.atomic_path(copy, "a copy of an MLflow artifact") as tmp:
+                    shutil.copyfile(args["path"], tmp)
+                args = {**args, "path": str(copy)}
+            if self._handle is None:
+                self._handle = self._open_own()
+            self._handle.write(json.dumps({"op": op, "args": args}) + "\n")
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+        except OSError as err:
+            if files.unwritable(err):
+                raise files.WriteFailed(self.path, "the MLflow journal", err) from None
+            raise
 
     def _open_own(self) -> IO[str]:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -116,9 +124,7 @@ class Journal:
     def record(self, local: str, real: str) -> None:
         with self._ids_lock():
             ids = {**self._ids(), local: real}
-            tmp = self.folder / f"{IDS}.{os.getpid()}"
-            tmp.write_text(json.dumps(ids))
-            tmp.replace(self.folder / IDS)
+            files.write_text(self.folder / IDS, json.dumps(ids), "the MLflow journal's run ids")
 
     @contextlib.contextmanager
     def _ids_lock(self) -> Iterator[None]:
@@ -155,7 +161,7 @@ class Journal:
                     fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     return 0, True
-            entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            entries = _entries(path)
             sent = 0
             try:
                 for entry in entries:
@@ -173,9 +179,7 @@ class Journal:
     def _keep(self, path: Path, entries: list[dict], own: bool) -> None:
         """Rewrite a journal to hold only the calls not sent yet (removed once empty)."""
         if entries:
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(e) + "\n" for e in entries))
-            tmp.replace(path)
+            files.write_text(path, "".join(json.dumps(e) + "\n" for e in entries), "the MLflow journal")
         else:
             path.unlink()
         if own:
@@ -192,3 +196,17 @@ class Journal:
         """Nothing is pending any more: the next outage is said again."""
         for said in self.folder.glob("said-*"):
             said.unlink(missing_ok=True)
+
+
+def _entries(path: Path) -> list[dict]:
+    """A journal's calls. Each is appended whole and synced before the next, so only the last line
+    can be torn (its process killed as it wrote): that call was never made, and is dropped."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    entries = []
+    for number, line in enumerate(lines):
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines) - 1:
+                raise
+    return entries

@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import optuna  # noqa: E402
 from optuna.visualization import matplotlib as optuna_plots  # noqa: E402
 
+from project import files  # noqa: E402
 from project.cv import CVResult  # noqa: E402
 
 
@@ -19,14 +20,18 @@ def _save(axes, path: Path) -> Path:
     figure = axes.flat[0].figure if hasattr(axes, "flat") else axes.figure
     figure.set_size_inches(9, 5.5)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    return _write(figure, path)
+
+
+def _write(figure, path: Path) -> Path:
+    with files.atomic_path(path, f"the plot {path.name}") as tmp:
+        figure.savefig(tmp, dpi=100, format=path.suffix.lstrip("."))
     plt.close(figure)
     return path
 
 
 def study_plots(study: optuna.Study, out_dir: Path) -> list[Path]:
     """Every plot the study has enough trials for; one that cannot be drawn is skipped."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     plots = {
         "optimization_history.png": optuna_plots.plot_optimization_history,
         "param_importances.png": optuna_plots.plot_param_importances,
@@ -59,6 +64,4 @@ def learning_curves(result: CVResult, folds: list, path: Path) -> Path:
         right.set_ylim(bottom=0, top=min(0.4, max(r.get(key, 0) for h in result.history for r in h)))
     right.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return _write(figure, path)
