@@ -16,6 +16,7 @@ import optuna
 
 from project.cli import output_dir
 from project.data.sources import KAGGLE_COMPETITION, _kaggle_credentials
+from project.files import WriteFailed
 from project.paths import REPO_ROOT
 from project.tuning.export import ENSEMBLES, export_best
 from project.tuning.study import PRESET_ATTR, SweepSettings, default_storage, make_storage
@@ -51,7 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     settings.tracking_uri = resolve_tracking_uri(args.tracking_uri)
     tracker = settings.tracker()
     tracker.send_kept()  # what the sweep could not log
-    summary = export_best(study, settings, tracker, out, study.user_attrs.get("mlflow_parent_run_id"))
+    try:
+        summary = export_best(study, settings, tracker, out, study.user_attrs.get("mlflow_parent_run_id"))
+    except WriteFailed as err:
+        tracker.send_kept(left_for="the next command on this study")
+        print(f"error: {err}; nothing half-written was left: once there is room, run this command again",
+              file=sys.stderr)
+        return 1
     tracker.send_kept(left_for="the next command on this study")
     rerun = "" if summary["cv_mean_rerun"] is None else f" (re-run {summary['cv_mean_rerun']:.5f})"
     print(f"best trial {summary['best_trial']}: cv_{task.metric} {summary['cv_mean']:.5f}{rerun}; "

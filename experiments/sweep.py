@@ -10,7 +10,6 @@ Running the same command again resumes the study stored in --storage.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import threading
@@ -20,9 +19,10 @@ import uuid
 from optuna.trial import TrialState
 from tqdm import tqdm
 
-from project import presets, stopping
+from project import files, presets, stopping
 from project.cli import add_common_arguments, fixed_params, load_task, output_dir, positive_float, positive_int, run_name
 from project.data import DataError
+from project.files import WriteFailed
 from project.stopping import Interrupted
 from project.tuning.export import ENSEMBLES, export_best, study_summary
 from project.tuning.recovery import recover_stale_trials
@@ -33,6 +33,7 @@ from project.tuning.study import (
     STORAGE_ERRORS,
     STORAGE_SCHEMES,
     StorageUnreachable,
+    WorkerCouldNotWrite,
     default_storage,
     open_study,
     run_workers,
@@ -194,6 +195,9 @@ def run_sweep(argv: list[str] | None) -> int:
     except Interrupted as err:
         progress.stop()
         return stopped(err, study, settings, tracker, out)
+    except (WriteFailed, WorkerCouldNotWrite) as err:
+        progress.stop()
+        return could_not_write(err, settings, tracker, out)
     except StorageUnreachable as err:
         progress.stop()
         tracker.set_tags(settings.parent_run_id, {"failure": str(err)})
@@ -211,10 +215,13 @@ def run_sweep(argv: list[str] | None) -> int:
         summary = export_best(study, settings, tracker, out, settings.parent_run_id)
     except Interrupted as err:
         return stopped(err, study, settings, tracker, out)
+    except WriteFailed as err:
+        return could_not_write(err, settings, tracker, out)
     tracker.end_run(settings.parent_run_id, "FAILED" if lost else "FINISHED")
     tracker.send_kept(left_for="the next command on this study")
     states = {s.name: sum(t.state == s for t in study.trials) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
-    print(f"\n{n_trials} trial(s) in {elapsed:.0f}s; study totals: {states}")
+    print(f"\n{n_trials} trial(s) in {elapsed:.0f}s, the export in {time.perf_counter() - started - elapsed:.0f}s; "
+          f"study totals: {states}")
     print(f"best trial {summary['best_trial']}: cv_{task.metric} {summary['cv_mean']:.5f} ± {summary['cv_std']:.5f}")
     print("best params: " + ", ".join(f"{k}={v}" for k, v in summary["best_params"].items()))
     for name, estimator in summary.get("estimators", {}).items():
@@ -252,13 +259,25 @@ def member_label(member: dict) -> str:
     return f"trial {member['trial']}" if "trial" in member else member["estimator"]
 
 
+def could_not_write(err: Exception, settings: SweepSettings, tracker: Tracker, out) -> int:
+    """A file that could not be written (a full disk, a read-only folder): the study's run ends
+    FAILED with the reason; the finished trials stay in the study, for the export to finish from."""
+    tracker.set_tags(settings.parent_run_id, {"failure": str(err)})
+    tracker.end_run(settings.parent_run_id, "FAILED")
+    tracker.send_kept(left_for="the next command on this study")
+    print(f"error: {err}; the finished trials are kept in the study: once there is room, "
+          f"`python experiments/export_submission.py --output-dir {out}` (or this command again) writes the rest",
+          file=sys.stderr)
+    return 1
+
+
 def stopped(err: Interrupted, study, settings: SweepSettings, tracker: Tracker, out) -> int:
     """A stop on request: the running trials ended FAIL ("interrupted") with KILLED runs; end the
     study's run and write what the study holds."""
     summary = {**study_summary(study, settings), "interrupted": str(err),
                "mlflow": {"tracking_uri": tracker.tracking_uri, "experiment_id": tracker.experiment_id,
                           "run_id": settings.parent_run_id}}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    files.write_json(out / "summary.json", summary, "the summary")
     tracker.set_tags(settings.parent_run_id, {"interrupted": str(err)})
     tracker.end_run(settings.parent_run_id, "KILLED")
     tracker.send_kept(left_for="the next command on this study")

@@ -6,15 +6,15 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
 
-from project import presets
+from project import files, presets
 from project.cli import add_common_arguments, config_overrides, load_task, output_dir, run_name
 from project.cv import TrainingDiverged, cross_validate, init_model
 from project.data import DataError
+from project.files import WriteFailed
 from project.predictor import Predictor
 from project.refit import Refit, refit_and_test, refit_metrics
 from project.stopping import Interrupted, handling_signals
@@ -95,7 +95,7 @@ def train(argv: list[str] | None) -> int:
                   file=sys.stderr)
         summary["mlflow"] = {"tracking_uri": tracker.tracking_uri, "experiment_id": tracker.experiment_id,
                              "run_id": run_id}
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        files.write_json(out / "summary.json", summary, "the summary")
         tracker.log_artifact(run_id, out / "summary.json")
         status = "FINISHED"
         print(f"wrote {out / 'summary.json'}; MLflow run {run_id}\n  {tracker.ui_command()}")
@@ -104,7 +104,8 @@ def train(argv: list[str] | None) -> int:
         tracker.set_tags(run_id, {"failure": str(err)})
         print(f"error: {err}; try a smaller --lr", file=sys.stderr)
         return 1
-    except DataError as err:
+    except (DataError, WriteFailed) as err:
+        tracker.set_tags(run_id, {"failure": str(err)})
         print(f"error: {err}", file=sys.stderr)
         return 1
     except Interrupted as err:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
+import tempfile
 from pathlib import Path
 
 from project import presets
@@ -112,8 +112,11 @@ def output_dir(args: argparse.Namespace, parser: argparse.ArgumentParser, name: 
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         parser.error(f"argument --output-dir: cannot create {path}: {err.strerror}")
-    if not os.access(path, os.W_OK):
-        parser.error(f"argument --output-dir: {path} is not writable")
+    try:  # a real file, where os.access would pass a read-only folder for root
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        parser.error(f"argument --output-dir: {path} is not writable: {err.strerror}")
     return path
 
 

@@ -15,7 +15,9 @@ fitted on each fold, and an ``Ensemble`` the weighted average of several of eith
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from zipfile import ZIP_DEFLATED
 
@@ -25,9 +27,10 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
-from project import presets
+from project import files, presets
 from project.cv import Fit
 from project.data import FoldDataModule
+from project.data.base import Members
 from project.data.batches import MemberFeatures, StackedBatches
 from project.data.tabular import FoldPreprocessor, stack_members
 from project.engine import build_stack
@@ -68,6 +71,16 @@ class Predicts:
         """The submission for the test split's raw inputs, checked before it is written."""
         return write_submission(self.predict(raw, ids), self._format(raw, ids), path)
 
+    def write(self, folder: Path) -> None:
+        """The predictor's files, into the new, empty ``folder``."""
+        raise NotImplementedError
+
+    def save(self, folder: Path) -> Path:
+        """The predictor as a folder of plain files, which replaces ``folder`` once it is whole."""
+        with files.atomic_folder(folder, "the model") as tmp:
+            self.write(tmp)
+        return Path(folder)
+
     def _format(self, raw: pd.DataFrame | np.ndarray, ids: np.ndarray | None) -> SubmissionFormat:
         if ids is None:
             ids = raw[self.task.preset.data.id].to_numpy() if isinstance(raw, pd.DataFrame) else np.arange(len(raw))
@@ -83,18 +96,23 @@ class Predictor(Predicts):
     @classmethod
     def from_fits(cls, task: Task, config: TrainConfig, fits: list[Fit], datamodule: FoldDataModule) -> Predictor:
         """The members of ``fits`` (one stack, or folds trained one after another)."""
+        _, head_state = fits_state(fits)
         members = [m for f in fits for m in _plain_members(f, config, datamodule)]
+        return cls.of_members(task, config, members, head_state, [f.members for f in fits], datamodule)
+
+    @classmethod
+    def of_members(cls, task: Task, config: TrainConfig, members: list[nn.Module], head_state: dict[str, Tensor],
+                   sets: list[Members], datamodule: FoldDataModule) -> Predictor:
+        """Trained plain ``members`` with their head's state, the members of ``sets`` (whose
+        preprocessing they were trained on) in that order."""
         head = task.head(config, [torch.zeros(1)] * len(members))
-        head.load_state_dict({k: torch.cat([f.module.head.state_dict()[k] for f in fits]) for k in head.state_dict()})
-        preprocessors = None if fits[0].members.preprocessors is None else [
-            p for f in fits for p in f.members.preprocessors]
-        features = fits[0].members.features
+        head.load_state_dict(head_state)
+        preprocessors = None if sets[0].preprocessors is None else [p for s in sets for p in s.preprocessors]
         inputs = {"sample_shape": list(datamodule.sample_shape), "out_features": datamodule.out_features,
-                  "folds": [fold for f in fits for fold in f.members.folds],
-                  "classes": class_labels(datamodule)}
-        if features.shared:  # images: each member's pixel statistics
-            inputs["shift"] = torch.cat([f.members.features.shift for f in fits]).tolist()
-            inputs["scale"] = torch.cat([f.members.features.scale for f in fits]).tolist()
+                  "folds": [fold for s in sets for fold in s.folds], "classes": class_labels(datamodule)}
+        if sets[0].features.shared:  # images: each member's pixel statistics
+            inputs["shift"] = torch.cat([s.features.shift for s in sets]).tolist()
+            inputs["scale"] = torch.cat([s.features.scale for s in sets]).tolist()
         return cls(task, config, members, head, preprocessors, inputs)
 
     def member_outputs(self, raw: pd.DataFrame | np.ndarray) -> Tensor:
@@ -119,7 +137,7 @@ class Predictor(Predicts):
         return MemberFeatures(pixels, torch.tensor(self.inputs["shift"]), torch.tensor(self.inputs["scale"]),
                               tuple(self.inputs["sample_shape"]))
 
-    def save(self, folder: Path) -> Path:
+    def write(self, folder: Path) -> None:
         import skops.io
 
         save_task(folder, self.task, self.inputs)
@@ -128,17 +146,17 @@ class Predictor(Predicts):
         for m, pre in enumerate(self.preprocessors or []):
             (folder / "preprocessing").mkdir(exist_ok=True)
             skops.io.dump(pre.columns_, folder / "preprocessing" / f"member{m}.skops")
-        return folder
 
     @classmethod
     def load(cls, folder: Path) -> Predictor:
         folder = Path(folder)
         task, inputs = load_task(folder)
-        members, config, saved = load_model(folder / "model.pt")
-        head = task.head(config, [torch.zeros(1)] * len(members))
-        head.load_state_dict(saved["head"])
-        files = sorted((folder / "preprocessing").glob("member*.skops"), key=lambda p: int(p.stem[6:]))
-        preprocessors = [load_preprocessor(task, f) for f in files] or None
+        with reading(folder / "model.pt"):
+            members, config, saved = load_model(folder / "model.pt")
+            head = task.head(config, [torch.zeros(1)] * len(members))
+            head.load_state_dict(saved["head"])
+        paths = sorted((folder / "preprocessing").glob("member*.skops"), key=lambda p: int(p.stem[6:]))
+        preprocessors = [load_preprocessor(task, path) for path in paths] or None
         return cls(task, config, members, head, preprocessors, inputs)
 
 
@@ -168,7 +186,7 @@ class EstimatorPredictor(Predicts):
         outputs = [predict(self.task, m, p.transform(frame), classes) for m, p in zip(self.models, self.preprocessors)]
         return torch.from_numpy(np.mean(outputs, axis=0))
 
-    def save(self, folder: Path) -> Path:
+    def write(self, folder: Path) -> None:
         import skops.io
 
         save_task(folder, self.task, self.inputs)
@@ -179,7 +197,6 @@ class EstimatorPredictor(Predicts):
             # compressed: a boosted model's trees are many small arrays, a sixth of their size zipped
             skops.io.dump(pre.columns_, folder / "preprocessing" / f"member{m}.skops", compression=ZIP_DEFLATED)
             skops.io.dump(model, folder / "models" / f"member{m}.skops", compression=ZIP_DEFLATED)
-        return folder
 
     @classmethod
     def load(cls, folder: Path) -> EstimatorPredictor:
@@ -187,13 +204,15 @@ class EstimatorPredictor(Predicts):
 
         folder = Path(folder)
         task, inputs = load_task(folder)
-        fitted = json.loads((folder / "estimator.json").read_text())
+        with reading(folder / "estimator.json"):
+            fitted = json.loads((folder / "estimator.json").read_text())
         roots = {"sklearn", "numpy", "scipy", "builtins", fitted["estimator"].split(".")[0].split(":")[0]}
         models = []
         for m in range(len(inputs["folds"])):
             path = folder / "models" / f"member{m}.skops"
-            trusted = [t for t in skops.io.get_untrusted_types(file=path) if t.split(".")[0] in roots]
-            models.append(skops.io.load(path, trusted=trusted))
+            with reading(path):
+                trusted = [t for t in skops.io.get_untrusted_types(file=path) if t.split(".")[0] in roots]
+                models.append(skops.io.load(path, trusted=trusted))
         preprocessors = [load_preprocessor(task, folder / "preprocessing" / f"member{m}.skops")
                          for m in range(len(inputs["folds"]))]
         return cls(task, fitted, models, preprocessors, inputs)
@@ -212,16 +231,16 @@ class Ensemble(Predicts):
     def averaged(self, raw: pd.DataFrame | np.ndarray) -> Tensor:
         return sum(w * p.averaged(raw) for w, p in zip(self.weights, self.predictors))
 
-    def save(self, folder: Path) -> Path:
-        folder.mkdir(parents=True, exist_ok=True)
+    def write(self, folder: Path) -> None:
         (folder / "ensemble.json").write_text(json.dumps({"weights": self.weights, "members": self.members}, indent=2))
         for i, predictor in enumerate(self.predictors):
-            predictor.save(folder / f"member{i}")
-        return folder
+            (folder / f"member{i}").mkdir()
+            predictor.write(folder / f"member{i}")
 
     @classmethod
     def load(cls, folder: Path) -> Ensemble:
-        spec = json.loads((Path(folder) / "ensemble.json").read_text())
+        with reading(Path(folder) / "ensemble.json"):
+            spec = json.loads((Path(folder) / "ensemble.json").read_text())
         predictors = [load_predictor(Path(folder) / f"member{i}") for i in range(len(spec["weights"]))]
         return cls(spec["weights"], predictors, spec["members"])
 
@@ -242,22 +261,56 @@ def class_labels(datamodule: FoldDataModule) -> list | None:
 
 def save_task(folder: Path, task: Task, inputs: dict) -> None:
     """What every saved predictor holds: the resolved preset and what its inputs look like."""
-    folder.mkdir(parents=True, exist_ok=True)
     (folder / "task.yaml").write_text(presets.to_yaml(task.preset.resolved()))
     (folder / "inputs.json").write_text(json.dumps(inputs, indent=2))
 
 
 def load_task(folder: Path) -> tuple[Task, dict]:
     """The task and inputs ``save_task`` wrote."""
-    task = Task(presets.from_resolved(OmegaConf.to_container(OmegaConf.load(folder / "task.yaml"))))
-    return task, json.loads((folder / "inputs.json").read_text())
+    with reading(folder / "task.yaml"):
+        task = Task(presets.from_resolved(OmegaConf.to_container(OmegaConf.load(folder / "task.yaml"))))
+    with reading(folder / "inputs.json"):
+        return task, json.loads((folder / "inputs.json").read_text())
 
 
 def load_preprocessor(task: Task, path: Path) -> FoldPreprocessor:
     """A member's saved table preprocessing, loaded with only the ``TRUSTED`` types allowed."""
     import skops.io
 
-    return FoldPreprocessor(task.table_spec(), task.preset.data.preprocess).restored(skops.io.load(path, trusted=TRUSTED))
+    with reading(path):
+        columns = skops.io.load(path, trusted=TRUSTED)
+    return FoldPreprocessor(task.table_spec(), task.preset.data.preprocess).restored(columns)
+
+
+class ModelUnreadable(Exception):
+    """A saved model's file that cannot be read (missing, truncated, altered): names it, and how
+    to write the model again."""
+
+    def __init__(self, path: Path, err: Exception) -> None:
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        super().__init__(f"cannot read the saved model's file {path} ({reason}): write the model again with "
+                         "`python experiments/export_submission.py` (a sweep's) or `python experiments/train.py`, "
+                         "with the same --output-dir")
+        self.path = path
+
+
+@contextlib.contextmanager
+def reading(path: Path) -> Iterator[None]:
+    """Any error reading ``path`` becomes a ``ModelUnreadable`` that names it."""
+    try:
+        yield
+    except ModelUnreadable:
+        raise
+    except Exception as err:
+        raise ModelUnreadable(path, err) from None
+
+
+def fits_state(fits: list[Fit]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The members' stacked weights and their head's state, of one fit or several in turn."""
+    nets = [f.module.net.member_state_dict() for f in fits]
+    heads = [f.module.head.state_dict() for f in fits]
+    return ({k: torch.cat([n[k] for n in nets]) for k in nets[0]},
+            {k: torch.cat([h[k] for h in heads]) for k in heads[0]})
 
 
 def _plain_members(fit: Fit, config: TrainConfig, datamodule: FoldDataModule) -> list[nn.Module]:

@@ -11,17 +11,18 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from project.cv import cross_validate
+from project import files
 from project.ensemble import Predictions, blend, cv_score, held_out_score, scores, select
 from project.estimators import EstimatorFailed, FittedEstimator, cross_fit
-from project.predictor import Ensemble, EstimatorPredictor, Predictor
+from project.predictor import Ensemble, EstimatorPredictor
 from project.refit import Refit, refit_and_test, refit_metrics
 from project.serving import log_predictor
+from project.tuning.kept import KeptTrials
 from project.tuning.plots import learning_curves, study_plots
 from project.tuning.space import config_from_params
 from project.tuning.pending import PENDING_PREFIX
 from project.tuning.recovery import RUN_ID_ATTR
-from project.tuning.study import PREDICTIONS_ATTR, SweepSettings
+from project.tuning.study import SweepSettings
 from project.tuning.tracking import Tracker, dataset_inputs, source_tags
 
 
@@ -60,20 +61,6 @@ def study_summary(study: optuna.Study, settings: SweepSettings) -> dict:
                         "fold_scores": best.user_attrs.get("fold_scores"), "best_trial": best.number,
                         "best_params": best.params})
     return summary
-
-
-def kept_predictions(study: optuna.Study, tracker: Tracker, out_dir: Path) -> dict[int, Predictions]:
-    """The completed trials' kept predictions: the file a worker of this machine wrote, else the
-    copy its MLflow run holds (a worker on another machine), fetched into ``out_dir``."""
-    library = {}
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        path = Path(trial.user_attrs.get(PREDICTIONS_ATTR, ""))
-        if not path.is_file() and RUN_ID_ATTR in trial.user_attrs and trial.user_attrs.get(PREDICTIONS_ATTR):
-            path = tracker.download_artifact(trial.user_attrs[RUN_ID_ATTR], f"predictions/{path.name}",
-                                             out_dir / "predictions" / "downloaded") or path
-        if path.is_file():
-            library[trial.number] = Predictions.load(path)
-    return library
 
 
 def fit_estimators(study: optuna.Study, settings: SweepSettings, datamodule, tracker: Tracker, out_dir: Path,
@@ -170,38 +157,36 @@ def selected_refits(study: optuna.Study, settings: SweepSettings, summary: dict,
 
 def export_best(study: optuna.Study, settings: SweepSettings, tracker: Tracker, out_dir: Path,
                 parent_run_id: str | None) -> dict:
-    """Rebuild the best trial's fold models (deterministic: the same models) where the submission
-    is made of them, then write everything. A task that refits (images) needs only the trial's
-    curves for their plot, which its MLflow run holds, so they are read back, not trained again."""
+    """Write everything from the study: the ensemble selected from the trials' kept predictions
+    and, where the submission is made of fold models, the selected trials' kept fold models,
+    loaded, not trained again (``project/tuning/kept.py`` recovers a file that cannot be read). A
+    task that refits (images) refits the selected configurations on every training row; its best
+    trial's curves, for their plot, are read back from its MLflow run."""
     task = settings.task
     best = best_trial(study)
     best_run = best.user_attrs.get(RUN_ID_ATTR)
     config = config_from_params(task, settings.model, best.params, settings.fixed)
     datamodule = settings.datamodule(task)
-    result = None
-    if task.refits and best_run:
-        result = tracker.read_cv(best_run, datamodule.folds, task.metric)
-    rerun = result is None
-    if rerun:
-        result = cross_validate(task, config, seed=settings.seed, stacking=settings.stacking, datamodule=datamodule)
+    complete = {t.number: t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+    kept = KeptTrials(task, datamodule, tracker, out_dir, settings.seed, settings.stacking,
+                      lambda trial: config_from_params(task, settings.model, trial.params, settings.fixed))
 
-    summary = {**study_summary(study, settings), "cv_mean_rerun": result.mean if rerun else None,
-               "config": config.to_dict()}
-    plots_dir = out_dir / "plots"
-    plots = study_plots(study, plots_dir) + [learning_curves(result, datamodule.folds, plots_dir / "best_learning_curves.png")]
+    summary = {**study_summary(study, settings), "config": config.to_dict()}
     submission = out_dir / task.preset.submission.file
     test_inputs = datamodule.test_inputs()  # read once: the file for a table task
     if task.refits:
+        curves = tracker.read_cv(best_run, datamodule.folds, task.metric) if best_run else None
+        curves = curves or kept.result(best)
         refits = [Refit(config, seeds=task.ensemble, trial=best.number)]
         if settings.ensemble != "none":
-            refits = selected_refits(study, settings, summary, kept_predictions(study, tracker, out_dir), datamodule,
+            refits = selected_refits(study, settings, summary, kept.predictions(list(complete.values())), datamodule,
                                      best) or refits
         predictor, scores = refit_and_test(task, refits, settings.data_dir, settings.seed, submission)
         summary.update(scores)
     else:
         weights, estimators = {best.number: 1.0}, {}
         if settings.ensemble != "none":
-            library = kept_predictions(study, tracker, out_dir)
+            library = kept.predictions(list(complete.values()))
             failed = {}
             if settings.ensemble == "greedy":
                 estimators, failed = fit_estimators(study, settings, datamodule, tracker, out_dir, parent_run_id)
@@ -213,24 +198,24 @@ def export_best(study: optuna.Study, settings: SweepSettings, tracker: Tracker, 
             if failed:
                 summary["estimator_errors"] = failed
         predictors = []
-        for number in weights:  # each member's fold models, trained again (deterministic: the same models)
+        for number in weights:  # each member's fold models, as its trial kept them
             if isinstance(number, str):
                 predictors.append(EstimatorPredictor.from_fitted(task, estimators[number], datamodule))
-                continue
-            if number == best.number:
-                member_config, fits = config, result.fits
             else:
-                member_config = config_from_params(task, settings.model, study.trials[number].params, settings.fixed)
-                fits = cross_validate(task, member_config, seed=settings.seed, stacking=settings.stacking,
-                                      datamodule=datamodule).fits
-            predictors.append(Predictor.from_fits(task, member_config, fits, datamodule))
+                predictors.append(kept.predictor(complete[number])[0])
+        curves = kept.predictor(best)[1]
         predictor = predictors[0] if len(predictors) == 1 else Ensemble(list(weights.values()), predictors, list(weights))
         predictor.write_submission(test_inputs, submission, datamodule.test_ids)
+    if kept.left_out:
+        summary.setdefault("ensemble", {})["left_out"] = {str(n): why for n, why in kept.left_out.items()}
+    summary["cv_mean_rerun"] = kept.retrained[best.number].mean if best.number in kept.retrained else None
+    plots_dir = out_dir / "plots"
+    plots = study_plots(study, plots_dir) + [learning_curves(curves, datamodule.folds, plots_dir / "best_learning_curves.png")]
     summary["submission"] = str(submission)
     summary["model"] = str(predictor.save(out_dir / "model"))
     summary["mlflow"] = {"tracking_uri": tracker.tracking_uri, "experiment_id": tracker.experiment_id,
                          "run_id": parent_run_id}
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    files.write_json(out_dir / "summary.json", summary, "the summary")
 
     if parent_run_id:
         if best_run and tracker.has_run(best_run):  # a worker may have logged to another MLflow store
@@ -264,5 +249,5 @@ def export_best(study: optuna.Study, settings: SweepSettings, tracker: Tracker, 
                   "and experiments/export_submission.py registers it once the server is back", file=sys.stderr)
         else:
             summary["registered_model"] = f"models:/{version.name}/{version.version}"
-            (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            files.write_json(out_dir / "summary.json", summary, "the summary")
     return summary

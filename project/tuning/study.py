@@ -20,14 +20,14 @@ import optuna
 import sqlalchemy
 import torch
 from optuna.storages import RDBStorage
-from optuna.trial import TrialState
 
 from project import presets, stopping
 from project.cv import TrainingDiverged, cross_validate
-from project.ensemble import out_of_fold
 from project.seeds import derive_seed
+from project.files import WriteFailed
 from project.stopping import Interrupted
 from project.tasks import Task
+from project.tuning.kept import keep_trial
 from project.tuning.locks import sqlite_creation_lock
 from project.tuning.pruning import FoldPruningCallback, make_pruner
 from project.tuning.recovery import RUN_ID_ATTR, claim, fail_trials_of, recover_stale_trials
@@ -39,7 +39,6 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 FROZEN = ("model", "validation_folds", "seed", "fixed", "stacking")
 FROZEN_PRESET = ("name", "kind", "metric", "metric_scale", "folds", "data")
 PRESET_ATTR = "preset"
-PREDICTIONS_ATTR = "predictions"
 STORAGE_SCHEMES = ("sqlite:", "postgresql", "mysql", "journal:")
 
 
@@ -126,6 +125,13 @@ def storage_error_in(err: BaseException | None) -> BaseException | None:
 
 # a worker's exit code when it lost the study's database (EX_TEMPFAIL): the coordinator says so once
 STORAGE_LOST = 75
+# a worker's exit code when a file could not be written (EX_IOERR): the coordinator says which, once
+OUTPUT_LOST = 74
+
+
+class WorkerCouldNotWrite(Exception):
+    """A worker process could not write a trial's files (a full disk, a read-only folder): what its
+    trial recorded, which names the path."""
 CONNECT_TIMEOUT = 10  # seconds to reach a database server before saying it is unreachable
 
 
@@ -254,10 +260,11 @@ class Objective:
                 state, status = "PRUNED", "FINISHED"
                 raise optuna.TrialPruned(f"pruned after epoch {len(result.history[0]) - 1}")
             if self.settings.output_dir:
-                self.keep_predictions(trial, run_id, result)
+                keep_trial(trial, self.task, config, result, self.datamodule, Path(self.settings.output_dir),
+                           self.tracker, run_id)
             state, status = "COMPLETE", "FINISHED"
             return result.mean
-        except TrainingDiverged as err:
+        except (TrainingDiverged, WriteFailed) as err:
             trial.set_user_attr("failure", str(err))
             self.tracker.set_tags(run_id, {"failure": str(err)})
             raise
@@ -269,15 +276,6 @@ class Objective:
         finally:
             self.tracker.set_tags(run_id, {"state": state})
             self.tracker.end_run(run_id, status)
-
-
-    def keep_predictions(self, trial: optuna.Trial, run_id: str, result) -> None:
-        """The trial's out-of-fold (and test) predictions, a file in the output folder that its
-        MLflow run also holds, for the study's ensemble (see project/ensemble.py)."""
-        path = Path(self.settings.output_dir) / "predictions" / f"trial-{trial.number}.npz"
-        out_of_fold(self.task, result, self.datamodule, with_test=not self.task.refits).save(path)
-        self.tracker.log_artifact(run_id, path, "predictions")
-        trial.set_user_attr(PREDICTIONS_ATTR, str(path))
 
 
 def run_worker(settings: SweepSettings, n_trials: int, timeout: float | None, tracker: Tracker | None = None) -> None:
@@ -309,6 +307,8 @@ class _NotInterrupted(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and isinstance(record.exc_info[1], TrainingDiverged):
             record.exc_info, record.exc_text = None, None
+        if record.exc_info and isinstance(record.exc_info[1], WriteFailed):
+            return False  # the command says it once, in its own line
         return not stopping.requested()
 
 
@@ -321,6 +321,8 @@ def _worker_process(settings: SweepSettings, n_trials: int, timeout: float | Non
         run_worker(settings, n_trials, timeout)
     except Interrupted as err:
         sys.exit(err.exit_code)
+    except WriteFailed:
+        sys.exit(OUTPUT_LOST)  # the coordinator says it, from the trial's failure
     except Exception as err:
         if storage_error_in(err) is None:
             raise
@@ -379,6 +381,8 @@ def run_workers(settings: SweepSettings, n_trials: int, n_jobs: int, timeout: fl
                     asked = stopping.requested()
                     # a worker stopped on request, or by the signal itself before its handler was set
                     stopped = asked is not None and worker.exitcode in (128 + asked, -asked)
+                    if worker.exitcode == OUTPUT_LOST:
+                        raise WorkerCouldNotWrite(_write_failure(study) or f"worker {index} could not write its files")
                     if worker.exitcode == STORAGE_LOST:
                         study.get_trials(deepcopy=False)  # raises what the database server answers now
                         raise StorageUnreachable(settings.storage, ConnectionError("a worker lost its connection"))
@@ -405,6 +409,13 @@ def _storage_loss_raised(url: str) -> Iterator[None]:
         if cause is None:
             raise
         raise StorageUnreachable(url, cause) from None
+
+
+def _write_failure(study: optuna.Study) -> str | None:
+    """What the newest trial that could not write its files says of it."""
+    failed = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
+              if str(t.user_attrs.get("failure", "")).startswith("cannot write")]
+    return failed[-1].user_attrs["failure"] if failed else None
 
 
 def _lost(study: optuna.Study, tracker: Tracker, index: int, worker: multiprocessing.Process) -> LostWorker:

@@ -33,6 +33,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.service_pb2 import DatasetInput as ProtoDatasetInput
 from mlflow.tracking import MlflowClient
 
+from project import files
 from project.cv import CVResult
 from project.paths import REPO_ROOT
 from project.tuning.locks import sqlite_creation_lock
@@ -329,7 +330,13 @@ class Tracker:
             self.client.log_inputs(run, datasets=[DatasetInput.from_proto(ParseDict(d, ProtoDatasetInput()))
                                                   for d in args["datasets"]])
         elif op == "log_artifact":
-            self.client.log_artifact(run, args["path"], args["folder"])
+            try:
+                self.client.log_artifact(run, args["path"], args["folder"])
+            except OSError as err:  # a local artifact store (beside a SQLite one) that cannot take the file
+                if files.unwritable(err):
+                    raise files.WriteFailed(Path(getattr(err, "filename", None) or args["path"]),
+                                            "an MLflow artifact", err) from None
+                raise
         elif op == "update_run":
             self.client.update_run(run, status=args["status"])
         elif op == "set_terminated":
