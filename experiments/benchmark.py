@@ -12,7 +12,6 @@ passes hold at most ``project.data.base.EVAL_ELEMENTS`` inputs, so images go a f
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import statistics
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from project import files
 from project.cli import positive_int
 from project.cv import cross_validate
 from project.data import DataError
@@ -39,6 +39,7 @@ def plain_fit(x_train, y_train, x_val, y_val, config: TrainConfig, out_features:
     # torch's defaults, whatever global flags the project's Trainer left set in this process
     torch.use_deterministic_algorithms(False)
     torch.utils.deterministic.fill_uninitialized_memory = True
+    torch.set_flush_denormal(False)
     torch.manual_seed(seed)
     net = create_model(config.model, tuple(x_train.shape[1:]), out_features, **config.model_kwargs)
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:  # the cases already measured are kept, whatever stops the run
         if args.json:
             payload = {"cases": results, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
-            args.json.write_text(json.dumps(payload, indent=2))
+            files.write_json(args.json, payload, "the benchmark's figures")
     return 0
 
 
