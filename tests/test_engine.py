@@ -312,3 +312,44 @@ def test_fused_adamw_takes_torchs_steps_exactly():
             torch.testing.assert_close(a, b, rtol=0, atol=0)
         for a, b in zip(optimizer.state.values(), torch_optimizer.state.values()):
             assert all(torch.equal(a[key], b[key]) for key in ("step", "exp_avg", "exp_avg_sq"))
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_fused_optimisers_under_a_grad_scaler_skip_a_non_finite_step_and_are_unscaled_before_clipping(name):
+    """16-bit mixed precision, as Lightning drives it: the scaler unscales the gradients before they
+    are clipped, and a step with infinite gradients is skipped. The project's fused optimisers end
+    where torch's plain (unfused) ones do, with no NaN."""
+    from lightning.pytorch.plugins.precision.amp import _optimizer_handles_unscaling
+
+    from project.engine.optim import create_optimizer
+
+    torch.manual_seed(0)
+    start, slope = torch.randn(4, 3), torch.arange(12.0).reshape(4, 3)
+
+    def run(make):
+        weight = torch.nn.Parameter(start.clone())
+        optimizer = make([{"params": [weight], "weight_decay": 0.01}])
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+        unscaled = []
+        for bad in (False, True, False, False):
+            optimizer.zero_grad()
+            loss = (weight * slope).sum() ** 2 / 100 * (float("inf") if bad else 1.0)
+            scaler.scale(loss).backward()
+            if not _optimizer_handles_unscaling(optimizer):  # as Lightning's MixedPrecision does
+                scaler.unscale_(optimizer)
+            unscaled.append(weight.grad.clone())  # what Lightning's clipping sees
+            scaler.step(optimizer)
+            scaler.update()
+        return weight.detach(), unscaled
+
+    plain = {"adamw": lambda g: torch.optim.AdamW(g, lr=0.1, fused=False),
+             "sgd": lambda g: torch.optim.SGD(g, lr=0.01, momentum=0.9, fused=False)}[name]
+    ours = (lambda g: create_optimizer(name, g, lr=0.1)) if name == "adamw" else \
+        (lambda g: create_optimizer(name, g, lr=0.01, momentum=0.9))
+    weight, grads = run(ours)
+    expected_weight, expected_grads = run(plain)
+    assert torch.isfinite(weight).all()
+    torch.testing.assert_close(weight, expected_weight, rtol=1e-5, atol=1e-6)
+    for got, expected in zip(grads[:1] + grads[2:], expected_grads[:1] + expected_grads[2:]):
+        torch.testing.assert_close(got, expected)  # unscaled: the loss's own gradients
+    torch.testing.assert_close(grads[0], 2 * (start * slope).sum() / 100 * slope)

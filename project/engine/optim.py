@@ -27,6 +27,7 @@ class FusedAdamW(torch.optim.AdamW):
                  eps: float = 1e-8, weight_decay: float = 1e-2) -> None:
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
         self._buckets: list[Bucket] | None = None
+        unscaled_by_the_scaler(self)
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -83,8 +84,20 @@ class FusedAdamW(torch.optim.AdamW):
         return list(buckets.values())
 
 
+def unscaled_by_the_scaler(optimizer: torch.optim.Optimizer) -> None:
+    """Under a ``GradScaler`` (16-bit mixed precision), the scaler unscales the gradients (before
+    Lightning clips them) and skips a step whose gradients are not finite, as it does for any
+    optimiser. A fused optimiser tells the scaler it does both inside its kernel
+    (``_step_supports_amp_scaling``, torch's own protocol between the two), which ``FusedAdamW``'s
+    step does not, and Lightning then clips gradients still scaled; torch 2.13's fused SGD on the
+    CPU also took a step of about 1e29 after a skipped one. So the scaler is told to do it."""
+    optimizer._step_supports_amp_scaling = False
+
+
 def _sgd(groups: list[dict], lr: float, momentum: float) -> torch.optim.Optimizer:
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum, fused=True)
+    optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum, fused=True)
+    unscaled_by_the_scaler(optimizer)
+    return optimizer
 
 
 def _adamw(groups: list[dict], lr: float, momentum: float) -> torch.optim.Optimizer:
