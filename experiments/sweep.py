@@ -22,6 +22,7 @@ from tqdm import tqdm
 from project import files, presets, stopping
 from project.cli import add_common_arguments, fixed_params, load_task, output_dir, positive_float, positive_int, run_name
 from project.data import DataError
+from project.devices import default_workers, visible_gpus
 from project.files import WriteFailed
 from project.stopping import Interrupted
 from project.tuning.export import ENSEMBLES, export_best, study_summary
@@ -54,7 +55,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argpa
                         help="Optuna storage URL (default: sqlite:///<output-dir>/optuna.db; postgresql://... for many machines)")
     parser.add_argument("--study-name", default=None, help="study to create or resume (default: the task name)")
     parser.add_argument("--n-jobs", type=positive_int, default=None,
-                        help="worker processes sharing the study (default: the preset's sweep.jobs, else one per core)")
+                        help="worker processes sharing the study (default: the preset's sweep.jobs, else two per GPU, "
+                             "each pinned to one GPU, else one per CPU core)")
     parser.add_argument("--validation-folds", type=positive_int, default=None,
                         help="how many of the folds each trial trains and scores "
                              "(default: the preset's sweep.validation_folds, else all)")
@@ -142,7 +144,7 @@ def run_sweep(argv: list[str] | None) -> int:
                      "postgresql://..., mysql://... or journal:PATH")
     sweep = task.preset.sweep
     n_trials = args.n_trials or sweep.trials
-    n_jobs = min(args.n_jobs or sweep.jobs or os.cpu_count() or 1, n_trials)
+    n_jobs = min(args.n_jobs or sweep.jobs or default_workers(os.cpu_count() or 1, len(visible_gpus())), n_trials)
     settings = SweepSettings(
         preset=task.preset.resolved(), data_dir=str(args.data_dir), seed=args.seed, storage=storage,
         study_name=args.study_name or name, tracking_uri="", experiment_name=args.experiment_name or task.name,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -14,6 +15,7 @@ from project import files, presets
 from project.cli import add_common_arguments, config_overrides, load_task, output_dir, run_name
 from project.cv import TrainingDiverged, cross_validate, init_model
 from project.data import DataError
+from project.devices import describe, training_device
 from project.files import WriteFailed
 from project.predictor import Predictor
 from project.refit import Refit, refit_and_test, refit_metrics
@@ -67,7 +69,7 @@ def train(argv: list[str] | None) -> int:
         result = cross_validate(task, config, seed=args.seed, stacking=stacking, datamodule=datamodule)
         tracker.log_cv(run_id, result, datamodule.folds)
         tracker.log_metrics(run_id, {"cv_seconds": result.seconds})
-        tracker.set_tags(run_id, {"fold_layout": result.layout})
+        tracker.set_tags(run_id, {"fold_layout": result.layout, "device": describe(training_device())})
         print(f"{task.name}: CV {task.metric} {result.mean:.5f} ± {result.std:.5f} over {task.folds} folds "
               f"({', '.join(f'{s:.4f}' for s in result.fold_scores)}) in {result.seconds:.1f}s; folds {result.layout}")
 
@@ -90,7 +92,7 @@ def train(argv: list[str] | None) -> int:
         summary["submission"] = str(submission)
         summary["model"] = str(predictor.save(out / "model"))
         if not tracker.attempt(lambda: log_predictor(predictor, tracker.tracking_uri, tracker.resolve(run_id),
-                                                     test_inputs) or True):
+                                                     test_inputs, saved=Path(summary["model"])) or True):
             print(f"the MLflow Model is not logged, tracking being unreachable: it is saved in {summary['model']}",
                   file=sys.stderr)
         summary["mlflow"] = {"tracking_uri": tracker.tracking_uri, "experiment_id": tracker.experiment_id,

@@ -23,6 +23,7 @@ from torch import nn
 
 from project.data import FoldDataModule
 from project.data.base import Members
+from project.devices import training_device
 from project.engine import Layout, build_stack, choose_layout, chunked
 from project.models import FoldModule, create_model
 from project.progress import EpochProgress
@@ -102,8 +103,9 @@ def make_trainer(max_epochs: int, callbacks: Sequence[L.Callback] = (), validate
 
 
 def init_model(config: TrainConfig, sample_shape: tuple[int, ...], out_features: int, seed: int) -> nn.Module:
-    """One plain model of the configuration, its weights drawn from ``seed`` alone."""
-    with torch.random.fork_rng(devices=[]):
+    """One plain model of the configuration, its weights drawn from ``seed`` alone. Every random
+    generator it seeds, the CUDA ones too, is restored after."""
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else []):
         torch.manual_seed(seed)
         return create_model(config.model, sample_shape, out_features, **config.model_kwargs)
 
@@ -164,10 +166,9 @@ def fold_layout(task: Task, config: TrainConfig, datamodule: FoldDataModule, mem
         return [init_model(config, datamodule.sample_shape, datamodule.out_features, derive_seed(seed, "init", i))
                 for i in range(count)]
 
-    use_cuda = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
     key = (config.model, repr(sorted(config.model_kwargs.items())))
     return choose_layout(make, config.model, key, datamodule.sample_shape, config.batch_size, members,
-                         torch.device("cuda" if use_cuda else "cpu"))
+                         training_device(accelerator))
 
 
 def cross_validate(

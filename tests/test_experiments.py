@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from project.devices import describe, training_device
 from project.submission import SubmissionFormat, check_submission
 from project.tuning.study import Objective, SweepSettings
 from project.tuning.tracking import Tracker
@@ -82,6 +83,7 @@ def test_sweep_hierarchy_resume_and_submission(real_data, tmp_path):
     children = [c for c in children if c not in estimators]
     assert len(children) == 4 >= summary["n_complete"]
     assert {c.data.tags["trial_number"] for c in children} == {"0", "1", "2", "3"}
+    assert {c.data.tags["device"] for c in children} == {describe(training_device())}  # where each trained
     assert sum(c.data.tags.get("best_trial") == "true" for c in children) >= 1
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"summary.json", "submission.csv", "plots"} <= artifacts

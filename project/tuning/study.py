@@ -24,6 +24,7 @@ from optuna.storages import RDBStorage
 from project import presets, stopping
 from project.cv import TrainingDiverged, cross_validate
 from project.seeds import derive_seed
+from project.devices import describe, pin_to, training_device, visible_gpus, worker_gpus
 from project.files import WriteFailed
 from project.stopping import Interrupted
 from project.tasks import Task
@@ -251,7 +252,7 @@ class Objective:
             result = cross_validate(self.task, config, seed=self.settings.seed, stacking=self.settings.stacking,
                                     callbacks=[pruner], datamodule=self.datamodule)
             self.tracker.log_cv(run_id, result, self.datamodule.folds)
-            self.tracker.set_tags(run_id, {"fold_layout": result.layout})
+            self.tracker.set_tags(run_id, {"fold_layout": result.layout, "device": describe(training_device())})
             self.tracker.log_metrics(run_id, {"seconds": result.seconds})
             trial.set_user_attr("fold_scores", result.fold_scores)
             trial.set_user_attr("cv_std", result.std)
@@ -315,7 +316,8 @@ class _NotInterrupted(logging.Filter):
 logging.getLogger("optuna.study._optimize").addFilter(_NotInterrupted())
 
 
-def _worker_process(settings: SweepSettings, n_trials: int, timeout: float | None) -> None:
+def _worker_process(settings: SweepSettings, n_trials: int, timeout: float | None, gpu: str | None) -> None:
+    pin_to(gpu)
     stopping.install_for_worker()
     try:
         run_worker(settings, n_trials, timeout)
@@ -364,7 +366,9 @@ def run_workers(settings: SweepSettings, n_trials: int, n_jobs: int, timeout: fl
     study = open_study(settings)
     context = multiprocessing.get_context("spawn")
     shares = [n_trials // n_jobs + (i < n_trials % n_jobs) for i in range(n_jobs)]
-    workers = [context.Process(target=_worker_process, args=(settings, share, timeout)) for share in shares if share]
+    shares = [share for share in shares if share]
+    workers = [context.Process(target=_worker_process, args=(settings, share, timeout, gpu))
+               for share, gpu in zip(shares, worker_gpus(len(shares), visible_gpus()))]
     for worker in workers:
         worker.start()
     lost, running = [], dict(enumerate(workers))
