@@ -65,14 +65,16 @@ def signature(predictor: Predicts, test_inputs: pd.DataFrame | np.ndarray) -> Mo
 
 
 def log_predictor(predictor: Predicts, tracking_uri: str, run_id: str, test_inputs: pd.DataFrame | np.ndarray,
-                  registered_name: str | None = None, tags: dict | None = None) -> ModelVersion | None:
+                  registered_name: str | None = None, tags: dict | None = None,
+                  saved: Path | None = None) -> ModelVersion | None:
     """Log the predictor as the run's MLflow Model (a logged model, with a signature and five test
-    rows as its input example); register it under ``registered_name`` with ``tags``, where given."""
+    rows as its input example); register it under ``registered_name`` with ``tags``, where given.
+    ``saved``: the folder ``predictor.save`` already wrote, logged as it is rather than saved again."""
     mlflow.set_tracking_uri(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id), warnings.catch_warnings():
         # the predict method has no type hints on purpose (see PredictorModel)
         warnings.filterwarnings("ignore", message=".*type hints to the `predict` method")
-        folder = predictor.save(Path(tmp) / "predictor")
+        folder = saved or predictor.save(Path(tmp) / "predictor")
         info = mlflow.pyfunc.log_model(
             name="model", python_model=str(MODEL_CODE), artifacts={"predictor": str(folder)},
             code_paths=[str(PACKAGE_DIR)], signature=signature(predictor, test_inputs),

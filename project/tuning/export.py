@@ -243,7 +243,8 @@ def export_best(study: optuna.Study, settings: SweepSettings, tracker: Tracker, 
         if len(used) > 1:
             tags["ensemble"] = json.dumps(used)
         version = tracker.attempt(lambda: log_predictor(predictor, tracker.tracking_uri, tracker.resolve(parent_run_id),
-                                                        test_inputs, registered_name=task.name, tags=tags))
+                                                        test_inputs, registered_name=task.name, tags=tags,
+                                                        saved=Path(summary["model"])))
         if version is None:
             print(f"the MLflow Model is not registered, tracking being unreachable: it is saved in {summary['model']}, "
                   "and experiments/export_submission.py registers it once the server is back", file=sys.stderr)
