@@ -305,11 +305,20 @@ class _NotInterrupted(logging.Filter):
     failure of the code, and the sweep's own line says it was interrupted. A diverged trial is no
     failure of the code either: its line, which names the fold and epoch, is kept, its traceback not."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.said_by_the_command: set[str] = set()  # "Trial 3 failed with": Optuna's second line of it too
+
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and isinstance(record.exc_info[1], TrainingDiverged):
             record.exc_info, record.exc_text = None, None
-        if record.exc_info and isinstance(record.exc_info[1], WriteFailed):
-            return False  # the command says it once, in its own line
+        if record.exc_info and isinstance(record.exc_info[1], WriteFailed):  # the command says it, once
+            self.said_by_the_command.add(record.getMessage().partition(" parameters")[0])
+            return False
+        opening = record.getMessage().partition(" value")[0]
+        if opening in self.said_by_the_command:
+            self.said_by_the_command.discard(opening)
+            return False
         return not stopping.requested()
 
 
