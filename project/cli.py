@@ -77,6 +77,10 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the MLP's hidden widths, e.g. 256,128, or 'none' for the linear model (sweep: fixes width and depth)")
     parser.add_argument("--sequential-folds", action="store_true",
                         help="fit the folds one after another instead of as one fold-stacked model")
+    parser.add_argument("--deterministic", choices=("true", "warn", "false"), default=None,
+                        help="torch's deterministic algorithms: true (the same seed gives the same scores), warn "
+                             "(a warning where an op has none, as some CUDA backward passes), false "
+                             "(default: the preset's deterministic, true)")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (default: all cores, divided among --n-jobs workers)")
 
@@ -87,6 +91,8 @@ def load_task(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tupl
     try:
         path = args.config or presets.preset_path(args.task)
         values = {"folds": args.folds} if args.folds is not None else {}
+        if args.deterministic is not None:
+            values["deterministic"] = {"true": True, "false": False}.get(args.deterministic, args.deterministic)
         task = Task(presets.load(path, args.overrides, values))
         presets.check_data(task.preset, args.data_dir)
     except PresetError as err:

@@ -23,7 +23,7 @@ from torch import nn
 
 from project.data import FoldDataModule
 from project.data.base import Members
-from project.devices import training_device
+from project.devices import deterministic_algorithms, training_device
 from project.engine import Layout, build_stack, choose_layout, chunked
 from project.models import FoldModule, create_model
 from project.progress import EpochProgress
@@ -74,10 +74,10 @@ class CVResult:
 
 
 def make_trainer(max_epochs: int, callbacks: Sequence[L.Callback] = (), validate: bool = True,
-                 accelerator: str = "auto", precision: str = "32-true") -> L.Trainer:
+                 accelerator: str = "auto", precision: str = "32-true", deterministic: bool | str = True) -> L.Trainer:
     """A Trainer stripped for many small fits: no logger, checkpoints, progress bar or summary.
 
-    Deterministic algorithms stay on, but torch's filling of every new tensor with NaN under them
+    ``deterministic``: the preset's (true, "warn" or false). Deterministic algorithms stay on, but torch's filling of every new tensor with NaN under them
     is switched off: a debugging aid for kernels that read memory they never wrote (none here), it
     costs a pass over each intermediate tensor, 4 % of a House Prices MLP fit (2.49 -> 2.40 s).
 
@@ -97,7 +97,7 @@ def make_trainer(max_epochs: int, callbacks: Sequence[L.Callback] = (), validate
         enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=None if validate else 0,
-        deterministic=True,
+        deterministic=deterministic,
         callbacks=[*callbacks, StopOnRequest()],
     )
 
@@ -139,7 +139,8 @@ def fit(task: Task, config: TrainConfig, datamodule: FoldDataModule, seed: int, 
     val = datamodule.val_loader(members, nonzero=nonzero)
     progress = EpochProgress(f"{config.model}, {describe(members)}")
     trainer = make_trainer(config.max_epochs, [*callbacks, progress], validate=members.validates,
-                           accelerator=accelerator, precision=config.precision)
+                           accelerator=accelerator, precision=config.precision,
+                           deterministic=task.preset.deterministic)
     try:
         trainer.fit(module, train_dataloaders=train, val_dataloaders=val or None)
     except SIGTERMException:  # Lightning's own stop on SIGTERM, which also asked ours
@@ -166,9 +167,10 @@ def fold_layout(task: Task, config: TrainConfig, datamodule: FoldDataModule, mem
         return [init_model(config, datamodule.sample_shape, datamodule.out_features, derive_seed(seed, "init", i))
                 for i in range(count)]
 
-    key = (config.model, repr(sorted(config.model_kwargs.items())))
-    return choose_layout(make, config.model, key, datamodule.sample_shape, config.batch_size, members,
-                         training_device(accelerator))
+    key = (config.model, repr(sorted(config.model_kwargs.items())), task.preset.deterministic)
+    with deterministic_algorithms(task.preset.deterministic):  # timed as the Trainer will train
+        return choose_layout(make, config.model, key, datamodule.sample_shape, config.batch_size, members,
+                             training_device(accelerator))
 
 
 def cross_validate(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -45,3 +47,15 @@ def pin_to(gpu: str | None) -> None:
     """Make ``gpu`` the only CUDA device this process sees (its ``cuda:0``); before CUDA starts."""
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(setting: bool | str) -> Iterator[None]:
+    """torch's deterministic algorithms as a Trainer with ``deterministic=setting`` sets them (true,
+    "warn" or false), restored after."""
+    enabled, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(setting is not False, warn_only=setting == "warn")
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)

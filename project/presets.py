@@ -29,6 +29,7 @@ METRICS = {"regression": ("rmse", "mae"), "classification": ("acc", "logloss", "
 HIGHER_IS_BETTER = {"rmse": False, "mae": False, "acc": True, "logloss": False, "auc": True}
 TRANSFORMS = ("none", "log", "log1p")
 DATA_KINDS = ("csv", "idx", "image-folder")
+DETERMINISTIC = (True, False, "warn")
 
 
 class PresetError(ValueError):
@@ -130,6 +131,9 @@ class Preset:
     metric_scale: str = "transformed"  # regression: the metric on the transformed target, or "original"
     folds: int = 5
     stratified: Optional[bool] = None  # stratified folds (default: for classification)
+    # torch's deterministic algorithms: true (the same seed, the same scores), warn (a warning
+    # where an op has no deterministic kernel, as some CUDA backward passes have not), false
+    deterministic: Any = True
     data: Data = field(default_factory=Data)
     model: str = "mlp"  # the default model; --model picks another of `models`
     models: dict[str, ModelPreset] = field(default_factory=dict)
@@ -219,6 +223,8 @@ def check(preset: Preset, path: Path) -> None:
     if preset.kind == "classification" and preset.data.target_transform != "none":
         raise PresetError(f"{path}: key 'data.target_transform': {preset.data.target_transform!r} is for regression; "
                           "expected 'none' for a classification task")
+    if preset.deterministic not in DETERMINISTIC:
+        raise PresetError(f"{path}: key 'deterministic': {preset.deterministic!r}, expected true, warn or false")
     if preset.folds < 2:
         raise PresetError(f"{path}: key 'folds': {preset.folds}, expected at least 2 (K-fold needs two folds)")
     if preset.data.kind == "csv":

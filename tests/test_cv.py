@@ -192,3 +192,36 @@ def test_evaluation_passes_are_cut_to_the_sample_size_and_score_the_same(tmp_pat
         assert dm.eval_rows == min(eval_batch_size, EVAL_ELEMENTS // (28 * 28))
         assert len(dm.val_loader()) == (2 if eval_batch_size == 4096 else 58)
     assert scores[0] == scores[1]
+
+
+@pytest.mark.parametrize(("flag", "enabled", "warn_only"), [("true", True, False), ("warn", True, True),
+                                                             ("false", False, False)])
+def test_the_deterministic_setting_reaches_the_trainer_from_the_flag_or_the_preset(house_dir, flag, enabled, warn_only):
+    """``--deterministic`` (or the preset's ``deterministic``) is what torch runs the fit under."""
+    import argparse
+
+    import lightning as L
+
+    from project.cli import add_common_arguments, load_task
+
+    parser = argparse.ArgumentParser()
+    add_common_arguments(parser)
+    task, _ = load_task(parser.parse_args(["--data-dir", str(house_dir), "--folds", "2", "--deterministic", flag]),
+                        parser)
+    assert task.preset.deterministic == {"true": True, "false": False}.get(flag, flag)
+    seen = []
+
+    class Probe(L.Callback):
+        def on_train_start(self, trainer, module):
+            seen.append((torch.are_deterministic_algorithms_enabled(),
+                         torch.is_deterministic_algorithms_warn_only_enabled()))
+
+    dm = task.datamodule(data_dir=house_dir, n_folds=2, fold=[0, 1])
+    dm.setup()
+    cross_validate(task, TrainConfig(max_epochs=1), datamodule=dm, callbacks=[Probe()])
+    assert seen and set(seen) == {(enabled, warn_only)}
+
+
+def test_a_deterministic_setting_that_is_not_one_is_refused_naming_the_key(tmp_path):
+    with pytest.raises(presets.PresetError, match=r"key 'deterministic': 'sometimes', expected true, warn or false"):
+        presets.load(presets.preset_path("house-prices"), ["deterministic=sometimes"])

@@ -4,8 +4,8 @@ vmap turns a stack of small convolutions into grouped ones, which on a CPU can t
 the members one after another, while a stack of linear layers is one batched matmul and wins.
 So for a model without a hand-stacked implementation the first fit times a few training steps
 of the M-member stack against M single-member steps, on inputs of the fit's shape and on its
-device, and every later fit of the same model, arguments, shape, batch size and device in this
-process reuses the answer.
+device, with the project's optimiser and the fit's deterministic setting, and every later fit of
+the same model, arguments, shape, batch size, device and setting in this process reuses the answer.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from project.engine.optim import create_optimizer
 from project.engine.stacking import HAND_STACKED, build_stack, refuse_running_statistics
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ _MEASURED: dict[tuple, Layout] = {}
 
 
 def _seconds_per_step(stack: nn.Module, x: torch.Tensor, steps: int = 3) -> float:
-    optimizer = torch.optim.AdamW(stack.parameters(), lr=1e-4)
+    optimizer = create_optimizer("adamw", [{"params": list(stack.parameters()), "weight_decay": 0.0}], lr=1e-4)
     stack.train()
     timings = []
     for _ in range(steps + 1):  # the first step pays for allocations and kernel choices
@@ -62,7 +63,8 @@ def choose_layout(make_modules: Callable[[int], Sequence[nn.Module]], name: str,
     if type(probe) in HAND_STACKED:
         return Layout(True, "hand-stacked")
     refuse_running_statistics(probe, name)
-    cache_key = (key, tuple(sample_shape), batch_size, members, device.type, torch.get_num_threads())
+    cache_key = (key, tuple(sample_shape), batch_size, members, device.type, torch.get_num_threads(),
+                 torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     if cache_key not in _MEASURED:
         x = torch.randn(members, batch_size, *sample_shape, device=device)
         stacked = _seconds_per_step(build_stack(make_modules(members), name).to(device), x)
