@@ -87,7 +87,8 @@ def train(argv: list[str] | None) -> int:
                   + "".join(f", {k.replace('_', ' ')} {v:.4f}" for k, v in scores.items() if not isinstance(v, list)))
         else:
             predictor = Predictor.from_fits(task, config, result.fits, datamodule)
-            predictor.write_submission(test_inputs, submission, datamodule.test_ids)
+            predictor.to(training_device()).write_submission(test_inputs, submission, datamodule.test_ids)
+            predictor.to(torch.device("cpu"))
         tracker.log_artifact(run_id, submission)
         summary["submission"] = str(submission)
         summary["model"] = str(predictor.save(out / "model"))

@@ -49,10 +49,12 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class Fit:
-    """A trained module and the members it holds."""
+    """A trained module, the members it holds, and the device it trained on (where it predicts;
+    Lightning hands the module back on the CPU)."""
 
     module: FoldModule
     members: Members
+    device: torch.device = torch.device("cpu")
 
 
 @dataclass
@@ -133,10 +135,10 @@ def fit(task: Task, config: TrainConfig, datamodule: FoldDataModule, seed: int, 
     members = members or datamodule.members
     L.seed_everything(seed, workers=True, verbose=False)
     module = build_module(task, config, datamodule, members, seed, hand_stacked, chunked_steps)
-    nonzero = module.net.accepts_nonzero
+    nonzero, device = module.net.accepts_nonzero, training_device(accelerator)
     train = datamodule.train_loader(config.batch_size, members, chunked=not module.automatic_optimization,
-                                    nonzero=nonzero, translate=config.translate)
-    val = datamodule.val_loader(members, nonzero=nonzero)
+                                    nonzero=nonzero, translate=config.translate, device=device)
+    val = datamodule.val_loader(members, nonzero=nonzero, device=device)
     progress = EpochProgress(f"{config.model}, {describe(members)}")
     trainer = make_trainer(config.max_epochs, [*callbacks, progress], validate=members.validates,
                            accelerator=accelerator, precision=config.precision,
@@ -207,12 +209,13 @@ def cross_validate(
         layout = fold_layout(task, config, datamodule, len(members), seed, accelerator)
     if layout.stacked:
         module = fit(task, config, datamodule, seed, members, callbacks, accelerator, hand_stacked=stacking != "vmap")
-        fits = [Fit(module, members)]
+        fits = [Fit(module, members, training_device(accelerator))]
     else:
         fits = []
         for position in range(len(members)):
             one = members.select([position])
-            fits.append(Fit(fit(task, config, datamodule, seed, one, callbacks, accelerator), one))
+            fits.append(Fit(fit(task, config, datamodule, seed, one, callbacks, accelerator), one,
+                            training_device(accelerator)))
             if any(getattr(callback, "stopped", False) for callback in callbacks):
                 break  # a callback (the sweep's pruner) ended this configuration early
     histories = [h for f in fits for h in _split_history(f.module.history, len(f.members))]
@@ -229,10 +232,10 @@ def _split_history(history: list[dict], members: int) -> list[list[dict]]:
 
 
 @torch.no_grad()
-def predict_members(module: FoldModule, datamodule: FoldDataModule, members: Members) -> torch.Tensor:
-    """Outputs of each member of ``module`` on the test set, ``[M, N, ...]``."""
-    module.eval()
-    loader = datamodule.test_loader(members, nonzero=module.net.accepts_nonzero, with_targets=False)
-    outputs = [module.predict_step(module.transfer_batch_to_device(batch, module.device, 0), 0).cpu()
-               for batch in loader]
+def predict_members(module: FoldModule, datamodule: FoldDataModule, members: Members,
+                    device: torch.device = torch.device("cpu")) -> torch.Tensor:
+    """Outputs of each member of ``module`` on the test set, ``[M, N, ...]``, computed on ``device``."""
+    module.to(device).eval()
+    loader = datamodule.test_loader(members, nonzero=module.net.accepts_nonzero, with_targets=False, device=device)
+    outputs = [module.predict_step(batch, 0).cpu() for batch in loader]
     return torch.cat(outputs, dim=1)

@@ -74,17 +74,17 @@ def out_of_fold(task: Task, result: CVResult, datamodule: FoldDataModule, with_t
     """What the fold models of ``result`` predict: each its own validation rows, and (``with_test``)
     the test rows, averaged over the folds."""
     rows, folds, oof, test = [], [], [], []
-    for fit in result.fits:
-        module = fit.module.eval()
-        loader = datamodule.val_loader(fit.members, nonzero=module.net.accepts_nonzero)
-        outputs = torch.cat([module.predict_step(module.transfer_batch_to_device(b, module.device, 0), 0).cpu()
-                             for b in loader], dim=1)  # [M, padded rows, ...]: each member's rows in order
+    for fit in result.fits:  # on the device each fit trained on
+        module = fit.module.to(fit.device).eval()
+        loader = datamodule.val_loader(fit.members, nonzero=module.net.accepts_nonzero, device=fit.device)
+        outputs = torch.cat([module.predict_step(b, 0).cpu() for b in loader], dim=1)  # [M, padded rows, ...]
         for m, val in enumerate(fit.members.val_rows):
             rows.append(val.numpy())
             folds.append(np.full(len(val), fit.members.folds[m]))
             oof.append(_scale(task, outputs[m, : len(val)]).numpy())
         if with_test:
-            test.append(_scale(task, predict_members(module, datamodule, fit.members)))
+            test.append(_scale(task, predict_members(module, datamodule, fit.members, fit.device)))
+        module.cpu()
     rows, folds, oof = np.concatenate(rows), np.concatenate(folds), np.concatenate(oof)
     order = np.argsort(rows, kind="stable")
     return Predictions(rows[order], folds[order], oof[order], torch.cat(test).mean(dim=0).numpy() if with_test else None)

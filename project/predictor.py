@@ -58,9 +58,16 @@ class Predicts:
 
     task: Task
     inputs: dict
+    device = torch.device("cpu")
 
     def averaged(self, raw: pd.DataFrame | np.ndarray) -> Tensor:
         raise NotImplementedError
+
+    def to(self, device: torch.device) -> Predicts:
+        """Predict on ``device`` from now on (a GPU's, where the members trained); outputs come
+        back on the CPU."""
+        self.device = torch.device(device)
+        return self
 
     def predict(self, raw: pd.DataFrame | np.ndarray, ids: np.ndarray | None = None) -> pd.DataFrame:
         """What the submission holds for these rows: their ids (``ids``, else a table's id column
@@ -120,9 +127,15 @@ class Predictor(Predicts):
         holds them, or images ``[N, C, H, W]`` of uint8 pixels."""
         features = self._features(raw)
         loader = StackedBatches(features, None, [torch.arange(features.n_rows)] * self.stack.members, EVAL_ROWS,
-                                nonzero=self.stack.accepts_nonzero)
+                                nonzero=self.stack.accepts_nonzero, device=self.device)
         with torch.no_grad():
-            return torch.cat([self.head(self.stack(batch["x"])) for batch in loader], dim=1)
+            return torch.cat([self.head(self.stack(batch["x"])).cpu() for batch in loader], dim=1)
+
+    def to(self, device: torch.device) -> Predictor:
+        super().to(device)
+        self.stack.to(self.device)
+        self.head.to(self.device)
+        return self
 
     def averaged(self, raw: pd.DataFrame | np.ndarray) -> Tensor:
         """The members' average: regression outputs on the learnt scale, or class probabilities."""
@@ -230,6 +243,12 @@ class Ensemble(Predicts):
 
     def averaged(self, raw: pd.DataFrame | np.ndarray) -> Tensor:
         return sum(w * p.averaged(raw) for w, p in zip(self.weights, self.predictors))
+
+    def to(self, device: torch.device) -> Ensemble:
+        super().to(device)
+        for predictor in self.predictors:
+            predictor.to(device)
+        return self
 
     def write(self, folder: Path) -> None:
         (folder / "ensemble.json").write_text(json.dumps({"weights": self.weights, "members": self.members}, indent=2))

@@ -7,7 +7,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from project.cv import Fit, fit, fold_layout, make_trainer
+from project.devices import training_device
 from project.ensemble import scores as ensemble_scores
 from project.predictor import Ensemble, Predictor, Predicts
 from project.tasks import Task, TrainConfig
@@ -35,14 +38,14 @@ def refit_and_test(task: Task, refits: Sequence[Refit], data_dir: str | Path, se
     datamodule = task.datamodule(data_dir, fold=None, seed=seed, replicas=sum(r.seeds for r in refits))
     datamodule.prepare_data()
     datamodule.setup()
-    predictors, fits, first = [], [], 0
+    predictors, fits, first, device = [], [], 0, training_device()
     for refit in refits:
         members = datamodule.members.select(range(first, first + refit.seeds))
         first += refit.seeds
         layout = fold_layout(task, refit.config, datamodule, len(members), seed)
         groups = [members] if layout.stacked else [members.select([p]) for p in range(len(members))]
-        own = [Fit(fit(task, refit.config, datamodule, seed, group), group) for group in groups]
-        predictors.append(Predictor.from_fits(task, refit.config, own, datamodule))
+        own = [Fit(fit(task, refit.config, datamodule, seed, group), group, device) for group in groups]
+        predictors.append(Predictor.from_fits(task, refit.config, own, datamodule).to(device))
         fits += own
     total = sum(r.weight for r in refits)
     predictor = predictors[0] if len(refits) == 1 else Ensemble(
@@ -62,7 +65,7 @@ def refit_and_test(task: Task, refits: Sequence[Refit], data_dir: str | Path, se
                   f"{name}_members": member_scores}
     if predictions_path is not None:
         predictor.write_submission(test_inputs, predictions_path, datamodule.test_ids)
-    return predictor, scores
+    return predictor.to(torch.device("cpu")), scores
 
 
 def refit_metrics(scores: dict) -> dict[str, float]:

@@ -353,3 +353,28 @@ def test_sparse_rows_travel_as_their_nonzero_entries():
                                                batch_size=8, nonzero=True)))["x"], torch.Tensor)  # dense rows
     images = MemberFeatures(torch.zeros(30, 784, dtype=torch.uint8), torch.zeros(1), torch.ones(1), (1, 28, 28))
     assert images.nonzero is None
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_batches_are_cut_on_the_device_the_model_trains_on(shared):
+    """Features and targets are copied to the training device once, and every index is moved there
+    before a batch is cut: on torch's ``meta`` device (shapes without data) every tensor of every
+    batch lands there, which a GPU's would too; on the CPU nothing is copied."""
+    from project.data.batches import MemberFeatures, StackedBatches
+
+    if shared:  # images: one uint8 table, each member's own pixel statistics, random shifts
+        features = MemberFeatures(torch.randint(0, 255, (40, 1 * 6 * 6), dtype=torch.uint8), torch.zeros(2),
+                                  torch.ones(2), (1, 6, 6))
+    else:
+        features = MemberFeatures(torch.randn(2, 40, 5))
+    assert features.to(torch.device("cpu")) is features
+    assert features.to(torch.device("meta")) is features.to(torch.device("meta"))  # copied once
+    rows = [torch.arange(0, 30), torch.arange(10, 40)]
+    batches = StackedBatches(features, torch.randn(40), rows, 8, shuffle=True, chunk_steps=2,
+                             translate=2 if shared else 0, device=torch.device("meta"))
+    for batch in batches:
+        assert {t.device.type for t in (batch["x"], batch["y"], batch["w"], batch["rows"])} == {"meta"}
+    on_cpu = StackedBatches(features, torch.randn(40), rows, 8, shuffle=True, device=torch.device("cpu"))
+    plain = StackedBatches(features, on_cpu.targets, rows, 8, shuffle=True)
+    for a, b in zip(on_cpu, plain):
+        assert torch.equal(a["x"], b["x"]) and torch.equal(a["y"], b["y"])

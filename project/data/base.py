@@ -183,7 +183,7 @@ class FoldDataModule(L.LightningDataModule):
         return max(1, min(self.eval_batch_size, EVAL_ELEMENTS // self.n_features))
 
     def train_loader(self, batch_size: int, members: Members | None = None, chunked: bool = True,
-                     nonzero: bool = False, translate: int = 0) -> StackedBatches:
+                     nonzero: bool = False, translate: int = 0, device: torch.device | None = None) -> StackedBatches:
         """Shuffled training batches of each member's rows; ``chunked``: chunks of consecutive
         mini-batches (about 16 MB of features each), for a module that steps its optimiser once
         per mini-batch and so pays the Trainer's per-item overhead once per chunk."""
@@ -191,21 +191,23 @@ class FoldDataModule(L.LightningDataModule):
         chunk = max(1, CHUNK_ELEMENTS // (len(members) * batch_size * self.n_features)) if chunked else None
         return StackedBatches(members.features, self.targets, members.train_rows, batch_size, shuffle=True,
                               seed=self.seed, seed_ids=members.seed_ids, chunk_steps=chunk, translate=translate,
-                              nonzero=nonzero)
+                              nonzero=nonzero, device=device)
 
-    def val_loader(self, members: Members | None = None, nonzero: bool = False) -> StackedBatches | list:
+    def val_loader(self, members: Members | None = None, nonzero: bool = False,
+                   device: torch.device | None = None) -> StackedBatches | list:
         members = members or self.members
         if not members.validates:
             return []
-        return StackedBatches(members.features, self.targets, members.val_rows, self.eval_rows, nonzero=nonzero)
+        return StackedBatches(members.features, self.targets, members.val_rows, self.eval_rows, nonzero=nonzero,
+                              device=device)
 
     def test_loader(self, members: Members | None = None, nonzero: bool = False,
-                    with_targets: bool = True) -> StackedBatches:
+                    with_targets: bool = True, device: torch.device | None = None) -> StackedBatches:
         """Every test row for every member; targets where the test split has them and they are wanted."""
         members = members or self.members
         rows = [torch.arange(self.test_size)] * len(members)
         targets = self.test_targets if with_targets else None
-        return StackedBatches(members.test_features, targets, rows, self.eval_rows, nonzero=nonzero)
+        return StackedBatches(members.test_features, targets, rows, self.eval_rows, nonzero=nonzero, device=device)
 
     # the LightningDataModule hooks, for a Trainer given this DataModule itself
     def train_dataloader(self) -> StackedBatches:

@@ -46,6 +46,22 @@ class MemberFeatures:
         self.shared = shift is not None
         self.sample_shape = tuple(sample_shape) if sample_shape is not None else (x.shape[-1],)
         self._dense: MemberFeatures | None = None
+        self._copies: dict[torch.device, MemberFeatures] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    def to(self, device: torch.device) -> MemberFeatures:
+        """These features on ``device`` (itself where they are there already), copied once: a
+        fold's features live where its model trains, and each step indexes them there."""
+        device = torch.device(device)
+        if device == self.device or (device.type == self.device.type and device.index is None):
+            return self
+        if device not in self._copies:
+            move = (lambda t: None if t is None else t.to(device))
+            self._copies[device] = MemberFeatures(move(self.x), move(self.shift), move(self.scale), self.sample_shape)
+        return self._copies[device]
 
     @property
     def n_members(self) -> int:
@@ -118,7 +134,7 @@ def member_rows(table: Tensor, rows: Tensor) -> Tensor:
     """``table[m, rows[..., m, b]]`` for a ``[M, N, C]`` table and ``[..., M, B]`` rows: one index_select
     over the ``[M * N, C]`` rows, a plain row copy, faster than broadcast indexing."""
     members, n_rows = table.shape[0], table.shape[1]
-    flat = rows + n_rows * torch.arange(members)[:, None]
+    flat = rows + n_rows * torch.arange(members, device=rows.device)[:, None]
     return table.view(members * n_rows, -1).index_select(0, flat.reshape(-1)).view(*rows.shape, -1)
 
 
@@ -126,10 +142,11 @@ def random_translate(images: Tensor, pixels: int, generator: torch.Generator | N
     """Shift each ``[C, H, W]`` image by its own random offset in ``[-pixels, pixels]``, zero-filled."""
     n, channels, height, width = images.shape
     padded = torch.nn.functional.pad(images, (pixels, pixels, pixels, pixels))
-    offsets = torch.randint(0, 2 * pixels + 1, (2, n, 1), generator=generator)
-    rows = (offsets[0] + torch.arange(height))[:, None, :, None]  # [n, 1, H, 1]
-    cols = (offsets[1] + torch.arange(width))[:, None, None, :]  # [n, 1, 1, W]
-    return padded[torch.arange(n)[:, None, None, None], torch.arange(channels)[None, :, None, None], rows, cols]
+    offsets = torch.randint(0, 2 * pixels + 1, (2, n, 1), generator=generator).to(images.device)
+    arange = lambda count: torch.arange(count, device=images.device)  # noqa: E731
+    rows = (offsets[0] + arange(height))[:, None, :, None]  # [n, 1, H, 1]
+    cols = (offsets[1] + arange(width))[:, None, None, :]  # [n, 1, 1, W]
+    return padded[arange(n)[:, None, None, None], arange(channels)[None, :, None, None], rows, cols]
 
 
 class StackedBatches:
@@ -157,9 +174,14 @@ class StackedBatches:
         chunk_steps: int | None = None,
         translate: int = 0,
         nonzero: bool = False,
+        device: torch.device | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        # ``device``: where the batches are cut (the features and targets copied there once)
+        self.device = torch.device(device) if device is not None else features.device
+        features = features.to(self.device)
+        targets = targets.to(self.device) if targets is not None else None
         self.features, self.targets, self.rows = features, targets, [r.long() for r in rows]
         self.batch_size, self.shuffle, self.chunk_steps, self.translate = batch_size, shuffle, chunk_steps, translate
         self.nonzero = nonzero and features.nonzero is not None
@@ -188,6 +210,7 @@ class StackedBatches:
         return index, weight
 
     def _batch(self, rows: Tensor, weight: Tensor) -> dict:
+        rows, weight = rows.to(self.device, non_blocking=True), weight.to(self.device, non_blocking=True)
         x = self.features.gather(rows, self.translate, self.augment_generator)
         if self.nonzero:
             x = SparseRows(x, *self.features.gather_nonzero(rows))

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import optuna
+import torch
 from optuna.trial import TrialState
 
 from project import files
+from project.devices import training_device
 from project.ensemble import Predictions, blend, cv_score, held_out_score, scores, select
 from project.estimators import EstimatorFailed, FittedEstimator, cross_fit
 from project.predictor import Ensemble, EstimatorPredictor
@@ -205,7 +207,8 @@ def export_best(study: optuna.Study, settings: SweepSettings, tracker: Tracker, 
                 predictors.append(kept.predictor(complete[number])[0])
         curves = kept.predictor(best)[1]
         predictor = predictors[0] if len(predictors) == 1 else Ensemble(list(weights.values()), predictors, list(weights))
-        predictor.write_submission(test_inputs, submission, datamodule.test_ids)
+        predictor.to(training_device()).write_submission(test_inputs, submission, datamodule.test_ids)
+        predictor.to(torch.device("cpu"))
     if kept.left_out:
         summary.setdefault("ensemble", {})["left_out"] = {str(n): why for n, why in kept.left_out.items()}
     summary["cv_mean_rerun"] = kept.retrained[best.number].mean if best.number in kept.retrained else None
