@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: install data sweep test test-fast benchmark dashboard clean
+.PHONY: install data sweep test test-fast benchmark gpu-check dashboard clean
 
 install: $(STAMP)
 
@@ -35,6 +35,13 @@ test-fast: install
 
 benchmark: data
 	$(PY) experiments/benchmark.py $(ARGS)
+
+# on a machine with a CUDA GPU: the GPU tests (skipped without one), then the benchmark on the GPU
+gpu-check: data
+	$(PY) -m pytest tests/test_gpu.py -v -rs $(ARGS)
+	@if $(PY) -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then \
+	    $(PY) experiments/benchmark.py --device cuda --repeats 1 --cases house-prices-5fold-mlp,house-prices-5fold-mlp-generic,fashion-mnist-cnn-5fold-epoch; \
+	else echo "no CUDA GPU here: the benchmark on the GPU is skipped"; fi
 
 # Optuna's own UI on a study (default: the House Prices sweep's): STUDY=fashion-mnist make dashboard
 STUDY ?= house-prices

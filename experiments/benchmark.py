@@ -32,21 +32,23 @@ from project.paths import REPO_ROOT
 from project.tasks import TrainConfig, get_task
 
 EVAL_ROWS = 4096  # validation rows per forward pass of the plain loop
+DEVICE = torch.device("cpu")  # where both sides train: --device
 
 
 def plain_fit(x_train, y_train, x_val, y_val, config: TrainConfig, out_features: int, classification: bool, seed: int):
-    """The d2l-style loop over the same plain model: AdamW, randperm mini-batches, a validation pass per epoch."""
+    """The d2l-style loop over the same plain model: AdamW, randperm mini-batches, a validation pass
+    per epoch; on the device its tensors are on."""
     # torch's defaults, whatever global flags the project's Trainer left set in this process
     torch.use_deterministic_algorithms(False)
     torch.utils.deterministic.fill_uninitialized_memory = True
     torch.set_flush_denormal(False)
     torch.manual_seed(seed)
-    net = create_model(config.model, tuple(x_train.shape[1:]), out_features, **config.model_kwargs)
+    net = create_model(config.model, tuple(x_train.shape[1:]), out_features, **config.model_kwargs).to(x_train.device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     loss_fn = nn.CrossEntropyLoss() if classification else nn.MSELoss()
     for _ in range(config.max_epochs):
         net.train()
-        for idx in torch.randperm(len(x_train)).split(config.batch_size):
+        for idx in torch.randperm(len(x_train), device=x_train.device).split(config.batch_size):
             out = net(x_train[idx])
             loss = loss_fn(out, y_train[idx]) if classification else loss_fn(out.squeeze(-1), y_train[idx])
             optimizer.zero_grad()
@@ -62,12 +64,12 @@ def plain_fit(x_train, y_train, x_val, y_val, config: TrainConfig, out_features:
     return float(score)
 
 
-def fold_tensors(datamodule, position: int):
+def fold_tensors(datamodule, position: int, device: torch.device | None = None):
     members = datamodule.members.select([position])
     rows_tr, rows_va = members.train_rows[0], members.val_rows[0]
     x_tr = members.features.gather(rows_tr[None])[0]
     x_va = members.features.gather(rows_va[None])[0]
-    return x_tr, datamodule.targets[rows_tr], x_va, datamodule.targets[rows_va]
+    return tuple(t.to(device or DEVICE) for t in (x_tr, datamodule.targets[rows_tr], x_va, datamodule.targets[rows_va]))
 
 
 def timed(fns, repeats: int) -> list[float]:
@@ -84,6 +86,11 @@ def timed(fns, repeats: int) -> list[float]:
 
 def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def gpu_peak_mb() -> float | None:
+    """The most GPU memory this process has held (its own allocations), None without CUDA."""
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
 
 
 def case_folds(name: str, task_name: str, data_dir: Path, config: TrainConfig, folds: list[int], stacking: str,
@@ -107,7 +114,8 @@ def case_folds(name: str, task_name: str, data_dir: Path, config: TrainConfig, f
     plain(), project()  # warm-up: first-call allocations, kernel selection, the engine's layout measurement
     plain_s, project_s = timed([plain, project], repeats)
     return {"name": name, "plain_s": round(plain_s, 3), "project_s": round(project_s, 3),
-            "ratio": round(project_s / plain_s, 3), "peak_mem_mb": round(peak_mb(), 1), "layout": layouts[-1]}
+            "ratio": round(project_s / plain_s, 3), "peak_mem_mb": round(peak_mb(), 1),
+            "gpu_peak_mb": gpu_peak_mb(), "layout": layouts[-1]}
 
 
 def case_sweep(data_dir: Path, n_trials: int) -> dict:
@@ -170,7 +178,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="trials (5 folds, 60 epochs each) in the sweep-throughput case (default: %(default)s)")
     parser.add_argument("--cases", default="all", help="comma-separated case names (default: all)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where both sides train (default: %(default)s)")
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("argument --device: cuda, but torch sees no CUDA GPU here")
+    if args.device == "cpu":  # the project's side (and the sweep's workers) as on a machine without one
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    global DEVICE
+    DEVICE = torch.device(args.device)
     image = TrainConfig(model_kwargs={"hidden_sizes": (256, 256)}, batch_size=256, max_epochs=1, lr=1e-3)
     linear = TrainConfig(model_kwargs={"hidden_sizes": ()}, batch_size=64, max_epochs=100, lr=1e-2)
     mlp = TrainConfig(model_kwargs={"hidden_sizes": (256,)}, batch_size=64, max_epochs=100, lr=1e-3, weight_decay=1e-2)
@@ -187,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"argument --cases: unknown {unknown}; expected some of {', '.join(cases)}")
     results = []
-    print(f"{'case':<32}{'plain s':>10}{'project s':>11}{'ratio':>8}{'peak MB':>10}  folds")
+    print(f"{'case':<32}{'plain s':>10}{'project s':>11}{'ratio':>8}{'peak MB':>10}{'GPU MB':>8}  folds "
+          f"(on {args.device})")
     try:
         for name in chosen:
             if name in fold_cases:
@@ -196,14 +213,16 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 row = case_sweep(args.data_dir, args.sweep_trials)
             results.append(row)
+            gpu = "" if row.get("gpu_peak_mb") is None else f"{row['gpu_peak_mb']:.0f}"
             print(f"{row['name']:<32}{row['plain_s']:>10.2f}{row['project_s']:>11.2f}{row['ratio']:>8.2f}"
-                  f"{row['peak_mem_mb']:>10.0f}  {row.get('layout', '')}", flush=True)
+                  f"{row['peak_mem_mb']:>10.0f}{gpu:>8}  {row.get('layout', '')}", flush=True)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     finally:  # the cases already measured are kept, whatever stops the run
         if args.json:
-            payload = {"cases": results, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+            payload = {"cases": results, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                       "device": args.device}
             files.write_json(args.json, payload, "the benchmark's figures")
     return 0
 
