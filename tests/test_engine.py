@@ -156,6 +156,9 @@ def test_cv_on_nonzero_entries_matches_dense_features(house_dir, monkeypatch):
     monkeypatch.setattr(batches, "SPARSE_DENSITY", 1.0)
     _, sparse_dm = house_task_dm(house_dir)
     assert sparse_dm.members.features.nonzero is not None
+    # the engine measures which is faster here; the nonzero path is taken whatever it measured
+    monkeypatch.setattr(layout, "_FIRST_LAYER", {})
+    monkeypatch.setattr(layout, "_seconds_per_pass", lambda stack, x, passes=5: 0.0 if isinstance(x, SparseRows) else 1.0)
     batch = next(iter(sparse_dm.train_loader(16, nonzero=True)))
     assert isinstance(batch["x"], SparseRows)
     dense, sparse = (cross_validate(task, config, datamodule=dm) for dm in (dense_dm, sparse_dm))
@@ -353,3 +356,26 @@ def test_fused_optimisers_under_a_grad_scaler_skip_a_non_finite_step_and_are_uns
     for got, expected in zip(grads[:1] + grads[2:], expected_grads[:1] + expected_grads[2:]):
         torch.testing.assert_close(got, expected)  # unscaled: the loss's own gradients
     torch.testing.assert_close(grads[0], 2 * (start * slope).sum() / 100 * slope)
+
+
+def test_the_first_layers_nonzero_trick_is_measured_on_the_device_and_said(house_dir, monkeypatch):
+    """Summing the weight rows of each row's nonzero entries beats the dense matmul on a CPU's cores,
+    not always on a GPU: the engine times both where the fit trains, takes the faster, says which,
+    and measures once per model, arguments, shape and device."""
+    monkeypatch.setattr(batches, "SPARSE_DENSITY", 1.0)
+    monkeypatch.setattr(layout, "_FIRST_LAYER", {})
+    task, dm = house_task_dm(house_dir)
+    config = TrainConfig(model_kwargs={"hidden_sizes": (16,)}, max_epochs=2, batch_size=16)
+    timed, loaders = [], []
+    original = dm.train_loader
+    monkeypatch.setattr(dm, "train_loader", lambda *a, **k: loaders.append(k.get("nonzero")) or original(*a, **k))
+    for sparse_slower, said in ((True, "first layer dense"), (False, "first layer on nonzero entries")):
+        layout._FIRST_LAYER.clear()
+        monkeypatch.setattr(layout, "_seconds_per_pass", lambda stack, x, passes=5: timed.append(x) or (
+            2.0 if isinstance(x, SparseRows) == sparse_slower else 1.0))
+        result = cross_validate(task, config, datamodule=dm)
+        assert f"{said}, measured on cpu: " in result.layout, result.layout
+        assert loaders[-1] is (not sparse_slower)  # what the members trained on
+    measured = len(timed)
+    cross_validate(task, config, datamodule=dm)
+    assert len(timed) == measured  # the answer is reused

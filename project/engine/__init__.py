@@ -5,7 +5,8 @@ optimisers (``optim``). Each trick has a test that it gives the numbers of the p
 
 from project.engine import stacked_mlp  # noqa: F401  (registers the MLP's hand-stacked form)
 from project.engine.chunks import chunked
-from project.engine.layout import Layout, choose_layout
+from project.engine.layout import FirstLayer, Layout, choose_first_layer, choose_layout
 from project.engine.stacking import MemberStack, StackingError, build_stack
 
-__all__ = ["Layout", "MemberStack", "StackingError", "build_stack", "choose_layout", "chunked"]
+__all__ = ["FirstLayer", "Layout", "MemberStack", "StackingError", "build_stack", "choose_first_layer", "choose_layout",
+           "chunked"]

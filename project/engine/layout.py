@@ -75,3 +75,51 @@ def choose_layout(make_modules: Callable[[int], Sequence[nn.Module]], name: str,
         log.info("folds of %s: %s", name, layout.describe("torch.func vmap"))
         _MEASURED[cache_key] = layout
     return _MEASURED[cache_key]
+
+
+@dataclass(frozen=True)
+class FirstLayer:
+    """Whether the hand-stacked MLP's first layer runs on the rows' nonzero entries, and why."""
+
+    nonzero: bool
+    reason: str
+
+    def describe(self) -> str:
+        return f"first layer {'on nonzero entries' if self.nonzero else 'dense'}, {self.reason}"
+
+
+_FIRST_LAYER: dict[tuple, FirstLayer] = {}
+
+
+def _seconds_per_pass(stack: nn.Module, x, passes: int = 5) -> float:
+    timings = []
+    for _ in range(passes + 1):
+        start = time.perf_counter()
+        stack.zero_grad(set_to_none=True)
+        stack(x).float().square().mean().backward()
+        if getattr(x, "dense", x).device.type == "cuda":  # a SparseRows, or a tensor
+            torch.cuda.synchronize()
+        timings.append(time.perf_counter() - start)
+    stack.zero_grad(set_to_none=True)
+    return min(timings[1:])
+
+
+def choose_first_layer(stack: nn.Module, batch, key: tuple) -> FirstLayer:
+    """Whether ``stack`` (a member stack that ``accepts_nonzero``) runs faster on ``batch``'s nonzero
+    entries (a ``SparseRows``: one ``embedding_bag`` over the first layer's weight rows) than on its
+    dense rows (one batched matmul): forward and backward passes of each on the fit's device, with
+    the random generators left as they were, measured once per ``key`` (the model and its
+    arguments), batch shape, device and setting. Which wins depends on the device: the sum of a
+    few weight rows per sample beats the matmul on a CPU's cores, not always on a GPU."""
+    device = batch.dense.device
+    cache_key = (key, tuple(batch.dense.shape), tuple(batch.index.shape), device.type, torch.get_num_threads(),
+                 torch.are_deterministic_algorithms_enabled())
+    if cache_key not in _FIRST_LAYER:
+        cuda = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            sparse = _seconds_per_pass(stack, batch)
+            dense = _seconds_per_pass(stack, batch.dense)
+        _FIRST_LAYER[cache_key] = FirstLayer(sparse <= dense, f"measured on {device.type}: {sparse * 1e3:.2f} ms "
+                                                              f"a pass on nonzero entries, {dense * 1e3:.2f} ms dense")
+        log.info("first layer of %s: %s", key[0], _FIRST_LAYER[cache_key].describe())
+    return _FIRST_LAYER[cache_key]
