@@ -14,9 +14,12 @@ WORKERS_PER_GPU = 2
 
 def training_device(accelerator: str = "auto") -> torch.device:
     """The device Lightning's Trainer trains on for ``accelerator`` (with ``devices=1``): the first
-    CUDA GPU this process sees where there is one, else the CPU."""
-    use_cuda = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
-    return torch.device("cuda", 0) if use_cuda else torch.device("cpu")
+    CUDA GPU this process sees where there is one, else Apple's MPS where there is that, else the CPU."""
+    if torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda"):
+        return torch.device("cuda", 0)
+    if torch.backends.mps.is_available() and accelerator in ("auto", "gpu", "mps"):
+        return torch.device("mps")
+    return torch.device("cpu")
 
 
 def describe(device: torch.device) -> str:

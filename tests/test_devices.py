@@ -46,3 +46,21 @@ def test_the_training_device_follows_the_accelerator(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert devices.training_device("auto") == torch.device("cpu")
     assert devices.describe(torch.device("cpu")) == "cpu"
+
+
+def test_on_apples_mps_the_scores_accumulate_in_float32(monkeypatch):
+    """MPS has no float64: where the fit trains there, the metrics' states and sums are float32."""
+    from project.models.metrics import StackedAccuracy, StackedRMSE
+
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert StackedRMSE(2).total.dtype == torch.float64
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert devices.training_device("auto") == torch.device("mps")
+    assert devices.training_device("cpu") == torch.device("cpu")
+    rmse, accuracy = StackedRMSE(2, inverse=torch.expm1), StackedAccuracy(2)
+    assert rmse.total.dtype == accuracy.count.dtype == torch.float32
+    rmse.update(torch.ones(2, 3), torch.zeros(2, 3), torch.ones(2, 3))
+    accuracy.update(torch.randn(2, 3, 4), torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3))
+    assert rmse.compute().dtype == accuracy.compute().dtype == torch.float32
+    torch.testing.assert_close(rmse.compute(), torch.full((2,), torch.e - 1))

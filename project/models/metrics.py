@@ -12,6 +12,14 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from project.devices import training_device
+
+
+def accumulator_dtype() -> torch.dtype:
+    """float64, in which the scores of many rows sum exactly enough; float32 where the fit trains on
+    Apple's MPS, which has no float64."""
+    return torch.float32 if training_device().type == "mps" else torch.float64
+
 
 class _WeightedMean(Metric):
     """The weighted mean of a per-row quantity, per member; subclasses say what the quantity is."""
@@ -20,15 +28,16 @@ class _WeightedMean(Metric):
 
     def __init__(self, n_members: int, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.add_state("total", default=torch.zeros(n_members, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.zeros(n_members, dtype=torch.float64), dist_reduce_fx="sum")
+        self.accumulate = accumulator_dtype()
+        self.add_state("total", default=torch.zeros(n_members, dtype=self.accumulate), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.zeros(n_members, dtype=self.accumulate), dist_reduce_fx="sum")
 
     def per_row(self, preds: Tensor, target: Tensor) -> Tensor:
         raise NotImplementedError
 
     def update(self, preds: Tensor, target: Tensor, weight: Tensor) -> None:
-        self.total += (self.per_row(preds, target).double() * weight).sum(dim=1)
-        self.count += weight.sum(dim=1).double()
+        self.total += (self.per_row(preds, target).to(self.accumulate) * weight).sum(dim=1)
+        self.count += weight.sum(dim=1).to(self.accumulate)
 
     def compute(self) -> Tensor:
         return self.total / self.count
@@ -46,7 +55,7 @@ class StackedRMSE(_WeightedMean):
 
     def per_row(self, preds: Tensor, target: Tensor) -> Tensor:
         if self.inverse is not None:
-            preds, target = self.inverse(preds.double()), self.inverse(target.double())
+            preds, target = self.inverse(preds.to(self.accumulate)), self.inverse(target.to(self.accumulate))
         return (preds - target).square()
 
     def compute(self) -> Tensor:
@@ -65,7 +74,7 @@ class StackedAccuracy(_WeightedMean):
     higher_is_better = True
 
     def per_row(self, logits: Tensor, target: Tensor) -> Tensor:
-        return (logits.argmax(dim=-1) == target).double()
+        return (logits.argmax(dim=-1) == target).to(self.accumulate)
 
 
 class StackedLogLoss(_WeightedMean):
@@ -74,7 +83,7 @@ class StackedLogLoss(_WeightedMean):
     higher_is_better = False
 
     def per_row(self, logits: Tensor, target: Tensor) -> Tensor:
-        return -torch.log_softmax(logits.double(), dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        return -torch.log_softmax(logits.to(self.accumulate), dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
 
 
 class StackedAUROC(Metric):
@@ -102,7 +111,7 @@ class StackedAUROC(Metric):
 
         scores, targets, weights = (torch.cat(s, dim=1) for s in (self.scores, self.targets, self.weights))
         return torch.stack([binary_auroc(scores[m][weights[m] > 0], targets[m][weights[m] > 0])
-                            for m in range(self.n_members)]).double()
+                            for m in range(self.n_members)]).to(accumulator_dtype())
 
 
 class MemberMean(Metric):
