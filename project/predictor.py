@@ -46,6 +46,7 @@ TRUSTED = [
     "sklearn.compose._column_transformer._RemainderColsList",
     "sklearn.pipeline.Pipeline", "sklearn.impute._base.SimpleImputer", "sklearn.impute._base.MissingIndicator",
     "sklearn.preprocessing._data.StandardScaler", "sklearn.preprocessing._data.RobustScaler",
+    "sklearn.preprocessing._data.QuantileTransformer",
     "sklearn.preprocessing._encoders.OneHotEncoder", "sklearn.preprocessing._function_transformer.FunctionTransformer",
     "project.data.tabular.QuantileClipper", "project.data.tabular.SkewedLog1p",
     "project.data.tabular.categories_as_text",

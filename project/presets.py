@@ -20,7 +20,7 @@ from typing import Any, Optional
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from project.data.tabular import PreprocessOptions
+from project.data.tabular import SCALERS, PreprocessOptions
 from project.paths import REPO_ROOT
 
 PRESET_DIR = REPO_ROOT / "experiments" / "configs"
@@ -220,6 +220,7 @@ def check(preset: Preset, path: Path) -> None:
     _one_of(path, "metric_scale", preset.metric_scale, ("transformed", "original"))
     _one_of(path, "data.kind", preset.data.kind, DATA_KINDS)
     _one_of(path, "data.target_transform", preset.data.target_transform, TRANSFORMS)
+    _one_of(path, "data.preprocess.scaler", preset.data.preprocess.scaler, SCALERS)
     if preset.kind == "classification" and preset.data.target_transform != "none":
         raise PresetError(f"{path}: key 'data.target_transform': {preset.data.target_transform!r} is for regression; "
                           "expected 'none' for a classification task")

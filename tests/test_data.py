@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from project.data import DataError, PreprocessOptions, TableDataModule
+from project import presets
 from project.data import sources
 from project.data.batches import MemberFeatures, StackedBatches, random_translate
 from project.data.idx import mnist_pickle_to_idx, read_idx
@@ -83,7 +84,8 @@ def test_preprocessing_is_fitted_on_training_rows_only(house_dir):
     changed.loc[val, "LotFrontage"] = np.nan
     changed.loc[val, "Neighborhood"] = "NeverSeenInTraining"
     tr = dm.members.train_rows[0].numpy()
-    for options in (PreprocessOptions(), get_task("house-prices").preset.data.preprocess):
+    for options in (PreprocessOptions(), get_task("house-prices").preset.data.preprocess,
+                    PreprocessOptions(scaler="quantile")):
         before = FoldPreprocessor(dm.spec, options).fit(train.iloc[tr])
         after = FoldPreprocessor(dm.spec, options).fit(changed.iloc[tr])
         np.testing.assert_array_equal(before.transform(train.iloc[tr]), after.transform(changed.iloc[tr]))
@@ -378,3 +380,42 @@ def test_batches_are_cut_on_the_device_the_model_trains_on(shared):
     plain = StackedBatches(features, on_cpu.targets, rows, 8, shuffle=True)
     for a, b in zip(on_cpu, plain):
         assert torch.equal(a["x"], b["x"]) and torch.equal(a["y"], b["y"])
+
+
+
+def test_quantile_scaling_maps_training_rows_to_a_normal_and_held_out_extremes_to_its_edge(house_dir):
+    """``scaler: quantile``: each numeric column through its training rows' quantiles onto a
+    standard normal, fitted per fold on training rows only; a saved predictor reloads it."""
+    from sklearn.preprocessing import QuantileTransformer
+
+    train, _ = make_house_frames()
+    dm = setup_house(house_dir, fold=0)
+    tr, val = dm.members.train_rows[0].numpy(), dm.members.val_rows[0].numpy()
+    quantile = FoldPreprocessor(dm.spec, PreprocessOptions(scaler="quantile", skew_threshold=None)).fit(train.iloc[tr])
+    scaler = quantile.columns_.named_transformers_["numeric"][-1]
+    assert isinstance(scaler, QuantileTransformer) and scaler.n_quantiles_ == len(tr)
+    area = list(quantile.columns_.transformers_[0][2]).index("GrLivArea")
+    column = quantile.transform(train.iloc[tr])[:, area]
+    raw = train.iloc[tr]["GrLivArea"].to_numpy()
+    assert abs(np.median(column)) < 0.1 and -6 < column.min() < -5 < 5 < column.max() < 6  # a normal's quantiles
+    assert np.array_equal(np.argsort(column, kind="stable"), np.argsort(raw, kind="stable"))  # the order kept
+    extreme = train.iloc[val].copy()
+    extreme["GrLivArea"] = 1e7
+    assert np.allclose(quantile.transform(extreme)[:, area], column.max())  # the edge its training rows reach
+    with pytest.raises(presets.PresetError, match=r"key 'data.preprocess.scaler': 'minmax'"):
+        presets.load(presets.preset_path("house-prices"), ["data.preprocess.scaler=minmax"])
+
+
+def test_a_quantile_scaled_model_saves_and_reloads(house_dir, tmp_path):
+    from project.cv import cross_validate
+    from project.predictor import Predictor, load_predictor
+    from project.tasks import Task, TrainConfig
+
+    task = Task(presets.load(presets.preset_path("house-prices"), ["data.preprocess.scaler=quantile"]))
+    dm = task.datamodule(data_dir=house_dir, n_folds=3, fold=[0, 1, 2])
+    dm.setup()
+    config = TrainConfig(model_kwargs={"hidden_sizes": (8,)}, max_epochs=2)
+    predictor = Predictor.from_fits(task, config, cross_validate(task, config, datamodule=dm).fits, dm)
+    test = pd.read_csv(house_dir / "house-prices" / "test.csv")
+    reloaded = load_predictor(predictor.save(tmp_path / "model"))
+    torch.testing.assert_close(reloaded.averaged(test), predictor.averaged(test))

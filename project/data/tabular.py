@@ -12,7 +12,13 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.compose import ColumnTransformer
 from sklearn.impute import SimpleImputer
 from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, RobustScaler, StandardScaler
+from sklearn.preprocessing import (
+    FunctionTransformer,
+    OneHotEncoder,
+    QuantileTransformer,
+    RobustScaler,
+    StandardScaler,
+)
 
 from project.data.sources import DataError
 
@@ -104,7 +110,7 @@ class PreprocessOptions:
 
     skew_threshold: float | None = 0.75  # log1p numeric columns whose training skewness exceeds this
     min_frequency: int = 1  # categories rarer than this in the training rows share one level
-    scaler: str = "standard"  # or "robust"
+    scaler: str = "standard"  # "robust", or "quantile": each column mapped to a standard normal through its quantiles
     missing_indicators: bool = True
     clip_quantile: float | None = None  # clip numeric columns to the training rows' [q, 1 - q] quantiles
 
@@ -145,6 +151,20 @@ class QuantileClipper(TransformerMixin, BaseEstimator):
         return np.clip(np.asarray(x, dtype=np.float64), self.low_, self.high_)
 
 
+SCALERS = ("standard", "robust", "quantile")
+
+
+def make_scaler(name: str, rows: int) -> TransformerMixin:
+    """A numeric column scaler by name (``SCALERS``), fitted on ``rows`` training rows. ``quantile``
+    maps each column through its training rows' quantiles onto a standard normal: heavy tails and
+    skew are gone, and a held-out value beyond them lands at the edge, as tabular MLPs like it."""
+    if name == "robust":
+        return RobustScaler()
+    if name == "quantile":
+        return QuantileTransformer(output_distribution="normal", n_quantiles=max(2, min(1000, rows)), random_state=0)
+    return StandardScaler()
+
+
 class FoldPreprocessor:
     """Numeric: median imputation (+ indicators), optional log1p of skewed columns, scaling.
     Categorical: a missing-value level, rare-level grouping, one-hot encoding. ``columns_`` is the
@@ -176,7 +196,7 @@ class FoldPreprocessor:
             numeric_steps.append(QuantileClipper(o.clip_quantile))
         if o.skew_threshold is not None:
             numeric_steps.append(SkewedLog1p(o.skew_threshold))
-        numeric_steps.append(RobustScaler() if o.scaler == "robust" else StandardScaler())
+        numeric_steps.append(make_scaler(o.scaler, len(frame)))
         encoder = OneHotEncoder(handle_unknown="infrequent_if_exist" if o.min_frequency > 1 else "ignore",
                                 min_frequency=o.min_frequency if o.min_frequency > 1 else None,
                                 sparse_output=False, dtype=np.float32)
