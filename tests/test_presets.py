@@ -344,3 +344,5 @@ def test_the_readmes_preset_sweeps_to_its_submission(tmp_path):
     submission = pd.read_csv(summary["submission"])
     assert list(submission.columns) == ["id", "species"] and submission["id"].tolist() == held_out.index.tolist()
     assert (submission["species"].to_numpy() == held_out.to_numpy()).mean() > 0.8
+    # its boosted trees were fitted on the sweep's folds and weighed in the study's ensemble
+    assert summary["ensemble"]["estimators"] == ["boosting"] and summary["estimators"]["boosting"]["cv_acc"] > 0.8
