@@ -17,6 +17,7 @@ import optuna
 from project.cli import output_dir
 from project.data.sources import KAGGLE_COMPETITION, _kaggle_credentials
 from project.files import WriteFailed
+from project.output import quiet_libraries
 from project.paths import REPO_ROOT
 from project.tuning.export import ENSEMBLES, export_best
 from project.tuning.study import PRESET_ATTR, SweepSettings, default_storage, make_storage
@@ -36,7 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ensemble", choices=ENSEMBLES, default="greedy",
                         help="an ensemble selected from the study's trials and the preset's estimators (greedy), from "
                              "the trials alone (trials), or the best trial alone (none) (default: %(default)s)")
+    parser.add_argument("--verbose", action="store_true", help="also the libraries' INFO lines (MLflow's, Optuna's)")
     args = parser.parse_args(argv)
+    quiet_libraries(args.verbose)
     name = args.study_name
     out = output_dir(args, parser, name)
     storage = args.storage or default_storage(out)

@@ -24,6 +24,7 @@ from project.cli import add_common_arguments, fixed_params, load_task, output_di
 from project.data import DataError
 from project.devices import default_workers, visible_gpus
 from project.files import WriteFailed
+from project.output import quiet_libraries
 from project.stopping import Interrupted
 from project.tuning.export import ENSEMBLES, export_best, study_summary
 from project.tuning.recovery import recover_stale_trials
@@ -135,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_sweep(argv: list[str] | None) -> int:
     args, parser = parse_args(argv)
+    quiet_libraries(args.verbose)
     task, model = load_task(args, parser)
     name = run_name(task, model)
     out = output_dir(args, parser, name)
@@ -152,7 +154,7 @@ def run_sweep(argv: list[str] | None) -> int:
         pruning=sweep.pruning and not args.no_pruning,
         validation_folds=args.validation_folds or sweep.validation_folds or task.folds,
         threads=args.threads or max(1, (os.cpu_count() or 1) // n_jobs), entry_point=__file__,
-        output_dir=str(out), command=uuid.uuid4().hex, ensemble=args.ensemble,
+        output_dir=str(out), command=uuid.uuid4().hex, ensemble=args.ensemble, verbose=args.verbose,
     )
     if settings.validation_folds > settings.folds:
         parser.error(f"argument --validation-folds: {settings.validation_folds} is more than the {settings.folds} folds")

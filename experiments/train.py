@@ -17,6 +17,7 @@ from project.cv import TrainingDiverged, cross_validate, init_model
 from project.data import DataError
 from project.devices import describe, training_device
 from project.files import WriteFailed
+from project.output import quiet_libraries
 from project.predictor import Predictor
 from project.refit import Refit, refit_and_test, refit_metrics
 from project.stopping import Interrupted, handling_signals
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(argv: list[str] | None) -> int:
     args, parser = parse_args(argv)
+    quiet_libraries(args.verbose)
     task, model = load_task(args, parser)
     out = output_dir(args, parser, run_name(task, model))
     try:

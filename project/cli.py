@@ -81,6 +81,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch's deterministic algorithms: true (the same seed gives the same scores), warn "
                              "(a warning where an op has none, as some CUDA backward passes), false "
                              "(default: the preset's deterministic, true)")
+    parser.add_argument("--verbose", action="store_true", help="also the libraries' INFO lines (MLflow's, Optuna's)")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (default: all cores, divided among --n-jobs workers)")
 

@@ -234,6 +234,8 @@ def test_checksum_mismatch_names_file_and_hashes(tmp_path):
     path.write_text("Id,SalePrice\n1,2\n")
     with pytest.raises(sources.ChecksumError, match=r"train\.csv: checksum mismatch: expected sha256 0{64}; got sha256 [0-9a-f]{64}"):
         sources.verify(path, {"sha256": "0" * 64})
+    with pytest.raises(sources.ChecksumError, match=r"a data set name of its own .* --set data.dataset=<name>"):
+        sources.verify(path, {"sha256": "0" * 64})  # and how to use one's own copy
 
 
 def test_local_copy_with_wrong_checksum_is_an_error(house_dir):

@@ -128,6 +128,8 @@ def export(real_data: Path, tmp_path: Path, out: Path) -> subprocess.CompletedPr
 def test_the_export_loads_the_trials_fold_models_and_recovers_damaged_files(real_data, tmp_path, monkeypatch):
     sweep = small_sweep(real_data, tmp_path, "--ensemble", "trials")
     assert sweep.returncode == 0, sweep.stderr[-2000:]
+    # what it printed is its own: no INFO line of MLflow's or Optuna's
+    assert not [line for line in (sweep.stdout + sweep.stderr).splitlines() if " INFO " in line or line.startswith("[I ")]
     out = tmp_path / "out"
     study = {t.number: t for t in trials(f"sqlite:///{out / 'optuna.db'}") if t.state == TrialState.COMPLETE}
     assert len(study) == 3

@@ -71,7 +71,9 @@ def verify(path: Path, pinned: dict[str, str]) -> None:
     actual_s = ", ".join(f"{k} {v}" for k, v in actual.items())
     raise ChecksumError(
         f"{path}: checksum mismatch: expected {expected_s}; got {actual_s}. "
-        "Delete the file to fetch a fresh copy, or replace it with the original."
+        "Delete the file to fetch a fresh copy, or replace it with the original; to use a copy of your own, "
+        "put it under a data set name of its own (data/<name>/) and choose it with --set data.dataset=<name> "
+        "or a preset."
     )
 
 

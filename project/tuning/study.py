@@ -26,6 +26,7 @@ from project.cv import TrainingDiverged, cross_validate
 from project.seeds import derive_seed
 from project.devices import describe, pin_to, training_device, visible_gpus, worker_gpus
 from project.files import WriteFailed
+from project.output import quiet_libraries
 from project.stopping import Interrupted
 from project.tasks import Task
 from project.tuning.kept import keep_trial
@@ -68,6 +69,7 @@ class SweepSettings:
     output_dir: str | None = None
     command: str = ""  # this command's id: its processes say an outage once between them
     ensemble: str = "greedy"  # what export makes of the study: see export.py
+    verbose: bool = False  # the libraries' INFO lines too (project/output.py)
 
     @classmethod
     def of_study(cls, study: optuna.Study, storage: str, data_dir: str, output_dir: str, **kwargs) -> SweepSettings:
@@ -327,6 +329,7 @@ logging.getLogger("optuna.study._optimize").addFilter(_NotInterrupted())
 
 def _worker_process(settings: SweepSettings, n_trials: int, timeout: float | None, gpu: str | None) -> None:
     pin_to(gpu)
+    quiet_libraries(settings.verbose)
     stopping.install_for_worker()
     try:
         run_worker(settings, n_trials, timeout)
