@@ -24,6 +24,7 @@ from torch import nn
 from project.data import FoldDataModule
 from project.data.base import Members
 from project.devices import deterministic_algorithms, training_device
+from project.engine.stacked_mlp import stack_tricks
 from project.engine import FirstLayer, Layout, build_stack, choose_first_layer, choose_layout, chunked
 from project.models import FoldModule, create_model
 from project.progress import EpochProgress
@@ -246,8 +247,9 @@ def cross_validate(
     key = f"val_{task.metric}"
     scores = [h[-1][key] for h in histories]
     said = layout.describe(fits[0].module.net.kind)
-    if trick is not None:
-        said = f"{said[:-1]}; {trick.describe()})"
+    for measured in (trick.describe() if trick is not None else None, stack_tricks(fits[0].module.net)):
+        if measured:
+            said = f"{said[:-1]}; {measured})"
     return CVResult(task.metric, scores, histories, time.perf_counter() - start, fits, said)
 
 

@@ -70,7 +70,7 @@ def test_hand_stacked_mlp_gives_the_fold_scores_of_the_generic_path(house_dir, d
                          weight_decay=1e-2)
     fast = cross_validate(task, config, datamodule=dm)
     generic = cross_validate(task, config, datamodule=dm, stacking="vmap")
-    assert fast.layout == "stacked (hand-stacked MLP)" and generic.layout == "stacked (torch.func vmap; asked for)"
+    assert fast.layout.startswith("stacked (hand-stacked MLP") and generic.layout == "stacked (torch.func vmap; asked for)"
     torch.testing.assert_close(torch.tensor(fast.fold_scores), torch.tensor(generic.fold_scores), rtol=1e-5, atol=1e-6)
     fast_state, generic_state = (r.fits[0].module.net.member_state_dict() for r in (fast, generic))
     for name in generic_state:
@@ -379,3 +379,31 @@ def test_the_first_layers_nonzero_trick_is_measured_on_the_device_and_said(house
     measured = len(timed)
     cross_validate(task, config, datamodule=dm)
     assert len(timed) == measured  # the answer is reused
+
+
+@pytest.mark.parametrize("multiply_sum_faster", [True, False])
+def test_a_one_output_head_runs_as_the_way_measured_faster_here_and_says_so(house_dir, monkeypatch,
+                                                                           multiply_sum_faster):
+    """A one-output layer as a multiply-and-sum or a batched matmul, whichever was timed faster on the
+    device: the same outputs either way, and the fold layout names the one taken."""
+    from project.engine import stacked_mlp
+
+    monkeypatch.setattr(stacked_mlp, "_ONE_OUTPUT", {})
+    calls = []
+
+    def timed(step, device, passes=5):  # the first timing is the multiply-and-sum's
+        calls.append(device)
+        return 1.0 if (len(calls) % 2 == 1) == multiply_sum_faster else 2.0
+
+    monkeypatch.setattr(stacked_mlp, "_seconds", timed)
+    torch.manual_seed(0)
+    layer = StackedLinear([nn.Linear(6, 1) for _ in range(3)])
+    x = torch.randn(3, 5, 6)
+    expected = torch.stack([x[m] @ layer.weight[m] + layer.bias[m] for m in range(3)])
+    torch.testing.assert_close(layer(x), expected)
+    assert stacked_mlp.one_output_by_multiply_sum(x, layer.weight) is multiply_sum_faster
+    assert len(calls) == 2  # measured once for this width, members and device
+    task, dm = house_task_dm(house_dir)
+    result = cross_validate(task, TrainConfig(model_kwargs={"hidden_sizes": ()}, max_epochs=1), datamodule=dm)
+    how = "a multiply-and-sum" if multiply_sum_faster else "a batched matmul"
+    assert f"one-output head as {how}, measured on cpu" in result.layout, result.layout

@@ -4,14 +4,17 @@ Built from the members' plain ``MLP`` modules (so it starts from exactly their w
 each linear layer's weights as ``[M, in, out]`` and runs one batched matmul per layer. Two tricks
 on top: for sparse rows (one-hot encoded tables, two thirds zeros) the first layer sums the
 weight rows of each row's nonzero entries (``embedding_bag``) instead of multiplying all columns,
-and a one-output head is a multiply-and-sum, which on CPU takes half the time of a batched
-matrix-vector product. ``tests/test_engine.py`` checks it gives the fold scores of ``MemberStack``.
+and a one-output head is a multiply-and-sum where that is faster than a batched matrix-vector
+product on the device (on a CPU's cores it took half the time; each is timed once per shape and
+device). ``tests/test_engine.py`` checks it gives the fold scores of ``MemberStack``.
 """
 
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -37,9 +40,14 @@ class StackedLinear(nn.Module):
         per sample instead of a matmul."""
         if nonzero is not None and self.out_features > 1:
             return _NonzeroLinear.apply(x, *nonzero, self.weight, self.bias)
-        if self.out_features == 1:
-            return (x * self.weight.transpose(1, 2)).sum(dim=-1, keepdim=True) + self.bias
+        if self.out_features == 1 and one_output_by_multiply_sum(x, self.weight):
+            return _multiply_sum(x, self.weight, self.bias)
         return torch.baddbmm(self.bias, x, self.weight)
+
+    def head_choice(self) -> str | None:
+        """How this layer, if it has one output, ran: what was measured for it, where it ran."""
+        choices = [c for k, c in _ONE_OUTPUT.items() if k[:2] == tuple(self.weight.shape[:2])]
+        return choices[-1].describe() if self.out_features == 1 and choices else None
 
     def member_state(self) -> dict[str, Tensor]:
         """``nn.Linear``'s weight and bias, with a leading member dimension."""
@@ -47,6 +55,52 @@ class StackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"members={self.weight.shape[0]}, in_features={self.in_features}, out_features={self.out_features}"
+
+
+def _multiply_sum(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    return (x * weight.transpose(1, 2)).sum(dim=-1, keepdim=True) + bias
+
+
+@dataclass(frozen=True)
+class OneOutput:
+    multiply_sum: bool
+    reason: str
+
+    def describe(self) -> str:
+        return f"one-output head as {'a multiply-and-sum' if self.multiply_sum else 'a batched matmul'}, {self.reason}"
+
+
+_ONE_OUTPUT: dict[tuple, OneOutput] = {}
+
+
+def one_output_by_multiply_sum(x: Tensor, weight: Tensor) -> bool:
+    """Whether a one-output layer of ``weight`` ``[M, in, 1]`` runs faster on inputs like ``x`` as a
+    multiply-and-sum than as a batched matrix-vector product, on x's device: forward and backward
+    passes of each on stand-in tensors, timed once per members, width, device and threads."""
+    key = (weight.shape[0], weight.shape[1], x.device.type, torch.get_num_threads())
+    if key not in _ONE_OUTPUT:
+        with torch.enable_grad():
+            xs = torch.randn(x.shape, device=x.device, requires_grad=True)
+            ws = torch.randn(weight.shape, device=x.device, requires_grad=True)
+            bias = torch.zeros(weight.shape[0], 1, 1, device=x.device, requires_grad=True)
+            seconds = {flag: _seconds(lambda flag=flag: (_multiply_sum(xs, ws, bias) if flag else
+                                                         torch.baddbmm(bias, xs, ws)).sum().backward(), x.device)
+                       for flag in (True, False)}
+        _ONE_OUTPUT[key] = OneOutput(seconds[True] <= seconds[False],
+                                     f"measured on {x.device.type}: {seconds[True] * 1e6:.0f} us a pass as a "
+                                     f"multiply-and-sum, {seconds[False] * 1e6:.0f} us as a batched matmul")
+    return _ONE_OUTPUT[key].multiply_sum
+
+
+def _seconds(step, device: torch.device, passes: int = 5) -> float:
+    timings = []
+    for _ in range(passes + 1):
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        timings.append(time.perf_counter() - start)
+    return min(timings[1:])
 
 
 def row_offsets(members: int, n_features: int, like: Tensor) -> Tensor:
@@ -131,3 +185,11 @@ class StackedMLP(nn.Module):
 
 
 HAND_STACKED[MLP] = StackedMLP
+
+
+def stack_tricks(stack: nn.Module) -> str | None:
+    """What a hand-stacked MLP's one-output head ran as, and why (None for any other stack)."""
+    if not isinstance(stack, StackedMLP):
+        return None
+    last = [layer for layer in stack.layers if isinstance(layer, StackedLinear)][-1]
+    return last.head_choice()
