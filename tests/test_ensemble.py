@@ -221,3 +221,24 @@ def _distributions(task, params: dict) -> dict:
     trial = recorder.ask()
     suggest_config(trial, task, "mlp", {})
     return {name: trial.distributions[name] for name in params}
+
+
+def test_out_of_fold_predictions_run_on_the_device_each_fit_trained_on(house_dir, monkeypatch):
+    """Lightning hands a module back on the CPU after fit; the out-of-fold and test predictions move
+    it, and cut their batches, to the device the fit recorded (here the CPU, on a GPU its cuda:0)."""
+    from project.devices import training_device
+    from project.models import FoldModule
+
+    task, dm = house_task_dm(house_dir)
+    result = cross_validate(task, TrainConfig(model_kwargs={"hidden_sizes": (8,)}, max_epochs=1), datamodule=dm)
+    assert [f.device for f in result.fits] == [training_device()] * len(result.fits)
+    asked, ran = [], []
+    loaders = {name: getattr(dm, name) for name in ("val_loader", "test_loader")}
+    for name, original in loaders.items():
+        monkeypatch.setattr(dm, name, lambda *a, original=original, **k: asked.append(k["device"]) or original(*a, **k))
+    step = FoldModule.predict_step
+    monkeypatch.setattr(FoldModule, "predict_step", lambda self, batch, index: ran.append(
+        (next(self.parameters()).device, getattr(batch["x"], "dense", batch["x"]).device)) or step(self, batch, index))
+    out_of_fold(task, result, dm)
+    assert asked == [training_device()] * 2 * len(result.fits)
+    assert ran and set(ran) == {(training_device(), training_device())}
