@@ -407,3 +407,20 @@ def test_a_one_output_head_runs_as_the_way_measured_faster_here_and_says_so(hous
     result = cross_validate(task, TrainConfig(model_kwargs={"hidden_sizes": ()}, max_epochs=1), datamodule=dm)
     how = "a multiply-and-sum" if multiply_sum_faster else "a batched matmul"
     assert f"one-output head as {how}, measured on cpu" in result.layout, result.layout
+
+
+def test_measuring_a_trick_leaves_the_random_stream_where_it_was(house_dir, monkeypatch):
+    """The timings run inside training (the head's at its first forward): they must not draw from
+    the generators that dropout draws from, or the same seed would give other scores."""
+    from project.cv import first_layer
+    from project.engine import stacked_mlp
+
+    monkeypatch.setattr(stacked_mlp, "_ONE_OUTPUT", {})
+    monkeypatch.setattr(layout, "_FIRST_LAYER", {})
+    monkeypatch.setattr(batches, "SPARSE_DENSITY", 1.0)
+    task, dm = house_task_dm(house_dir)
+    config = TrainConfig(model_kwargs={"hidden_sizes": (16,), "dropout": 0.3})
+    state = torch.get_rng_state()
+    assert first_layer(task, config, dm, dm.members, seed=0) is not None  # timed for real
+    stacked_mlp.one_output_by_multiply_sum(torch.zeros(3, 8, 7), torch.zeros(3, 7, 1))  # a width not timed yet
+    assert torch.equal(torch.get_rng_state(), state)
