@@ -191,8 +191,8 @@ def fold_layout(task: Task, config: TrainConfig, datamodule: FoldDataModule, mem
         return [init_model(config, datamodule.sample_shape, datamodule.out_features, derive_seed(seed, "init", i))
                 for i in range(count)]
 
-    key = (config.model, repr(sorted(config.model_kwargs.items())), task.preset.deterministic)
-    with deterministic_algorithms(task.preset.deterministic):  # timed as the Trainer will train
+    key = (config.model, repr(sorted(config.model_kwargs.items())))
+    with deterministic_algorithms(task.preset.deterministic):  # timed (and cached) as the Trainer will train
         return choose_layout(make, config.model, key, datamodule.sample_shape, config.batch_size, members,
                              training_device(accelerator))
 
@@ -230,17 +230,17 @@ def cross_validate(
     else:
         layout = fold_layout(task, config, datamodule, len(members), seed, accelerator)
     trick = first_layer(task, config, datamodule, members, seed, accelerator) if stacking != "vmap" else None
-    nonzero = None if trick is None else trick.nonzero
+    nonzero, device = None if trick is None else trick.nonzero, training_device(accelerator)
     if layout.stacked:
         module = fit(task, config, datamodule, seed, members, callbacks, accelerator, hand_stacked=stacking != "vmap",
                      nonzero=nonzero)
-        fits = [Fit(module, members, training_device(accelerator))]
+        fits = [Fit(module, members, device)]
     else:
         fits = []
         for position in range(len(members)):
             one = members.select([position])
             fits.append(Fit(fit(task, config, datamodule, seed, one, callbacks, accelerator, nonzero=nonzero), one,
-                            training_device(accelerator)))
+                            device))
             if any(getattr(callback, "stopped", False) for callback in callbacks):
                 break  # a callback (the sweep's pruner) ended this configuration early
     histories = [h for f in fits for h in _split_history(f.module.history, len(f.members))]

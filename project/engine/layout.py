@@ -11,7 +11,6 @@ the same model, arguments, shape, batch size, device and setting in this process
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from project.engine.optim import create_optimizer
+from project.engine.timing import best_seconds
 from project.engine.stacking import HAND_STACKED, build_stack, refuse_running_statistics
 
 log = logging.getLogger(__name__)
@@ -41,16 +41,13 @@ _MEASURED: dict[tuple, Layout] = {}
 def _seconds_per_step(stack: nn.Module, x: torch.Tensor, steps: int = 3) -> float:
     optimizer = create_optimizer("adamw", [{"params": list(stack.parameters()), "weight_decay": 0.0}], lr=1e-4)
     stack.train()
-    timings = []
-    for _ in range(steps + 1):  # the first step pays for allocations and kernel choices
-        start = time.perf_counter()
+
+    def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         stack(x).float().square().mean().backward()
         optimizer.step()
-        if x.device.type == "cuda":
-            torch.cuda.synchronize()
-        timings.append(time.perf_counter() - start)
-    return min(timings[1:])
+
+    return best_seconds(step, x.device, steps)
 
 
 def choose_layout(make_modules: Callable[[int], Sequence[nn.Module]], name: str, key: tuple,
@@ -92,16 +89,13 @@ _FIRST_LAYER: dict[tuple, FirstLayer] = {}
 
 
 def _seconds_per_pass(stack: nn.Module, x, passes: int = 5) -> float:
-    timings = []
-    for _ in range(passes + 1):
-        start = time.perf_counter()
+    def one_pass() -> None:
         stack.zero_grad(set_to_none=True)
         stack(x).float().square().mean().backward()
-        if getattr(x, "dense", x).device.type == "cuda":  # a SparseRows, or a tensor
-            torch.cuda.synchronize()
-        timings.append(time.perf_counter() - start)
+
+    seconds = best_seconds(one_pass, getattr(x, "dense", x).device, passes)  # x: a SparseRows, or a tensor
     stack.zero_grad(set_to_none=True)
-    return min(timings[1:])
+    return seconds
 
 
 def choose_first_layer(stack: nn.Module, batch, key: tuple) -> FirstLayer:

@@ -12,7 +12,6 @@ device). ``tests/test_engine.py`` checks it gives the fold scores of ``MemberSta
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,6 +21,7 @@ from torch import Tensor, nn
 
 from project.data.batches import SparseRows
 from project.engine.stacking import HAND_STACKED
+from project.engine.timing import best_seconds
 from project.models.mlp import MLP
 
 
@@ -84,24 +84,13 @@ def one_output_by_multiply_sum(x: Tensor, weight: Tensor) -> bool:
             xs = torch.full(x.shape, 0.5, device=x.device, requires_grad=True)
             ws = torch.full(weight.shape, 0.5, device=x.device, requires_grad=True)
             bias = torch.zeros(weight.shape[0], 1, 1, device=x.device, requires_grad=True)
-            seconds = {flag: _seconds(lambda flag=flag: (_multiply_sum(xs, ws, bias) if flag else
-                                                         torch.baddbmm(bias, xs, ws)).sum().backward(), x.device)
+            seconds = {flag: best_seconds(lambda flag=flag: (_multiply_sum(xs, ws, bias) if flag else
+                                                         torch.baddbmm(bias, xs, ws)).sum().backward(), x.device, 5)
                        for flag in (True, False)}
         _ONE_OUTPUT[key] = OneOutput(seconds[True] <= seconds[False],
                                      f"measured on {x.device.type}: {seconds[True] * 1e6:.0f} us a pass as a "
                                      f"multiply-and-sum, {seconds[False] * 1e6:.0f} us as a batched matmul")
     return _ONE_OUTPUT[key].multiply_sum
-
-
-def _seconds(step, device: torch.device, passes: int = 5) -> float:
-    timings = []
-    for _ in range(passes + 1):
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        timings.append(time.perf_counter() - start)
-    return min(timings[1:])
 
 
 def row_offsets(members: int, n_features: int, like: Tensor) -> Tensor:
