@@ -36,14 +36,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=REPO_ROOT / "data", help="(default: data/)")
     parser.add_argument("--folds", type=folds_int, default=5, help="CV folds (default: %(default)s)")
     parser.add_argument("--models", default=",".join(estimators), help="comma-separated (default: %(default)s)")
-    parser.add_argument("--tracking-uri", default=None,
-                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the repo)")
+    parser.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the repo)",
+    )
     args = parser.parse_args(argv)
     chosen = args.models.split(",")
     unknown = [m for m in chosen if m not in estimators]
     if unknown:
-        parser.error(f"argument --models: unknown {unknown}; expected some of {', '.join(estimators)} "
-                     f"(sweep.estimators in {task.preset.source})")
+        parser.error(
+            f"argument --models: unknown {unknown}; expected some of {', '.join(estimators)} "
+            f"(sweep.estimators in {task.preset.source})"
+        )
     dm = task.datamodule(data_dir=args.data_dir, n_folds=args.folds, fold=list(range(args.folds)))
     try:
         dm.prepare_data()
@@ -55,8 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     tracker = Tracker(args.tracking_uri, "house-prices-baselines")
     ids = dm.train_frame[dm.spec.id_column].to_numpy()
     present = [i for i in PARTIAL_SALES if (ids == i).any()]
-    print(f"{'model':<12}{'CV RMSE':>9}{'std':>8}{'pooled w/o 2':>14}" + "".join(f"{f'err {i}':>10}" for i in present)
-          + f"{'seconds':>9}")
+    print(
+        f"{'model':<12}{'CV RMSE':>9}{'std':>8}{'pooled w/o 2':>14}"
+        + "".join(f"{f'err {i}':>10}" for i in present)
+        + f"{'seconds':>9}"
+    )
     for name in chosen:
         try:
             fitted = cross_fit(task, name, dm)
@@ -67,15 +75,27 @@ def main(argv: list[str] | None = None) -> int:
         pooled = float(np.sqrt(np.mean(errors[~np.isin(ids, PARTIAL_SALES)] ** 2)))
         special = {i: float(errors[ids == i][0]) for i in present}
         run_id = tracker.start_run(name, tags={**environment_tags(), "kind": "baseline"})
-        tracker.log_params(run_id, {"estimator": fitted.reference, **{f"args.{k}": v for k, v in fitted.args.items()},
-                                    "folds": args.folds})
-        tracker.log_metrics(run_id, {"cv_mean": fitted.cv, "cv_std": float(np.std(fitted.fold_scores)),
-                                     "rmse_without_partial_sales": pooled,
-                                     **{f"fold{k}_rmse": v for k, v in enumerate(fitted.fold_scores)},
-                                     **{f"error_id{i}": e for i, e in special.items()}})
+        tracker.log_params(
+            run_id,
+            {"estimator": fitted.reference, **{f"args.{k}": v for k, v in fitted.args.items()}, "folds": args.folds},
+        )
+        tracker.log_metrics(
+            run_id,
+            {
+                "cv_mean": fitted.cv,
+                "cv_std": float(np.std(fitted.fold_scores)),
+                "rmse_without_partial_sales": pooled,
+                **{f"fold{k}_rmse": v for k, v in enumerate(fitted.fold_scores)},
+                **{f"error_id{i}": e for i, e in special.items()},
+            },
+        )
         tracker.end_run(run_id)
-        print(f"{name:<12}{fitted.cv:>9.4f}{np.std(fitted.fold_scores):>8.4f}{pooled:>14.4f}"
-              + "".join(f"{e:>10.2f}" for e in special.values()) + f"{fitted.seconds:>9.1f}", flush=True)
+        print(
+            f"{name:<12}{fitted.cv:>9.4f}{np.std(fitted.fold_scores):>8.4f}{pooled:>14.4f}"
+            + "".join(f"{e:>10.2f}" for e in special.values())
+            + f"{fitted.seconds:>9.1f}",
+            flush=True,
+        )
     return 0
 
 

@@ -93,8 +93,9 @@ def gpu_peak_mb() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
 
 
-def case_folds(name: str, task_name: str, data_dir: Path, config: TrainConfig, folds: list[int], stacking: str,
-               repeats: int) -> dict:
+def case_folds(
+    name: str, task_name: str, data_dir: Path, config: TrainConfig, folds: list[int], stacking: str, repeats: int
+) -> dict:
     task = get_task(task_name)
     dm = task.datamodule(data_dir=data_dir, n_folds=5, fold=folds)
     dm.prepare_data()
@@ -113,9 +114,15 @@ def case_folds(name: str, task_name: str, data_dir: Path, config: TrainConfig, f
 
     plain(), project()  # warm-up: first-call allocations, kernel selection, the engine's layout measurement
     plain_s, project_s = timed([plain, project], repeats)
-    return {"name": name, "plain_s": round(plain_s, 3), "project_s": round(project_s, 3),
-            "ratio": round(project_s / plain_s, 3), "peak_mem_mb": round(peak_mb(), 1),
-            "gpu_peak_mb": gpu_peak_mb(), "layout": layouts[-1]}
+    return {
+        "name": name,
+        "plain_s": round(plain_s, 3),
+        "project_s": round(project_s, 3),
+        "ratio": round(project_s / plain_s, 3),
+        "peak_mem_mb": round(peak_mb(), 1),
+        "gpu_peak_mb": gpu_peak_mb(),
+        "layout": layouts[-1],
+    }
 
 
 def case_sweep(data_dir: Path, n_trials: int) -> dict:
@@ -152,10 +159,18 @@ def case_sweep(data_dir: Path, n_trials: int) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         jobs = os.cpu_count() or 1
-        settings = SweepSettings(preset=task.preset.resolved(), data_dir=str(data_dir), seed=0,
-                                 storage=f"sqlite:///{tmp}/optuna.db", study_name="bench",
-                                 tracking_uri=f"sqlite:///{tmp}/mlflow.db", experiment_name="bench", fixed=fixed,
-                                 threads=max(1, (os.cpu_count() or 1) // jobs), pruning=False)
+        settings = SweepSettings(
+            preset=task.preset.resolved(),
+            data_dir=str(data_dir),
+            seed=0,
+            storage=f"sqlite:///{tmp}/optuna.db",
+            study_name="bench",
+            tracking_uri=f"sqlite:///{tmp}/mlflow.db",
+            experiment_name="bench",
+            fixed=fixed,
+            threads=max(1, (os.cpu_count() or 1) // jobs),
+            pruning=False,
+        )
         study = open_study(settings)
         for params in param_sets:
             study.enqueue_trial(params)
@@ -164,22 +179,36 @@ def case_sweep(data_dir: Path, n_trials: int) -> dict:
         run_workers(settings, n_trials, jobs, None, tracker)
         project_s = time.perf_counter() - start
     (plain_s,) = timed([plain], 1)
-    return {"name": "sweep-throughput", "plain_s": round(plain_s, 3), "project_s": round(project_s, 3),
-            "ratio": round(project_s / plain_s, 3), "peak_mem_mb": round(peak_mb(), 1),
-            "plain_trials_per_min": round(60 * n_trials / plain_s, 1),
-            "project_trials_per_min": round(60 * n_trials / project_s, 1), "workers": jobs}
+    return {
+        "name": "sweep-throughput",
+        "plain_s": round(plain_s, 3),
+        "project_s": round(project_s, 3),
+        "ratio": round(project_s / plain_s, 3),
+        "peak_mem_mb": round(peak_mb(), 1),
+        "plain_trials_per_min": round(60 * n_trials / plain_s, 1),
+        "project_trials_per_min": round(60 * n_trials / project_s, 1),
+        "workers": jobs,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=REPO_ROOT / "data", help="(default: data/)")
     parser.add_argument("--repeats", type=positive_int, default=3, help="runs per case; the median is reported")
-    parser.add_argument("--sweep-trials", type=positive_int, default=12,
-                        help="trials (5 folds, 60 epochs each) in the sweep-throughput case (default: %(default)s)")
+    parser.add_argument(
+        "--sweep-trials",
+        type=positive_int,
+        default=12,
+        help="trials (5 folds, 60 epochs each) in the sweep-throughput case (default: %(default)s)",
+    )
     parser.add_argument("--cases", default="all", help="comma-separated case names (default: all)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="where both sides train (default: %(default)s)")
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where both sides train (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("argument --device: cuda, but torch sees no CUDA GPU here")
@@ -192,19 +221,23 @@ def main(argv: list[str] | None = None) -> int:
     mlp = TrainConfig(model_kwargs={"hidden_sizes": (256,)}, batch_size=64, max_epochs=100, lr=1e-3, weight_decay=1e-2)
     cnn = get_task("fashion-mnist").config("cnn", max_epochs=1, scheduler="none", label_smoothing=0.0)
     five = list(range(5))
-    fold_cases = {"fashion-mnist-epoch": ("fashion-mnist", image, [0], "auto"),
-                  "house-prices-5fold-linear": ("house-prices", linear, five, "auto"),
-                  "house-prices-5fold-mlp": ("house-prices", mlp, five, "auto"),
-                  "house-prices-5fold-mlp-generic": ("house-prices", mlp, five, "vmap"),
-                  "fashion-mnist-cnn-5fold-epoch": ("fashion-mnist", cnn, five, "auto")}
+    fold_cases = {
+        "fashion-mnist-epoch": ("fashion-mnist", image, [0], "auto"),
+        "house-prices-5fold-linear": ("house-prices", linear, five, "auto"),
+        "house-prices-5fold-mlp": ("house-prices", mlp, five, "auto"),
+        "house-prices-5fold-mlp-generic": ("house-prices", mlp, five, "vmap"),
+        "fashion-mnist-cnn-5fold-epoch": ("fashion-mnist", cnn, five, "auto"),
+    }
     cases = [*fold_cases, "sweep-throughput"]
     chosen = cases if args.cases == "all" else args.cases.split(",")
     unknown = [c for c in chosen if c not in cases]
     if unknown:
         parser.error(f"argument --cases: unknown {unknown}; expected some of {', '.join(cases)}")
     results = []
-    print(f"{'case':<32}{'plain s':>10}{'project s':>11}{'ratio':>8}{'peak MB':>10}{'GPU MB':>8}  folds "
-          f"(on {args.device})")
+    print(
+        f"{'case':<32}{'plain s':>10}{'project s':>11}{'ratio':>8}{'peak MB':>10}{'GPU MB':>8}  folds "
+        f"(on {args.device})"
+    )
     try:
         for name in chosen:
             if name in fold_cases:
@@ -214,15 +247,22 @@ def main(argv: list[str] | None = None) -> int:
                 row = case_sweep(args.data_dir, args.sweep_trials)
             results.append(row)
             gpu = "" if row.get("gpu_peak_mb") is None else f"{row['gpu_peak_mb']:.0f}"
-            print(f"{row['name']:<32}{row['plain_s']:>10.2f}{row['project_s']:>11.2f}{row['ratio']:>8.2f}"
-                  f"{row['peak_mem_mb']:>10.0f}{gpu:>8}  {row.get('layout', '')}", flush=True)
+            print(
+                f"{row['name']:<32}{row['plain_s']:>10.2f}{row['project_s']:>11.2f}{row['ratio']:>8.2f}"
+                f"{row['peak_mem_mb']:>10.0f}{gpu:>8}  {row.get('layout', '')}",
+                flush=True,
+            )
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     finally:  # the cases already measured are kept, whatever stops the run
         if args.json:
-            payload = {"cases": results, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-                       "device": args.device}
+            payload = {
+                "cases": results,
+                "torch_threads": torch.get_num_threads(),
+                "cpu_count": os.cpu_count(),
+                "device": args.device,
+            }
             files.write_json(args.json, payload, "the benchmark's figures")
     return 0
 

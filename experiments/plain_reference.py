@@ -13,6 +13,7 @@ shared machine both move with its load.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import time
@@ -53,7 +54,7 @@ def load_folds(task_name: str, data_dir: Path, folds: list[int]) -> list[tuple[t
 def train_fold(x, y, x_val, y_val, hidden, batch_size, epochs, lr, weight_decay, classes: int) -> float:
     sizes = [x.shape[1], *hidden]
     layers: list[nn.Module] = []
-    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+    for n_in, n_out in itertools.pairwise(sizes):
         layers += [nn.Linear(n_in, n_out), nn.ReLU()]
     net = nn.Sequential(*layers, nn.Linear(sizes[-1], classes or 1))
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
@@ -92,10 +93,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         classes = 10 if task_name != "house-prices" else 0
 
-        def run():
+        def run(data=data, settings=(hidden, batch_size, epochs, lr, weight_decay, classes)):
             for seed, fold in enumerate(data):
                 torch.manual_seed(seed)
-                train_fold(*fold, hidden, batch_size, epochs, lr, weight_decay, classes)
+                train_fold(*fold, *settings)
 
         run()  # warm-up
         seconds = []
@@ -103,8 +104,9 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             run()
             seconds.append(time.perf_counter() - start)
-        results.append({"name": name, "plain_s": round(statistics.median(seconds), 3),
-                        "runs_s": [round(s, 3) for s in seconds]})
+        results.append(
+            {"name": name, "plain_s": round(statistics.median(seconds), 3), "runs_s": [round(s, 3) for s in seconds]}
+        )
         print(f"{name:<28}{results[-1]['plain_s']:>8.2f} s   runs: {results[-1]['runs_s']}", flush=True)
     if args.json:
         files.write_json(args.json, {"cases": results, "torch_threads": torch.get_num_threads()}, "the figures")

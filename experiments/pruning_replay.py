@@ -47,26 +47,34 @@ def final_curves(study: optuna.Study, settings: SweepSettings) -> dict[int, list
         except TrainingDiverged:
             continue
         key = f"val_{task.metric}"
-        curves[trial.number] = [float(np.mean([fold[e][key] for fold in result.history]))
-                                for e in range(len(result.history[0]))]
-        print(f"trial {trial.number:3d} {trial.state.name:8s} {config.max_epochs:4d} epochs: {curves[trial.number][-1]:.5f}",
-              flush=True)
+        curves[trial.number] = [
+            float(np.mean([fold[e][key] for fold in result.history])) for e in range(len(result.history[0]))
+        ]
+        final = curves[trial.number][-1]
+        print(f"trial {trial.number:3d} {trial.state.name:8s} {config.max_epochs:4d} epochs: {final:.5f}", flush=True)
     return curves
 
 
-def tally(verdicts: dict[int, int | None], finals: dict[int, float], median: float, best: set[int], sign: float) -> dict:
+def tally(
+    verdicts: dict[int, int | None], finals: dict[int, float], median: float, best: set[int], sign: float
+) -> dict:
     pruned = [n for n, epoch in verdicts.items() if epoch is not None]
     kept = [finals[n] for n in finals if n not in pruned]
-    return {"pruned": len(pruned), "pruned_beating_median": sum(sign * finals[n] < sign * median for n in pruned),
-            f"pruned_among_top{TOP}": sum(n in best for n in pruned),
-            "best_kept": min(kept, key=lambda v: sign * v) if kept else None,
-            "pruned_trials": {n: verdicts[n] for n in pruned}}
+    return {
+        "pruned": len(pruned),
+        "pruned_beating_median": sum(sign * finals[n] < sign * median for n in pruned),
+        f"pruned_among_top{TOP}": sum(n in best for n in pruned),
+        "best_kept": min(kept, key=lambda v: sign * v) if kept else None,
+        "pruned_trials": {n: verdicts[n] for n in pruned},
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study-name", default="house-prices", help="(default: %(default)s)")
-    parser.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite:///<output-dir>/optuna.db)")
+    parser.add_argument(
+        "--storage", default=None, help="Optuna storage URL (default: sqlite:///<output-dir>/optuna.db)"
+    )
     parser.add_argument("--output-dir", type=Path, default=None, help="(default: experiments/outputs/<study-name>/)")
     parser.add_argument("--data-dir", type=Path, default=REPO_ROOT / "data", help="(default: data/)")
     args = parser.parse_args(argv)
@@ -90,18 +98,23 @@ def main(argv: list[str] | None = None) -> int:
     old_pruner, old_steps = epoch_indexed()
     report = {
         "study": {"storage": storage, "name": args.study_name, "trials": len(curves)},
-        "median_final": median, f"top{TOP}": sorted(best),
-        "finals": finals, "curves": curves,
+        "median_final": median,
+        f"top{TOP}": sorted(best),
+        "finals": finals,
+        "curves": curves,
         "as_the_study_ran": tally(in_study, finals, median, best, sign),
         "epoch_indexed": tally(replay(old_pruner, curves, direction, old_steps), finals, median, best, sign),
         "fraction_of_schedule": tally(replay(make_pruner(), curves, direction), finals, median, best, sign),
     }
     files.write_json(out / "pruning_replay.json", report, "the replay's report")
-    print(f"\n{len(curves)} trials run to their end: median {median:.5f}, best {min(finals.values(), key=lambda v: sign * v):.5f}")
+    best_final = min(finals.values(), key=lambda v: sign * v)
+    print(f"\n{len(curves)} trials run to their end: median {median:.5f}, best {best_final:.5f}")
     for name in ("as_the_study_ran", "epoch_indexed", "fraction_of_schedule"):
         row = report[name]
-        print(f"{name:22s} pruned {row['pruned']:2d}, of which {row['pruned_beating_median']:2d} would have beaten the "
-              f"median and {row[f'pruned_among_top{TOP}']} were among the {TOP} best; best kept {row['best_kept']:.5f}")
+        print(
+            f"{name:22s} pruned {row['pruned']:2d}, of which {row['pruned_beating_median']:2d} would have beaten the "
+            f"median and {row[f'pruned_among_top{TOP}']} were among the {TOP} best; best kept {row['best_kept']:.5f}"
+        )
     print(f"wrote {out / 'pruning_replay.json'}")
     return 0
 

@@ -1,6 +1,6 @@
 """Cross-validate one configuration and log it to MLflow.
 
-    python experiments/train.py --task house-prices --folds 5 --max-epochs 30 --hidden-sizes none
+python experiments/train.py --task house-prices --folds 5 --max-epochs 30 --hidden-sizes none
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from project.files import WriteFailed
 from project.output import quiet_libraries
 from project.predictor import Predictor
 from project.refit import Refit, refit_and_test, refit_metrics
-from project.stopping import Interrupted, handling_signals
 from project.serving import log_predictor
+from project.stopping import Interrupted, handling_signals
 from project.tuning.tracking import Tracker, dataset_inputs, environment_tags
 
 
@@ -72,21 +72,33 @@ def train(argv: list[str] | None) -> int:
         tracker.log_cv(run_id, result, datamodule.folds)
         tracker.log_metrics(run_id, {"cv_seconds": result.seconds})
         tracker.set_tags(run_id, {"fold_layout": result.layout, "device": describe(training_device())})
-        print(f"{task.name}: CV {task.metric} {result.mean:.5f} ± {result.std:.5f} over {task.folds} folds "
-              f"({', '.join(f'{s:.4f}' for s in result.fold_scores)}) in {result.seconds:.1f}s; folds {result.layout}")
+        print(
+            f"{task.name}: CV {task.metric} {result.mean:.5f} ± {result.std:.5f} over {task.folds} folds "
+            f"({', '.join(f'{s:.4f}' for s in result.fold_scores)}) in {result.seconds:.1f}s; folds {result.layout}"
+        )
 
-        summary = {"task": task.name, "metric": task.metric, "cv_mean": result.mean, "cv_std": result.std,
-                   "fold_scores": result.fold_scores, "params": config.to_dict(), "seconds": result.seconds,
-                   "fold_layout": result.layout}
+        summary = {
+            "task": task.name,
+            "metric": task.metric,
+            "cv_mean": result.mean,
+            "cv_std": result.std,
+            "fold_scores": result.fold_scores,
+            "params": config.to_dict(),
+            "seconds": result.seconds,
+            "fold_layout": result.layout,
+        }
         submission = out / task.preset.submission.file
         test_inputs = datamodule.test_inputs()  # read once: the file for a table task
         if task.refits:
-            predictor, scores = refit_and_test(task, [Refit(config, seeds=task.ensemble)], args.data_dir, args.seed,
-                                               submission)
+            predictor, scores = refit_and_test(
+                task, [Refit(config, seeds=task.ensemble)], args.data_dir, args.seed, submission
+            )
             tracker.log_metrics(run_id, refit_metrics(scores))
             summary.update(scores)
-            print(f"{task.name}: refit on all training rows ({task.ensemble} seeds averaged)"
-                  + "".join(f", {k.replace('_', ' ')} {v:.4f}" for k, v in scores.items() if not isinstance(v, list)))
+            print(
+                f"{task.name}: refit on all training rows ({task.ensemble} seeds averaged)"
+                + "".join(f", {k.replace('_', ' ')} {v:.4f}" for k, v in scores.items() if not isinstance(v, list))
+            )
         else:
             predictor = Predictor.from_fits(task, config, result.fits, datamodule)
             predictor.to(training_device()).write_submission(test_inputs, submission, datamodule.test_ids)
@@ -94,12 +106,23 @@ def train(argv: list[str] | None) -> int:
         tracker.log_artifact(run_id, submission)
         summary["submission"] = str(submission)
         summary["model"] = str(predictor.save(out / "model"))
-        if not tracker.attempt(lambda: log_predictor(predictor, tracker.tracking_uri, tracker.resolve(run_id),
-                                                     test_inputs, saved=Path(summary["model"])) or True):
-            print(f"the MLflow Model is not logged, tracking being unreachable: it is saved in {summary['model']}",
-                  file=sys.stderr)
-        summary["mlflow"] = {"tracking_uri": tracker.tracking_uri, "experiment_id": tracker.experiment_id,
-                             "run_id": run_id}
+        if not tracker.attempt(
+            lambda: (
+                log_predictor(
+                    predictor, tracker.tracking_uri, tracker.resolve(run_id), test_inputs, saved=Path(summary["model"])
+                )
+                or True
+            )
+        ):
+            print(
+                f"the MLflow Model is not logged, tracking being unreachable: it is saved in {summary['model']}",
+                file=sys.stderr,
+            )
+        summary["mlflow"] = {
+            "tracking_uri": tracker.tracking_uri,
+            "experiment_id": tracker.experiment_id,
+            "run_id": run_id,
+        }
         files.write_json(out / "summary.json", summary, "the summary")
         tracker.log_artifact(run_id, out / "summary.json")
         status = "FINISHED"

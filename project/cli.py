@@ -50,40 +50,88 @@ def hidden_sizes(text: str) -> tuple[int, ...]:
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags train.py and sweep.py share."""
-    parser.add_argument("--task", default="house-prices",
-                        help=f"a preset in experiments/configs/ ({', '.join(presets.available())}; default: %(default)s)")
+    parser.add_argument(
+        "--task",
+        default="house-prices",
+        help=f"a preset in experiments/configs/ ({', '.join(presets.available())}; default: %(default)s)",
+    )
     parser.add_argument("--config", type=Path, default=None, help="a preset file of your own (instead of --task)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="change one preset value, e.g. --set data.target_transform=log1p (repeatable)")
-    parser.add_argument("--model", choices=sorted(MODELS), default=None,
-                        help="the model, by its registered name, one the preset has settings for (default: the preset's)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change one preset value, e.g. --set data.target_transform=log1p (repeatable)",
+    )
+    parser.add_argument(
+        "--model",
+        choices=sorted(MODELS),
+        default=None,
+        help="the model, by its registered name, one the preset has settings for (default: the preset's)",
+    )
     parser.add_argument("--data-dir", type=Path, default=REPO_ROOT / "data", help="raw data folder (default: data/)")
     parser.add_argument("--folds", type=folds_int, default=None, help="number of CV folds (default: the preset's)")
-    parser.add_argument("--max-epochs", type=positive_int, default=None,
-                        help="epochs per fit (default: the task's default, or searched by the sweep)")
-    parser.add_argument("--batch-size", type=positive_int, default=None,
-                        help="mini-batch size (default: the task's default, or searched by the sweep)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the folds, initialisation and batches (default: 0)")
-    parser.add_argument("--tracking-uri", default=None,
-                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the repo)")
+    parser.add_argument(
+        "--max-epochs",
+        type=positive_int,
+        default=None,
+        help="epochs per fit (default: the task's default, or searched by the sweep)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=None,
+        help="mini-batch size (default: the task's default, or searched by the sweep)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the folds, initialisation and batches (default: 0)"
+    )
+    parser.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the repo)",
+    )
     parser.add_argument("--experiment-name", default=None, help="MLflow experiment (default: the task name)")
-    parser.add_argument("--output-dir", type=Path, default=None,
-                        help="where summary.json and the submission go (default: experiments/outputs/<task>/)")
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        default=None,
+        help="where summary.json and the submission go (default: experiments/outputs/<task>/)",
+    )
     parser.add_argument("--lr", type=positive_float, default=None, help="learning rate (sweep: fixes it)")
-    parser.add_argument("--weight-decay", type=non_negative_float, default=None, help="weight decay, AdamW's or SGD's (sweep: fixes it)")
-    parser.add_argument("--dropout", type=dropout_float, default=None,
-                        help="the model's dropout rate (sweep: fixes it)")
-    parser.add_argument("--hidden-sizes", type=hidden_sizes, default=None,
-                        help="the MLP's hidden widths, e.g. 256,128, or 'none' for the linear model (sweep: fixes width and depth)")
-    parser.add_argument("--sequential-folds", action="store_true",
-                        help="fit the folds one after another instead of as one fold-stacked model")
-    parser.add_argument("--deterministic", choices=("true", "warn", "false"), default=None,
-                        help="torch's deterministic algorithms: true (the same seed gives the same scores), warn "
-                             "(a warning where an op has none, as some CUDA backward passes), false "
-                             "(default: the preset's deterministic, true)")
+    parser.add_argument(
+        "--weight-decay", type=non_negative_float, default=None, help="weight decay, AdamW's or SGD's (sweep: fixes it)"
+    )
+    parser.add_argument(
+        "--dropout", type=dropout_float, default=None, help="the model's dropout rate (sweep: fixes it)"
+    )
+    parser.add_argument(
+        "--hidden-sizes",
+        type=hidden_sizes,
+        default=None,
+        help="the MLP's hidden widths, e.g. 256,128, or 'none' for the linear model (sweep: fixes width and depth)",
+    )
+    parser.add_argument(
+        "--sequential-folds",
+        action="store_true",
+        help="fit the folds one after another instead of as one fold-stacked model",
+    )
+    parser.add_argument(
+        "--deterministic",
+        choices=("true", "warn", "false"),
+        default=None,
+        help="torch's deterministic algorithms: true (the same seed gives the same scores), warn "
+        "(a warning where an op has none, as some CUDA backward passes), false "
+        "(default: the preset's deterministic, true)",
+    )
     parser.add_argument("--verbose", action="store_true", help="also the libraries' INFO lines (MLflow's, Optuna's)")
-    parser.add_argument("--threads", type=positive_int, default=None,
-                        help="torch CPU threads (default: all cores, divided among --n-jobs workers)")
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="torch CPU threads (default: all cores, divided among --n-jobs workers)",
+    )
 
 
 def load_task(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[Task, str]:
@@ -100,8 +148,10 @@ def load_task(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tupl
         parser.error(f"argument {'--config' if args.config else '--task'}: {err}")
     model = args.model or task.default_model
     if model not in task.preset.models:
-        parser.error(f"argument --model: preset {task.name!r} ({task.preset.source}) has no settings for model "
-                     f"{model!r}; it has {', '.join(task.preset.models)} (add them under 'models')")
+        parser.error(
+            f"argument --model: preset {task.name!r} ({task.preset.source}) has no settings for model "
+            f"{model!r}; it has {', '.join(task.preset.models)} (add them under 'models')"
+        )
     check_model_flags(args, model, parser)
     return task, model
 
@@ -134,8 +184,11 @@ MODEL_FLAGS = ("dropout", "hidden_sizes")  # arguments of the model itself
 def fixed_params(args: argparse.Namespace) -> dict:
     """The configuration values given on the command line, by search key (``lr``, ``model.dropout``):
     a sweep uses them as they are instead of searching them."""
-    return {(f"model.{name}" if name in MODEL_FLAGS else name): getattr(args, name) for name in CONFIG_FLAGS
-            if getattr(args, name) is not None}
+    return {
+        (f"model.{name}" if name in MODEL_FLAGS else name): getattr(args, name)
+        for name in CONFIG_FLAGS
+        if getattr(args, name) is not None
+    }
 
 
 def config_overrides(args: argparse.Namespace) -> dict:
@@ -151,5 +204,7 @@ def check_model_flags(args: argparse.Namespace, model: str, parser: argparse.Arg
     accepted = model_arguments(model)
     for name in MODEL_FLAGS:
         if getattr(args, name) is not None and name not in accepted:
-            parser.error(f"argument --{name.replace('_', '-')}: model {model!r} has no argument {name!r}; "
-                         f"it takes {', '.join(accepted) or 'none'}")
+            parser.error(
+                f"argument --{name.replace('_', '-')}: model {model!r} has no argument {name!r}; "
+                f"it takes {', '.join(accepted) or 'none'}"
+            )

@@ -24,12 +24,12 @@ from torch import nn
 from project.data import FoldDataModule
 from project.data.base import Members
 from project.devices import deterministic_algorithms, training_device
-from project.engine.stacked_mlp import stack_tricks
 from project.engine import FirstLayer, Layout, build_stack, choose_first_layer, choose_layout, chunked
+from project.engine.stacked_mlp import stack_tricks
 from project.models import FoldModule, create_model
 from project.progress import EpochProgress
-from project.stopping import Interrupted, StopOnRequest
 from project.seeds import derive_seed
+from project.stopping import Interrupted, StopOnRequest
 from project.tasks import Task, TrainConfig
 
 for _name in ("lightning.pytorch", "lightning.fabric", "lightning"):
@@ -37,6 +37,7 @@ for _name in ("lightning.pytorch", "lightning.fabric", "lightning"):
 warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated")  # raised inside Lightning itself
 warnings.filterwarnings("ignore", message="You defined a `validation_step` but have no `val_dataloader`")  # refits
 STACKING = ("auto", "vmap", "sequential")
+CPU = torch.device("cpu")
 
 
 class TrainingDiverged(RuntimeError):
@@ -55,7 +56,7 @@ class Fit:
 
     module: FoldModule
     members: Members
-    device: torch.device = torch.device("cpu")
+    device: torch.device = CPU
 
 
 @dataclass
@@ -76,17 +77,23 @@ class CVResult:
         return float(np.std(self.fold_scores))
 
 
-def make_trainer(max_epochs: int, callbacks: Sequence[L.Callback] = (), validate: bool = True,
-                 accelerator: str = "auto", precision: str = "32-true", deterministic: bool | str = True) -> L.Trainer:
+def make_trainer(
+    max_epochs: int,
+    callbacks: Sequence[L.Callback] = (),
+    validate: bool = True,
+    accelerator: str = "auto",
+    precision: str = "32-true",
+    deterministic: bool | str = True,
+) -> L.Trainer:
     """A Trainer stripped for many small fits: no logger, checkpoints, progress bar or summary.
 
-    ``deterministic``: the preset's (true, "warn" or false). Deterministic algorithms stay on, but torch's filling of every new tensor with NaN under them
-    is switched off: a debugging aid for kernels that read memory they never wrote (none here), it
-    costs a pass over each intermediate tensor, 4 % of a House Prices MLP fit (2.49 -> 2.40 s).
+    ``deterministic``: the preset's (true, "warn" or false). Deterministic algorithms stay on, but
+    torch's filling of every new tensor with NaN under them is switched off: a debugging aid for
+    kernels that read memory they never wrote (none here) that costs a pass over each tensor.
 
     Denormal floats are flushed to zero on the CPU: weights and gradients that a strong weight
     decay drives towards zero pass through them, and x86 CPUs compute on them many times slower
-    (a House Prices trial with weight decay 0.36 took 6 min 33 s, flushed 33 s, the same score)."""
+    (docs/speed.md)."""
     torch.utils.deterministic.fill_uninitialized_memory = False
     torch.set_flush_denormal(True)
     return L.Trainer(
@@ -113,24 +120,49 @@ def init_model(config: TrainConfig, sample_shape: tuple[int, ...], out_features:
         return create_model(config.model, sample_shape, out_features, **config.model_kwargs)
 
 
-def build_module(task: Task, config: TrainConfig, datamodule: FoldDataModule, members: Members, seed: int,
-                 hand_stacked: bool = True, chunked_steps: bool = True) -> FoldModule:
+def build_module(
+    task: Task,
+    config: TrainConfig,
+    datamodule: FoldDataModule,
+    members: Members,
+    seed: int,
+    hand_stacked: bool = True,
+    chunked_steps: bool = True,
+) -> FoldModule:
     """The FoldModule of ``members``: a stack of their plain models and the task's head. It steps
     through chunks of mini-batches (``chunked_steps``), which saves Lightning's per-step cost, in
     32-bit precision; other precisions take one mini-batch per Lightning step."""
-    models = [init_model(config, datamodule.sample_shape, datamodule.out_features, derive_seed(seed, "init", i))
-              for i in members.seed_ids]
+    models = [
+        init_model(config, datamodule.sample_shape, datamodule.out_features, derive_seed(seed, "init", i))
+        for i in members.seed_ids
+    ]
     net = build_stack(models, config.model, hand_stacked)
     head = task.head(config, [datamodule.targets[rows] for rows in members.train_rows])
     module_class = chunked(FoldModule) if chunked_steps and config.precision == "32-true" else FoldModule
-    return module_class(net, head, lr=config.lr, weight_decay=config.weight_decay, optimizer=config.optimizer,
-                        momentum=config.momentum, scheduler=config.scheduler,
-                        gradient_clip_val=config.gradient_clip_val)
+    return module_class(
+        net,
+        head,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        optimizer=config.optimizer,
+        momentum=config.momentum,
+        scheduler=config.scheduler,
+        gradient_clip_val=config.gradient_clip_val,
+    )
 
 
-def fit(task: Task, config: TrainConfig, datamodule: FoldDataModule, seed: int, members: Members | None = None,
-        callbacks: Sequence[L.Callback] = (), accelerator: str = "auto", hand_stacked: bool = True,
-        chunked_steps: bool = True, nonzero: bool | None = None) -> FoldModule:
+def fit(
+    task: Task,
+    config: TrainConfig,
+    datamodule: FoldDataModule,
+    seed: int,
+    members: Members | None = None,
+    callbacks: Sequence[L.Callback] = (),
+    accelerator: str = "auto",
+    hand_stacked: bool = True,
+    chunked_steps: bool = True,
+    nonzero: bool | None = None,
+) -> FoldModule:
     """Train ``members`` (default: all the set-up DataModule's) as one stack; raise TrainingDiverged
     on a NaN or infinite loss. ``nonzero``: whether a first layer that can sums the weight rows of
     the rows' nonzero entries (``first_layer`` measures it; default: wherever it can)."""
@@ -139,13 +171,24 @@ def fit(task: Task, config: TrainConfig, datamodule: FoldDataModule, seed: int, 
     module = build_module(task, config, datamodule, members, seed, hand_stacked, chunked_steps)
     nonzero = module.net.accepts_nonzero and (nonzero is None or nonzero)
     device = training_device(accelerator)
-    train = datamodule.train_loader(config.batch_size, members, chunked=not module.automatic_optimization,
-                                    nonzero=nonzero, translate=config.translate, device=device)
+    train = datamodule.train_loader(
+        config.batch_size,
+        members,
+        chunked=not module.automatic_optimization,
+        nonzero=nonzero,
+        translate=config.translate,
+        device=device,
+    )
     val = datamodule.val_loader(members, nonzero=nonzero, device=device)
     progress = EpochProgress(f"{config.model}, {describe(members)}")
-    trainer = make_trainer(config.max_epochs, [*callbacks, progress], validate=members.validates,
-                           accelerator=accelerator, precision=config.precision,
-                           deterministic=task.preset.deterministic)
+    trainer = make_trainer(
+        config.max_epochs,
+        [*callbacks, progress],
+        validate=members.validates,
+        accelerator=accelerator,
+        precision=config.precision,
+        deterministic=task.preset.deterministic,
+    )
     try:
         trainer.fit(module, train_dataloaders=train, val_dataloaders=val or None)
     except SIGTERMException:  # Lightning's own stop on SIGTERM, which also asked ours
@@ -165,15 +208,18 @@ def describe(members: Members) -> str:
     return f"folds {folds[0]}-{folds[-1]}" if folds == list(range(folds[0], folds[-1] + 1)) else f"folds {folds}"
 
 
-def first_layer(task: Task, config: TrainConfig, datamodule: FoldDataModule, members: Members, seed: int,
-                accelerator: str = "auto") -> FirstLayer | None:
+def first_layer(
+    task: Task, config: TrainConfig, datamodule: FoldDataModule, members: Members, seed: int, accelerator: str = "auto"
+) -> FirstLayer | None:
     """Whether the members' first layer runs faster on the rows' nonzero entries than dense, on
     the training device (measured once); None where the model's stack cannot use them or the rows
     are not sparse."""
     if datamodule.members.features.nonzero is None:
         return None
-    models = [init_model(config, datamodule.sample_shape, datamodule.out_features, derive_seed(seed, "init", i))
-              for i in members.seed_ids]
+    models = [
+        init_model(config, datamodule.sample_shape, datamodule.out_features, derive_seed(seed, "init", i))
+        for i in members.seed_ids
+    ]
     device = training_device(accelerator)
     stack = build_stack(models, config.model).to(device)
     if not stack.accepts_nonzero:
@@ -184,17 +230,22 @@ def first_layer(task: Task, config: TrainConfig, datamodule: FoldDataModule, mem
         return choose_first_layer(stack, batch["x"], key)
 
 
-def fold_layout(task: Task, config: TrainConfig, datamodule: FoldDataModule, members: int, seed: int,
-                accelerator: str = "auto") -> Layout:
+def fold_layout(
+    task: Task, config: TrainConfig, datamodule: FoldDataModule, members: int, seed: int, accelerator: str = "auto"
+) -> Layout:
     """Whether ``members`` folds of ``config`` train faster stacked or one after another (measured once)."""
+
     def make(count: int) -> list[nn.Module]:
-        return [init_model(config, datamodule.sample_shape, datamodule.out_features, derive_seed(seed, "init", i))
-                for i in range(count)]
+        return [
+            init_model(config, datamodule.sample_shape, datamodule.out_features, derive_seed(seed, "init", i))
+            for i in range(count)
+        ]
 
     key = (config.model, repr(sorted(config.model_kwargs.items())))
     with deterministic_algorithms(task.preset.deterministic):  # timed (and cached) as the Trainer will train
-        return choose_layout(make, config.model, key, datamodule.sample_shape, config.batch_size, members,
-                             training_device(accelerator))
+        return choose_layout(
+            make, config.model, key, datamodule.sample_shape, config.batch_size, members, training_device(accelerator)
+        )
 
 
 def cross_validate(
@@ -232,15 +283,25 @@ def cross_validate(
     trick = first_layer(task, config, datamodule, members, seed, accelerator) if stacking != "vmap" else None
     nonzero, device = None if trick is None else trick.nonzero, training_device(accelerator)
     if layout.stacked:
-        module = fit(task, config, datamodule, seed, members, callbacks, accelerator, hand_stacked=stacking != "vmap",
-                     nonzero=nonzero)
+        module = fit(
+            task,
+            config,
+            datamodule,
+            seed,
+            members,
+            callbacks,
+            accelerator,
+            hand_stacked=stacking != "vmap",
+            nonzero=nonzero,
+        )
         fits = [Fit(module, members, device)]
     else:
         fits = []
         for position in range(len(members)):
             one = members.select([position])
-            fits.append(Fit(fit(task, config, datamodule, seed, one, callbacks, accelerator, nonzero=nonzero), one,
-                            device))
+            fits.append(
+                Fit(fit(task, config, datamodule, seed, one, callbacks, accelerator, nonzero=nonzero), one, device)
+            )
             if any(getattr(callback, "stopped", False) for callback in callbacks):
                 break  # a callback (the sweep's pruner) ended this configuration early
     histories = [h for f in fits for h in _split_history(f.module.history, len(f.members))]
@@ -255,13 +316,16 @@ def cross_validate(
 
 def _split_history(history: list[dict], members: int) -> list[list[dict]]:
     """Per-member histories from a stacked one (lists of M values become scalars)."""
-    return [[{k: (v[m] if isinstance(v, list) else v) for k, v in record.items()} for record in history]
-            for m in range(members)]
+    return [
+        [{k: (v[m] if isinstance(v, list) else v) for k, v in record.items()} for record in history]
+        for m in range(members)
+    ]
 
 
 @torch.no_grad()
-def predict_members(module: FoldModule, datamodule: FoldDataModule, members: Members,
-                    device: torch.device = torch.device("cpu")) -> torch.Tensor:
+def predict_members(
+    module: FoldModule, datamodule: FoldDataModule, members: Members, device: torch.device = CPU
+) -> torch.Tensor:
     """Outputs of each member of ``module`` on the test set, ``[M, N, ...]``, computed on ``device``."""
     module.to(device).eval()
     loader = datamodule.test_loader(members, nonzero=module.net.accepts_nonzero, with_targets=False, device=device)

@@ -56,7 +56,10 @@ def pin_to(gpu: str | None) -> None:
 def deterministic_algorithms(setting: bool | str) -> Iterator[None]:
     """torch's deterministic algorithms as a Trainer with ``deterministic=setting`` sets them (true,
     "warn" or false), restored after."""
-    enabled, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    enabled, warn_only = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
     torch.use_deterministic_algorithms(setting is not False, warn_only=setting == "warn")
     try:
         yield

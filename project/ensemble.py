@@ -61,7 +61,7 @@ class Predictions:
         """Raises ``zipfile.BadZipFile`` (a truncated file), ``OSError``, ``ValueError`` or
         ``KeyError`` (an array missing) where the file is not a whole one."""
         with np.load(path, allow_pickle=False) as saved:
-            return cls(saved["rows"], saved["folds"], saved["oof"], saved["test"] if "test" in saved else None)
+            return cls(saved["rows"], saved["folds"], saved["oof"], saved.get("test", None))
 
 
 def _scale(task: Task, outputs: torch.Tensor) -> torch.Tensor:
@@ -87,7 +87,9 @@ def out_of_fold(task: Task, result: CVResult, datamodule: FoldDataModule, with_t
         module.cpu()
     rows, folds, oof = np.concatenate(rows), np.concatenate(folds), np.concatenate(oof)
     order = np.argsort(rows, kind="stable")
-    return Predictions(rows[order], folds[order], oof[order], torch.cat(test).mean(dim=0).numpy() if with_test else None)
+    return Predictions(
+        rows[order], folds[order], oof[order], torch.cat(test).mean(dim=0).numpy() if with_test else None
+    )
 
 
 def scores(task: Task, candidates: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -106,12 +108,14 @@ def scores(task: Task, candidates: np.ndarray, targets: np.ndarray) -> np.ndarra
 
 def cv_score(task: Task, predictions: np.ndarray, targets: np.ndarray, folds: np.ndarray) -> float:
     """The mean over folds of each fold's score, as a trial's CV score is made."""
-    return float(np.mean([scores(task, predictions[folds == k][None], targets[folds == k])[0]
-                          for k in np.unique(folds)]))
+    return float(
+        np.mean([scores(task, predictions[folds == k][None], targets[folds == k])[0] for k in np.unique(folds)])
+    )
 
 
-def select(task: Task, library: dict[int | str, Predictions], targets: np.ndarray,
-           rounds: int = ROUNDS) -> dict[int | str, float]:
+def select(
+    task: Task, library: dict[int | str, Predictions], targets: np.ndarray, rounds: int = ROUNDS
+) -> dict[int | str, float]:
     """Greedy ensemble selection with replacement over ``library`` (a trial's number, or an
     estimator's name -> its predictions, all of the same rows; ``targets`` are those rows'
     targets): each member's weight, summing to 1. A tie goes to the first in ``library``."""
@@ -130,8 +134,9 @@ def select(task: Task, library: dict[int | str, Predictions], targets: np.ndarra
     return {n: chosen[n] / rounds for n in numbers if chosen[n]}
 
 
-def held_out_score(task: Task, library: dict[int | str, Predictions], targets: np.ndarray,
-                   folds: np.ndarray) -> float | None:
+def held_out_score(
+    task: Task, library: dict[int | str, Predictions], targets: np.ndarray, folds: np.ndarray
+) -> float | None:
     """The selection's own cross-validation: each fold scored by the ensemble selected on the other
     folds' out-of-fold rows, the mean over folds. Unlike the score of the ensemble selected on every
     row, no row helps choose the weights it is scored with (None with one validated fold)."""
@@ -140,8 +145,9 @@ def held_out_score(task: Task, library: dict[int | str, Predictions], targets: n
     fold_scores = []
     for k in np.unique(folds):
         part = folds != k
-        weights = select(task, {n: Predictions(p.rows[part], p.folds[part], p.oof[part]) for n, p in library.items()},
-                         targets[part])
+        weights = select(
+            task, {n: Predictions(p.rows[part], p.folds[part], p.oof[part]) for n, p in library.items()}, targets[part]
+        )
         mix = sum(w * library[n].oof[~part] for n, w in weights.items())
         fold_scores.append(scores(task, mix[None], targets[~part])[0])
     return float(np.mean(fold_scores))

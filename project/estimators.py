@@ -72,8 +72,10 @@ def cross_fit(task: Task, name: str, datamodule: FoldDataModule) -> FittedEstima
                 warnings.simplefilter("ignore", ConvergenceWarning)  # a Lasso's last digits, not its use
                 model = build_estimator(spec.estimator, spec.args).fit(x[train.numpy()], y[train.numpy()])
         except (TypeError, ValueError) as err:  # scikit-learn checks its arguments' values when it fits
-            raise EstimatorFailed(f"{task.preset.source or task.name}: key 'sweep.estimators.{name}': "
-                                  f"{spec.estimator} did not fit: {str(err).splitlines()[0]}") from None
+            raise EstimatorFailed(
+                f"{task.preset.source or task.name}: key 'sweep.estimators.{name}': "
+                f"{spec.estimator} did not fit: {str(err).splitlines()[0]}"
+            ) from None
         models.append(model)
         oof[val.numpy()] = predict(task, model, x[val.numpy()], classes)
         test.append(predict(task, model, preprocessor.transform(datamodule.test_frame), classes))
@@ -83,6 +85,13 @@ def cross_fit(task: Task, name: str, datamodule: FoldDataModule) -> FittedEstima
         folds[val.numpy()] = fold
     predictions = Predictions(rows, folds[rows], oof[rows], np.mean(test, axis=0))
     fold_scores = [cv_score(task, oof[val.numpy()], y[val.numpy()], np.zeros(len(val))) for val in members.val_rows]
-    return FittedEstimator(name=name, reference=spec.estimator, args=dict(spec.args), models=models,
-                           predictions=predictions, fold_scores=fold_scores, cv=float(np.mean(fold_scores)),
-                           seconds=time.perf_counter() - started)
+    return FittedEstimator(
+        name=name,
+        reference=spec.estimator,
+        args=dict(spec.args),
+        models=models,
+        predictions=predictions,
+        fold_scores=fold_scores,
+        cv=float(np.mean(fold_scores)),
+        seconds=time.perf_counter() - started,
+    )

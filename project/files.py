@@ -22,8 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 # what a folder that cannot take a file raises; any other OSError is a bug and keeps its traceback
-UNWRITABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG,
-              errno.ENOENT}
+UNWRITABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG, errno.ENOENT}
 
 
 class WriteFailed(OSError):

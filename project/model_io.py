@@ -17,17 +17,39 @@ from project.models import create_model
 from project.tasks import TrainConfig
 
 
-def model_record(config: TrainConfig, sample_shape: Sequence[int], out_features: int, folds: Sequence[int | None],
-                 net_state: dict[str, Tensor], head_state: dict[str, Tensor], **extra: object) -> bytes:
+def model_record(
+    config: TrainConfig,
+    sample_shape: Sequence[int],
+    out_features: int,
+    folds: Sequence[int | None],
+    net_state: dict[str, Tensor],
+    head_state: dict[str, Tensor],
+    **extra: object,
+) -> bytes:
     """The file's contents. ``net_state``: the members' plain state_dict with a leading member
     dimension; ``extra``: plain values kept beside them (a trial's curves and fold scores)."""
-    return files.torch_bytes({"config": config.to_dict(), "sample_shape": list(sample_shape),
-                              "out_features": out_features, "folds": list(folds), "net": net_state,
-                              "head": head_state, **extra})
+    return files.torch_bytes(
+        {
+            "config": config.to_dict(),
+            "sample_shape": list(sample_shape),
+            "out_features": out_features,
+            "folds": list(folds),
+            "net": net_state,
+            "head": head_state,
+            **extra,
+        }
+    )
 
 
-def save_model(path: Path, config: TrainConfig, sample_shape: Sequence[int], out_features: int,
-               folds: Sequence[int | None], net_state: dict[str, Tensor], head_state: dict[str, Tensor]) -> Path:
+def save_model(
+    path: Path,
+    config: TrainConfig,
+    sample_shape: Sequence[int],
+    out_features: int,
+    folds: Sequence[int | None],
+    net_state: dict[str, Tensor],
+    head_state: dict[str, Tensor],
+) -> Path:
     """Written into a folder that ``files.atomic_folder`` renames into place once whole."""
     path.write_bytes(model_record(config, sample_shape, out_features, folds, net_state, head_state))
     return path

@@ -40,15 +40,27 @@ from project.tasks import Task, TrainConfig
 
 # what a saved member's preprocessing may be made of (anything else is refused when it is loaded)
 TRUSTED = [
-    "numpy.dtype", "numpy.ndarray", "numpy.float32", "numpy.float64", "numpy.int64",
-    "builtins.object", "builtins.str", "builtins.float", "builtins.int",
+    "numpy.dtype",
+    "numpy.ndarray",
+    "numpy.float32",
+    "numpy.float64",
+    "numpy.int64",
+    "builtins.object",
+    "builtins.str",
+    "builtins.float",
+    "builtins.int",
     "sklearn.compose._column_transformer.ColumnTransformer",
     "sklearn.compose._column_transformer._RemainderColsList",
-    "sklearn.pipeline.Pipeline", "sklearn.impute._base.SimpleImputer", "sklearn.impute._base.MissingIndicator",
-    "sklearn.preprocessing._data.StandardScaler", "sklearn.preprocessing._data.RobustScaler",
+    "sklearn.pipeline.Pipeline",
+    "sklearn.impute._base.SimpleImputer",
+    "sklearn.impute._base.MissingIndicator",
+    "sklearn.preprocessing._data.StandardScaler",
+    "sklearn.preprocessing._data.RobustScaler",
     "sklearn.preprocessing._data.QuantileTransformer",
-    "sklearn.preprocessing._encoders.OneHotEncoder", "sklearn.preprocessing._function_transformer.FunctionTransformer",
-    "project.data.tabular.QuantileClipper", "project.data.tabular.SkewedLog1p",
+    "sklearn.preprocessing._encoders.OneHotEncoder",
+    "sklearn.preprocessing._function_transformer.FunctionTransformer",
+    "project.data.tabular.QuantileClipper",
+    "project.data.tabular.SkewedLog1p",
     "project.data.tabular.categories_as_text",
 ]
 EVAL_ROWS = 4096
@@ -96,9 +108,22 @@ class Predicts:
 
 
 class Predictor(Predicts):
-    def __init__(self, task: Task, config: TrainConfig, members: list[nn.Module], head: nn.Module,
-                 preprocessors: list[FoldPreprocessor] | None, inputs: dict) -> None:
-        self.task, self.config, self.head, self.preprocessors, self.inputs = task, config, head.eval(), preprocessors, inputs
+    def __init__(
+        self,
+        task: Task,
+        config: TrainConfig,
+        members: list[nn.Module],
+        head: nn.Module,
+        preprocessors: list[FoldPreprocessor] | None,
+        inputs: dict,
+    ) -> None:
+        self.task, self.config, self.head, self.preprocessors, self.inputs = (
+            task,
+            config,
+            head.eval(),
+            preprocessors,
+            inputs,
+        )
         self.stack = build_stack(members, config.model).eval()
 
     @classmethod
@@ -109,15 +134,26 @@ class Predictor(Predicts):
         return cls.of_members(task, config, members, head_state, [f.members for f in fits], datamodule)
 
     @classmethod
-    def of_members(cls, task: Task, config: TrainConfig, members: list[nn.Module], head_state: dict[str, Tensor],
-                   sets: list[Members], datamodule: FoldDataModule) -> Predictor:
+    def of_members(
+        cls,
+        task: Task,
+        config: TrainConfig,
+        members: list[nn.Module],
+        head_state: dict[str, Tensor],
+        sets: list[Members],
+        datamodule: FoldDataModule,
+    ) -> Predictor:
         """Trained plain ``members`` with their head's state, the members of ``sets`` (whose
         preprocessing they were trained on) in that order."""
         head = task.head(config, [torch.zeros(1)] * len(members))
         head.load_state_dict(head_state)
         preprocessors = None if sets[0].preprocessors is None else [p for s in sets for p in s.preprocessors]
-        inputs = {"sample_shape": list(datamodule.sample_shape), "out_features": datamodule.out_features,
-                  "folds": [fold for s in sets for fold in s.folds], "classes": class_labels(datamodule)}
+        inputs = {
+            "sample_shape": list(datamodule.sample_shape),
+            "out_features": datamodule.out_features,
+            "folds": [fold for s in sets for fold in s.folds],
+            "classes": class_labels(datamodule),
+        }
         if sets[0].features.shared:  # images: each member's pixel statistics
             inputs["shift"] = torch.cat([s.features.shift for s in sets]).tolist()
             inputs["scale"] = torch.cat([s.features.scale for s in sets]).tolist()
@@ -127,8 +163,14 @@ class Predictor(Predicts):
         """Each member's head outputs on raw inputs, ``[M, N, ...]``: table rows as the test file
         holds them, or images ``[N, C, H, W]`` of uint8 pixels."""
         features = self._features(raw)
-        loader = StackedBatches(features, None, [torch.arange(features.n_rows)] * self.stack.members, EVAL_ROWS,
-                                nonzero=self.stack.accepts_nonzero, device=self.device)
+        loader = StackedBatches(
+            features,
+            None,
+            [torch.arange(features.n_rows)] * self.stack.members,
+            EVAL_ROWS,
+            nonzero=self.stack.accepts_nonzero,
+            device=self.device,
+        )
         with torch.no_grad():
             return torch.cat([self.head(self.stack(batch["x"])).cpu() for batch in loader], dim=1)
 
@@ -148,15 +190,26 @@ class Predictor(Predicts):
             frame = self.task.prepare_rows(raw)
             return MemberFeatures(torch.from_numpy(stack_members([p.transform(frame) for p in self.preprocessors])))
         pixels = torch.as_tensor(np.asarray(raw, dtype=np.uint8)).reshape(len(raw), -1)
-        return MemberFeatures(pixels, torch.tensor(self.inputs["shift"]), torch.tensor(self.inputs["scale"]),
-                              tuple(self.inputs["sample_shape"]))
+        return MemberFeatures(
+            pixels,
+            torch.tensor(self.inputs["shift"]),
+            torch.tensor(self.inputs["scale"]),
+            tuple(self.inputs["sample_shape"]),
+        )
 
     def write(self, folder: Path) -> None:
         import skops.io
 
         save_task(folder, self.task, self.inputs)
-        save_model(folder / "model.pt", self.config, self.inputs["sample_shape"], self.inputs["out_features"],
-                   self.inputs["folds"], self.stack.member_state_dict(), self.head.state_dict())
+        save_model(
+            folder / "model.pt",
+            self.config,
+            self.inputs["sample_shape"],
+            self.inputs["out_features"],
+            self.inputs["folds"],
+            self.stack.member_state_dict(),
+            self.head.state_dict(),
+        )
         for m, pre in enumerate(self.preprocessors or []):
             (folder / "preprocessing").mkdir(exist_ok=True)
             skops.io.dump(pre.columns_, folder / "preprocessing" / f"member{m}.skops")
@@ -181,16 +234,28 @@ class EstimatorPredictor(Predicts):
     skops file per fold under ``preprocessing/`` and ``models/``; loading trusts the types of
     scikit-learn, NumPy, SciPy and of the package the estimator's class comes from, nothing else."""
 
-    def __init__(self, task: Task, fitted: dict, models: list, preprocessors: list[FoldPreprocessor],
-                 inputs: dict) -> None:
-        self.task, self.fitted, self.models, self.preprocessors, self.inputs = task, fitted, models, preprocessors, inputs
+    def __init__(
+        self, task: Task, fitted: dict, models: list, preprocessors: list[FoldPreprocessor], inputs: dict
+    ) -> None:
+        self.task, self.fitted, self.models, self.preprocessors, self.inputs = (
+            task,
+            fitted,
+            models,
+            preprocessors,
+            inputs,
+        )
 
     @classmethod
     def from_fitted(cls, task: Task, fitted, datamodule: FoldDataModule) -> EstimatorPredictor:
         """The fold models of a ``FittedEstimator`` on ``datamodule``'s folds."""
         members = datamodule.members
-        return cls(task, {"name": fitted.name, "estimator": fitted.reference, "args": fitted.args}, fitted.models,
-                   list(members.preprocessors), {"folds": list(members.folds), "classes": class_labels(datamodule)})
+        return cls(
+            task,
+            {"name": fitted.name, "estimator": fitted.reference, "args": fitted.args},
+            fitted.models,
+            list(members.preprocessors),
+            {"folds": list(members.folds), "classes": class_labels(datamodule)},
+        )
 
     def averaged(self, raw: pd.DataFrame) -> Tensor:
         from project.estimators import predict
@@ -227,8 +292,9 @@ class EstimatorPredictor(Predicts):
             with reading(path):
                 trusted = [t for t in skops.io.get_untrusted_types(file=path) if t.split(".")[0] in roots]
                 models.append(skops.io.load(path, trusted=trusted))
-        preprocessors = [load_preprocessor(task, folder / "preprocessing" / f"member{m}.skops")
-                         for m in range(len(inputs["folds"]))]
+        preprocessors = [
+            load_preprocessor(task, folder / "preprocessing" / f"member{m}.skops") for m in range(len(inputs["folds"]))
+        ]
         return cls(task, fitted, models, preprocessors, inputs)
 
 
@@ -308,9 +374,11 @@ class ModelUnreadable(Exception):
 
     def __init__(self, path: Path, err: Exception) -> None:
         reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        super().__init__(f"cannot read the saved model's file {path} ({reason}): write the model again with "
-                         "`python experiments/export_submission.py` (a sweep's) or `python experiments/train.py`, "
-                         "with the same --output-dir")
+        super().__init__(
+            f"cannot read the saved model's file {path} ({reason}): write the model again with "
+            "`python experiments/export_submission.py` (a sweep's) or `python experiments/train.py`, "
+            "with the same --output-dir"
+        )
         self.path = path
 
 
@@ -321,7 +389,7 @@ def reading(path: Path) -> Iterator[None]:
         yield
     except ModelUnreadable:
         raise
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - torch, skops and pickle raise many types on a damaged file
         raise ModelUnreadable(path, err) from None
 
 
@@ -329,8 +397,10 @@ def fits_state(fits: list[Fit]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """The members' stacked weights and their head's state, of one fit or several in turn."""
     nets = [f.module.net.member_state_dict() for f in fits]
     heads = [f.module.head.state_dict() for f in fits]
-    return ({k: torch.cat([n[k] for n in nets]) for k in nets[0]},
-            {k: torch.cat([h[k] for h in heads]) for k in heads[0]})
+    return (
+        {k: torch.cat([n[k] for n in nets]) for k in nets[0]},
+        {k: torch.cat([h[k] for h in heads]) for k in heads[0]},
+    )
 
 
 def _plain_members(fit: Fit, config: TrainConfig, datamodule: FoldDataModule) -> list[nn.Module]:

@@ -175,8 +175,9 @@ def load(path: str | Path, overrides: Sequence[str] = (), values: dict | None = 
     a nested dict of settings from flags; both win over the file."""
     path = Path(path)
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(Preset), *_layers(path), OmegaConf.from_dotlist(list(overrides)),
-                                 values or {})
+        merged = OmegaConf.merge(
+            OmegaConf.structured(Preset), *_layers(path), OmegaConf.from_dotlist(list(overrides)), values or {}
+        )
         preset = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         key = f"key {err.full_key!r}: " if getattr(err, "full_key", None) else ""
@@ -207,7 +208,9 @@ def from_resolved(values: dict) -> Preset:
 
 def _one_of(path: Path, key: str, value: Any, allowed: Sequence) -> None:
     if value not in allowed:
-        raise PresetError(f"{path}: key {key!r}: {value!r} is not allowed; expected one of {', '.join(map(str, allowed))}")
+        raise PresetError(
+            f"{path}: key {key!r}: {value!r} is not allowed; expected one of {', '.join(map(str, allowed))}"
+        )
 
 
 def check(preset: Preset, path: Path) -> None:
@@ -222,8 +225,10 @@ def check(preset: Preset, path: Path) -> None:
     _one_of(path, "data.target_transform", preset.data.target_transform, TRANSFORMS)
     _one_of(path, "data.preprocess.scaler", preset.data.preprocess.scaler, SCALERS)
     if preset.kind == "classification" and preset.data.target_transform != "none":
-        raise PresetError(f"{path}: key 'data.target_transform': {preset.data.target_transform!r} is for regression; "
-                          "expected 'none' for a classification task")
+        raise PresetError(
+            f"{path}: key 'data.target_transform': {preset.data.target_transform!r} is for regression; "
+            "expected 'none' for a classification task"
+        )
     if preset.deterministic not in DETERMINISTIC:
         raise PresetError(f"{path}: key 'deterministic': {preset.deterministic!r}, expected true, warn or false")
     if preset.folds < 2:
@@ -235,8 +240,10 @@ def check(preset: Preset, path: Path) -> None:
     if preset.data.derive:
         derive_function(preset.data.derive, path)
     if preset.model not in preset.models:
-        raise PresetError(f"{path}: key 'model': {preset.model!r} has no entry under 'models'; "
-                          f"expected one of {', '.join(preset.models) or '(none)'}")
+        raise PresetError(
+            f"{path}: key 'model': {preset.model!r} has no entry under 'models'; "
+            f"expected one of {', '.join(preset.models) or '(none)'}"
+        )
     for name, model in preset.models.items():
         where = f"models.{name}"
         try:
@@ -251,18 +258,27 @@ def check(preset: Preset, path: Path) -> None:
             target, _, argument = key.partition(".")
             known = argument in arguments if target == "model" else key in settings
             if not known:
-                raise PresetError(f"{path}: key '{where}.search.{key}': names no setting; expected a training setting "
-                                  f"({', '.join(sorted(settings))}) or model.<argument> ({', '.join(sorted(arguments))})")
+                raise PresetError(
+                    f"{path}: key '{where}.search.{key}': names no setting; expected a training setting "
+                    f"({', '.join(sorted(settings))}) or model.<argument> ({', '.join(sorted(arguments))})"
+                )
             if sum(x is not None for x in (param.low, param.choices, param.depth)) != 1:
-                raise PresetError(f"{path}: key '{where}.search.{key}': expected one of low/high, choices, or "
-                                  "depth/width")
-            if param.when is not None and param.when not in model.search and param.when not in ("model." + a for a in arguments):
+                raise PresetError(
+                    f"{path}: key '{where}.search.{key}': expected one of low/high, choices, or depth/width"
+                )
+            if (
+                param.when is not None
+                and param.when not in model.search
+                and param.when not in ("model." + a for a in arguments)
+            ):
                 raise PresetError(f"{path}: key '{where}.search.{key}.when': {param.when!r} is not a searched setting")
             names.update(search_names(key, param))
         unknown = sorted(set(model.start) - names)
         if unknown:
-            raise PresetError(f"{path}: key '{where}.start': {', '.join(unknown)} are not searched; expected some of "
-                              f"{', '.join(sorted(names))}")
+            raise PresetError(
+                f"{path}: key '{where}.start': {', '.join(unknown)} are not searched; expected some of "
+                f"{', '.join(sorted(names))}"
+            )
     check_estimators(preset, path)
 
 
@@ -272,22 +288,28 @@ def check_estimators(preset: Preset, path: Path) -> None:
     from project.estimators import build_estimator
 
     if preset.sweep.estimators and (preset.data.kind != "csv" or preset.final.refit):
-        raise PresetError(f"{path}: key 'sweep.estimators': estimators join the ensemble of a CSV task whose fold "
-                          "models predict its test rows; expected none for this task (data.kind "
-                          f"{preset.data.kind!r}, final.refit {preset.final.refit})")
+        raise PresetError(
+            f"{path}: key 'sweep.estimators': estimators join the ensemble of a CSV task whose fold "
+            "models predict its test rows; expected none for this task (data.kind "
+            f"{preset.data.kind!r}, final.refit {preset.final.refit})"
+        )
     method = "predict" if preset.kind == "regression" else "predict_proba"
     for name, spec in preset.sweep.estimators.items():
         where = f"sweep.estimators.{name}"
         try:
             estimator = build_estimator(spec.estimator, spec.args)
         except ImportError:
-            raise PresetError(f"{path}: key '{where}.estimator': {spec.estimator!r} is not importable; expected "
-                              "'module:Class', e.g. 'sklearn.linear_model:Lasso'") from None
+            raise PresetError(
+                f"{path}: key '{where}.estimator': {spec.estimator!r} is not importable; expected "
+                "'module:Class', e.g. 'sklearn.linear_model:Lasso'"
+            ) from None
         except (TypeError, ValueError) as err:
             raise PresetError(f"{path}: key '{where}.args': {err}") from None
         if not (hasattr(estimator, "fit") and hasattr(estimator, method)):
-            raise PresetError(f"{path}: key '{where}.estimator': {spec.estimator!r} has no fit and {method} "
-                              f"methods; expected a scikit-learn {preset.kind} estimator")
+            raise PresetError(
+                f"{path}: key '{where}.estimator': {spec.estimator!r} has no fit and {method} "
+                f"methods; expected a scikit-learn {preset.kind} estimator"
+            )
 
 
 def check_data(preset: Preset, data_dir: str | Path) -> None:
@@ -316,8 +338,10 @@ def check_data(preset: Preset, data_dir: str | Path) -> None:
         for name in ("id", "target") if key == "train" else ("id",):
             column = getattr(data, name)
             if column not in header:
-                raise PresetError(f"{source}: key 'data.{name}': {path} has no column {column!r}; "
-                                  f"its header has {len(header)} columns")
+                raise PresetError(
+                    f"{source}: key 'data.{name}': {path} has no column {column!r}; "
+                    f"its header has {len(header)} columns"
+                )
 
 
 def search_names(key: str, param: SearchParam) -> list[str]:
@@ -334,7 +358,9 @@ def derive_function(reference: str | None, source: str | Path):
     try:
         return imported(reference)
     except ImportError:
-        raise PresetError(f"{source}: key 'data.derive': {reference!r} is not importable; expected 'module:function'") from None
+        raise PresetError(
+            f"{source}: key 'data.derive': {reference!r} is not importable; expected 'module:function'"
+        ) from None
 
 
 def imported(reference: str):

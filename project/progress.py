@@ -31,14 +31,24 @@ class EpochProgress(L.Callback):
         figures = ", ".join(f"{key} {sum(value) / len(value):.4f}" for key, value in record.items() if key != "epoch")
         if self.stream.isatty():
             if self.bar is None:
-                self.bar = tqdm(total=trainer.max_epochs, initial=epoch - 1, desc=self.label, unit="epoch",
-                                file=self.stream, leave=False, dynamic_ncols=True)
+                self.bar = tqdm(
+                    total=trainer.max_epochs,
+                    initial=epoch - 1,
+                    desc=self.label,
+                    unit="epoch",
+                    file=self.stream,
+                    leave=False,
+                    dynamic_ncols=True,
+                )
             self.bar.set_postfix_str(figures, refresh=False)
             self.bar.update(1)
         elif elapsed - self.printed >= self.every or epoch == trainer.max_epochs:
             self.printed = elapsed
-            print(f"{self.label}: epoch {epoch}/{trainer.max_epochs}, {figures} ({elapsed:.0f} s)", file=self.stream,
-                  flush=True)
+            print(
+                f"{self.label}: epoch {epoch}/{trainer.max_epochs}, {figures} ({elapsed:.0f} s)",
+                file=self.stream,
+                flush=True,
+            )
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.bar is not None:

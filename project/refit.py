@@ -29,8 +29,9 @@ class Refit:
     trial: int | None = None
 
 
-def refit_and_test(task: Task, refits: Sequence[Refit], data_dir: str | Path, seed: int,
-                   predictions_path: Path | None = None) -> tuple[Predicts, dict]:
+def refit_and_test(
+    task: Task, refits: Sequence[Refit], data_dir: str | Path, seed: int, predictions_path: Path | None = None
+) -> tuple[Predicts, dict]:
     """Refit every configuration of ``refits`` on every training row, each member on a seed of its
     own (a configuration's seeds stacked or one after another, as the engine measured faster); then
     score the test split once, with the weighted average of the configurations' class probabilities
@@ -48,8 +49,11 @@ def refit_and_test(task: Task, refits: Sequence[Refit], data_dir: str | Path, se
         predictors.append(Predictor.from_fits(task, refit.config, own, datamodule).to(device))
         fits += own
     total = sum(r.weight for r in refits)
-    predictor = predictors[0] if len(refits) == 1 else Ensemble(
-        [r.weight / total for r in refits], predictors, [r.trial for r in refits])
+    predictor = (
+        predictors[0]
+        if len(refits) == 1
+        else Ensemble([r.weight / total for r in refits], predictors, [r.trial for r in refits])
+    )
     test_inputs = datamodule.test_inputs()  # read once: the file for a table task
     scores = {}
     if datamodule.test_targets is not None:
@@ -61,8 +65,10 @@ def refit_and_test(task: Task, refits: Sequence[Refit], data_dir: str | Path, se
         # the ensemble scored as one member, from its probabilities
         probabilities = predictor.averaged(test_inputs).numpy()[None]
         name = f"test_{REPORTED.get(task.metric, task.metric)}"
-        scores = {name: float(ensemble_scores(task, probabilities, datamodule.test_targets.numpy())[0]),
-                  f"{name}_members": member_scores}
+        scores = {
+            name: float(ensemble_scores(task, probabilities, datamodule.test_targets.numpy())[0]),
+            f"{name}_members": member_scores,
+        }
     if predictions_path is not None:
         predictor.write_submission(test_inputs, predictions_path, datamodule.test_ids)
     return predictor.to(torch.device("cpu")), scores

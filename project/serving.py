@@ -27,8 +27,18 @@ from project.predictor import Predicts, load_predictor
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 MODEL_CODE = PACKAGE_DIR / "mlflow_model.py"
-REQUIREMENTS = ("torch", "lightning", "torchmetrics", "numpy", "pandas", "scikit-learn", "skops", "omegaconf",
-                "optuna", "mlflow")
+REQUIREMENTS = (
+    "torch",
+    "lightning",
+    "torchmetrics",
+    "numpy",
+    "pandas",
+    "scikit-learn",
+    "skops",
+    "omegaconf",
+    "optuna",
+    "mlflow",
+)
 
 
 class PredictorModel(mlflow.pyfunc.PythonModel):
@@ -64,9 +74,15 @@ def signature(predictor: Predicts, test_inputs: pd.DataFrame | np.ndarray) -> Mo
     return ModelSignature(Schema(columns), inferred.outputs)
 
 
-def log_predictor(predictor: Predicts, tracking_uri: str, run_id: str, test_inputs: pd.DataFrame | np.ndarray,
-                  registered_name: str | None = None, tags: dict | None = None,
-                  saved: Path | None = None) -> ModelVersion | None:
+def log_predictor(
+    predictor: Predicts,
+    tracking_uri: str,
+    run_id: str,
+    test_inputs: pd.DataFrame | np.ndarray,
+    registered_name: str | None = None,
+    tags: dict | None = None,
+    saved: Path | None = None,
+) -> ModelVersion | None:
     """Log the predictor as the run's MLflow Model (a logged model, with a signature and five test
     rows as its input example); register it under ``registered_name`` with ``tags``, where given.
     ``saved``: the folder ``predictor.save`` already wrote, logged as it is rather than saved again."""
@@ -76,10 +92,15 @@ def log_predictor(predictor: Predicts, tracking_uri: str, run_id: str, test_inpu
         warnings.filterwarnings("ignore", message=".*type hints to the `predict` method")
         folder = saved or predictor.save(Path(tmp) / "predictor")
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=str(MODEL_CODE), artifacts={"predictor": str(folder)},
-            code_paths=[str(PACKAGE_DIR)], signature=signature(predictor, test_inputs),
-            input_example=test_inputs[:5], pip_requirements=pinned_requirements(),
-            registered_model_name=registered_name)
+            name="model",
+            python_model=str(MODEL_CODE),
+            artifacts={"predictor": str(folder)},
+            code_paths=[str(PACKAGE_DIR)],
+            signature=signature(predictor, test_inputs),
+            input_example=test_inputs[:5],
+            pip_requirements=pinned_requirements(),
+            registered_model_name=registered_name,
+        )
     if registered_name is None:
         return None
     client = mlflow.MlflowClient(tracking_uri)

@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import lightning as L
 
@@ -50,14 +50,18 @@ def handling_signals() -> Iterator[None]:
     """Within this block, SIGINT and SIGTERM ask for a stop: the first records the request, says so
     and passes it on to the worker processes (``forwarding_to``); a second kills them and exits at
     once with 128 + the signal. Python's own handlers come back after it."""
+
     def handler(signum: int, frame) -> None:
         if _received:
             for pid in _children:
                 _signal(pid, signal.SIGKILL)
             os._exit(128 + signum)
         _received.append(signum)
-        print(f"\n{signal.Signals(signum).name}: stopping after the current step (again to stop at once)",
-              file=sys.stderr, flush=True)
+        print(
+            f"\n{signal.Signals(signum).name}: stopping after the current step (again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
         for pid in _children:
             _signal(pid, signum)
 
@@ -84,16 +88,15 @@ def forwarding_to(pids: list[int]) -> Iterator[None]:
 
 
 def _signal(pid: int, signum: int) -> None:
-    try:
+    with suppress(ProcessLookupError):
         os.kill(pid, signum)
-    except ProcessLookupError:
-        pass
 
 
 def install_for_worker() -> None:
     """A sweep's worker process: it stops on the first signal, whether the terminal sent it to the
     whole process group or its coordinator forwarded it (so it may come twice), and leaves the
     message and the hard stop of a second Ctrl-C to the coordinator."""
+
     def handler(signum: int, frame) -> None:
         if not _received:
             _received.append(signum)

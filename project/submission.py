@@ -40,10 +40,15 @@ class SubmissionFormat:
         id_column = sub.id or data.id or "id"
         target = sub.target or data.target or "label"
         columns = tuple(str(c) for c in classes) if sub.probabilities else (target,)
-        return cls(id_column, columns, np.asarray(ids), tuple(sub.id_range) if sub.id_range else None,
-                   numeric=task.kind == "regression" or sub.probabilities,
-                   positive=task.kind == "regression" and data.target_transform == "log",
-                   probabilities=sub.probabilities)
+        return cls(
+            id_column,
+            columns,
+            np.asarray(ids),
+            tuple(sub.id_range) if sub.id_range else None,
+            numeric=task.kind == "regression" or sub.probabilities,
+            positive=task.kind == "regression" and data.target_transform == "log",
+            probabilities=sub.probabilities,
+        )
 
 
 def check_submission(frame: pd.DataFrame, fmt: SubmissionFormat, source: str = "submission") -> None:
@@ -54,8 +59,12 @@ def check_submission(frame: pd.DataFrame, fmt: SubmissionFormat, source: str = "
     if len(frame) != len(fmt.ids):
         raise SubmissionError(f"{source}: {len(frame)} rows, expected {len(fmt.ids)} (one per test row)")
     ids = frame[fmt.id_column].astype(str).to_numpy()
-    if fmt.id_range is not None and not np.array_equal(ids, np.arange(fmt.id_range[0], fmt.id_range[1] + 1).astype(str)):
-        raise SubmissionError(f"{source}: column {fmt.id_column!r} must be {fmt.id_range[0]}..{fmt.id_range[1]} ascending")
+    if fmt.id_range is not None and not np.array_equal(
+        ids, np.arange(fmt.id_range[0], fmt.id_range[1] + 1).astype(str)
+    ):
+        raise SubmissionError(
+            f"{source}: column {fmt.id_column!r} must be {fmt.id_range[0]}..{fmt.id_range[1]} ascending"
+        )
     if not np.array_equal(ids, fmt.ids.astype(str)):
         raise SubmissionError(f"{source}: column {fmt.id_column!r} differs from the test file's ids in file order")
     if not fmt.numeric:
@@ -68,8 +77,11 @@ def check_submission(frame: pd.DataFrame, fmt: SubmissionFormat, source: str = "
         bad |= (values < 0).any(axis=1) | (np.abs(values.sum(axis=1) - 1) > 1e-4)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
-        expected = "probabilities summing to one" if fmt.probabilities else (
-            "a finite positive number" if fmt.positive else "a finite number")
+        expected = (
+            "probabilities summing to one"
+            if fmt.probabilities
+            else ("a finite positive number" if fmt.positive else "a finite number")
+        )
         raise SubmissionError(f"{source}: line {row + 2} is {values[row].tolist()}, expected {expected}")
 
 

@@ -91,7 +91,7 @@ class Task:
 
     @property
     def kind(self) -> str:
-        """"regression" or "classification"."""
+        """ "regression" or "classification"."""
         return self.preset.kind
 
     @property
@@ -101,7 +101,7 @@ class Task:
 
     @property
     def direction(self) -> str:
-        """"minimize" or "maximize"."""
+        """ "minimize" or "maximize"."""
         return self.preset.direction
 
     @property
@@ -130,27 +130,54 @@ class Task:
         kwargs = {**settings.args, **overrides.pop("model_kwargs", {})}
         return TrainConfig(**{**settings.train, **overrides, "model": model, "model_kwargs": kwargs})
 
-    def datamodule(self, data_dir: str | Path, n_folds: int | None = None, fold=0, seed: int = 0,
-                   replicas: int = 1, batch_size: int = 64) -> FoldDataModule:
+    def datamodule(
+        self,
+        data_dir: str | Path,
+        n_folds: int | None = None,
+        fold=0,
+        seed: int = 0,
+        replicas: int = 1,
+        batch_size: int = 64,
+    ) -> FoldDataModule:
         data = self.preset.data
-        common = dict(dataset=data.dataset, data_dir=data_dir, n_folds=n_folds or self.folds, fold=fold, seed=seed,
-                      replicas=replicas, batch_size=batch_size, stratified=self.preset.is_stratified)
+        common = dict(
+            dataset=data.dataset,
+            data_dir=data_dir,
+            n_folds=n_folds or self.folds,
+            fold=fold,
+            seed=seed,
+            replicas=replicas,
+            batch_size=batch_size,
+            stratified=self.preset.is_stratified,
+        )
         if data.kind == "csv":
-            return TableDataModule(self.table_spec(), kind=self.kind, target_transform=data.target_transform,
-                                   options=data.preprocess, drop_train_rows=data.drop_train_rows,
-                                   train_file=data.train or "train.csv", test_file=data.test or "test.csv", **common)
+            return TableDataModule(
+                self.table_spec(),
+                kind=self.kind,
+                target_transform=data.target_transform,
+                options=data.preprocess,
+                drop_train_rows=data.drop_train_rows,
+                train_file=data.train or "train.csv",
+                test_file=data.test or "test.csv",
+                **common,
+            )
         if data.kind == "idx":
             return IdxDataModule(**common)
-        return ImageFolderDataModule(train_dir=data.train or "train", test_dir=data.test or "test",
-                                     image_size=data.image_size, **common)
+        return ImageFolderDataModule(
+            train_dir=data.train or "train", test_dir=data.test or "test", image_size=data.image_size, **common
+        )
 
     def table_spec(self) -> TabularSpec:
         """How a CSV task's columns are read."""
         data = self.preset.data
-        return TabularSpec(id_column=data.id, target=data.target,
-                           numeric=None if data.numeric is None else tuple(data.numeric),
-                           categorical=tuple(data.categorical), ordinal=dict(data.ordinal),
-                           derive=presets.derive_function(data.derive, self.preset.source))
+        return TabularSpec(
+            id_column=data.id,
+            target=data.target,
+            numeric=None if data.numeric is None else tuple(data.numeric),
+            categorical=tuple(data.categorical),
+            ordinal=dict(data.ordinal),
+            derive=presets.derive_function(data.derive, self.preset.source),
+        )
 
     def prepare_rows(self, frame: pd.DataFrame) -> pd.DataFrame:
         """Raw table rows as reading the test file makes them (numbers where the preset says so),

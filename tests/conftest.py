@@ -21,19 +21,21 @@ def make_house_frames(n_train: int = 60, n_test: int = 20, seed: int = 0) -> tup
     def frame(n: int, first_id: int) -> pd.DataFrame:
         area = rng.integers(500, 4000, n).astype(float)
         quality = rng.integers(1, 11, n)
-        df = pd.DataFrame({
-            "Id": np.arange(first_id, first_id + n),
-            "MSSubClass": rng.choice([20, 60, 120], n),
-            "LotFrontage": np.where(rng.random(n) < 0.2, np.nan, rng.integers(20, 120, n)),
-            "OverallQual": quality,
-            "YearBuilt": rng.integers(1900, 2010, n),
-            "YearRemodAdd": rng.integers(1950, 2010, n),
-            "YrSold": rng.integers(2006, 2011, n),
-            "GrLivArea": area,
-            "TotalBsmtSF": rng.integers(0, 2000, n).astype(float),
-            "Neighborhood": rng.choice(["NAmes", "CollgCr", "OldTown", "Edwards"], n),
-            "KitchenQual": rng.choice(["Ex", "Gd", "TA", "Fa", None], n),
-        })
+        df = pd.DataFrame(
+            {
+                "Id": np.arange(first_id, first_id + n),
+                "MSSubClass": rng.choice([20, 60, 120], n),
+                "LotFrontage": np.where(rng.random(n) < 0.2, np.nan, rng.integers(20, 120, n)),
+                "OverallQual": quality,
+                "YearBuilt": rng.integers(1900, 2010, n),
+                "YearRemodAdd": rng.integers(1950, 2010, n),
+                "YrSold": rng.integers(2006, 2011, n),
+                "GrLivArea": area,
+                "TotalBsmtSF": rng.integers(0, 2000, n).astype(float),
+                "Neighborhood": rng.choice(["NAmes", "CollgCr", "OldTown", "Edwards"], n),
+                "KitchenQual": rng.choice(["Ex", "Gd", "TA", "Fa", None], n),
+            }
+        )
         df["SalePrice"] = np.round(20000 + 60 * area + 9000 * quality + rng.normal(0, 5000, n)).clip(10000)
         return df
 

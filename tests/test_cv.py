@@ -7,13 +7,13 @@ import pytest
 import torch
 from torch import nn
 
+from project import presets
 from project.cv import TrainingDiverged, build_module, cross_validate
 from project.data import IdxDataModule
 from project.data.base import EVAL_ELEMENTS
 from project.models import register_model
 from project.predictor import Ensemble, Predictor, load_predictor
 from project.refit import Refit, refit_and_test, refit_metrics
-from project import presets
 from project.tasks import Task, TrainConfig, get_task
 from tests.conftest import house_task_dm, write_idx_set
 
@@ -26,9 +26,15 @@ class TinyConvNet(nn.Module):
 
     def __init__(self, in_shape, out_features, channels: int = 4) -> None:
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(in_shape[0], channels, 3, padding=1), nn.GroupNorm(2, channels), nn.ReLU(),
-                                  nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Dropout(0.1),
-                                  nn.Linear(channels * 16, out_features))
+        self.body = nn.Sequential(
+            nn.Conv2d(in_shape[0], channels, 3, padding=1),
+            nn.GroupNorm(2, channels),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(4),
+            nn.Flatten(),
+            nn.Dropout(0.1),
+            nn.Linear(channels * 16, out_features),
+        )
 
     def forward(self, x):
         return self.body(x)
@@ -49,8 +55,7 @@ def test_a_model_of_ones_own_cross_validates_with_no_change_to_the_package(idx_d
     task = get_task("fashion-mnist")
     dm = task.datamodule(data_dir=idx_dir, n_folds=2, fold=[0, 1])
     dm.setup()
-    config = TrainConfig(model="test-tiny-convnet", model_kwargs={"channels": 6}, max_epochs=2, batch_size=32,
-                         lr=1e-2)
+    config = TrainConfig(model="test-tiny-convnet", model_kwargs={"channels": 6}, max_epochs=2, batch_size=32, lr=1e-2)
     result = cross_validate(task, config, datamodule=dm, stacking=stacking)
     assert len(result.fold_scores) == 2 and all(0 <= s <= 1 for s in result.fold_scores)
     assert "torch.func vmap" in result.layout
@@ -59,8 +64,9 @@ def test_a_model_of_ones_own_cross_validates_with_no_change_to_the_package(idx_d
 
 def test_a_regression_model_of_ones_own_starts_from_the_training_mean(house_dir):
     task, dm = house_task_dm(house_dir)
-    result = cross_validate(task, TrainConfig(model="test-tiny-regressor", max_epochs=3, batch_size=16, lr=1e-2),
-                            datamodule=dm)
+    result = cross_validate(
+        task, TrainConfig(model="test-tiny-regressor", max_epochs=3, batch_size=16, lr=1e-2), datamodule=dm
+    )
     assert len(result.fold_scores) == 3 and all(0 < s < 1 for s in result.fold_scores)  # log prices are ~12
 
 
@@ -90,17 +96,24 @@ def test_refit_ensemble_scores_averaged_probabilities(tmp_path):
     write_idx_set(tmp_path / "tiny-images")
     task = Task(presets.load(presets.preset_path("fashion-mnist"), ["data.dataset=tiny-images"]))  # no pinned checksums
     config = TrainConfig(model_kwargs={"hidden_sizes": (16,)}, max_epochs=2, batch_size=32)
-    predictor, scores = refit_and_test(task, [Refit(config, seeds=3)], tmp_path, seed=0,
-                                       predictions_path=tmp_path / "p.csv")
+    predictor, scores = refit_and_test(
+        task, [Refit(config, seeds=3)], tmp_path, seed=0, predictions_path=tmp_path / "p.csv"
+    )
     weights = predictor.stack.member_state_dict()["layers.1.weight"]
     assert weights.shape[0] == 3 and not torch.equal(weights[0], weights[1])  # own initialisation each
     assert len(scores["test_accuracy_members"]) == 3 and 0 <= scores["test_accuracy"] <= 1
-    assert list(refit_metrics(scores)) == ["test_accuracy", "test_accuracy_seed0", "test_accuracy_seed1",
-                                          "test_accuracy_seed2"]
+    assert list(refit_metrics(scores)) == [
+        "test_accuracy",
+        "test_accuracy_seed0",
+        "test_accuracy_seed1",
+        "test_accuracy_seed2",
+    ]
     dm = task.datamodule(tmp_path, fold=None, replicas=3)
     dm.setup()
     with torch.no_grad():
-        logits = predictor.head(predictor.stack(dm.members.test_features.gather(torch.arange(dm.test_size).expand(3, -1))))
+        logits = predictor.head(
+            predictor.stack(dm.members.test_features.gather(torch.arange(dm.test_size).expand(3, -1)))
+        )
     expected = (logits.softmax(-1).mean(0).argmax(-1) == dm.test_targets).double().mean().item()
     assert scores["test_accuracy"] == pytest.approx(expected)
     labels = (tmp_path / "p.csv").read_text().splitlines()
@@ -136,16 +149,18 @@ def test_classification_cv(idx_dir):
     task = get_task("fashion-mnist")
     dm = task.datamodule(data_dir=idx_dir, n_folds=2, fold=[0, 1], batch_size=32)
     dm.setup()
-    result = cross_validate(task, TrainConfig(model_kwargs={"hidden_sizes": (32,)}, max_epochs=2, batch_size=32),
-                            datamodule=dm)
+    result = cross_validate(
+        task, TrainConfig(model_kwargs={"hidden_sizes": (32,)}, max_epochs=2, batch_size=32), datamodule=dm
+    )
     assert len(result.fold_scores) == 2 and all(0 <= s <= 1 for s in result.fold_scores)
 
 
 def test_single_member_scores_stay_lists(house_dir):
     """One member (one validation fold, or sequential folds) keeps per-member lists in the history."""
     task, dm = house_task_dm(house_dir)
-    result = cross_validate(task, TrainConfig(model_kwargs=SMALL_MLP, max_epochs=2, batch_size=16), datamodule=dm,
-                            stacking="sequential")
+    result = cross_validate(
+        task, TrainConfig(model_kwargs=SMALL_MLP, max_epochs=2, batch_size=16), datamodule=dm, stacking="sequential"
+    )
     assert len(result.fold_scores) == 3 and all(isinstance(s, float) for s in result.fold_scores)
     assert all(isinstance(r["val_rmse"], float) for h in result.history for r in h)
     # the module's own record keeps one value per member, as the pruning callback reads it
@@ -185,8 +200,14 @@ def test_evaluation_passes_are_cut_to_the_sample_size_and_score_the_same(tmp_pat
     config = TrainConfig(model_kwargs={"hidden_sizes": (16,)}, max_epochs=2, batch_size=32)
     scores = []
     for eval_batch_size in (4096, 7):
-        dm = IdxDataModule(dataset="fashion-mnist", data_dir=tmp_path, n_folds=2, fold=[0, 1],
-                           eval_batch_size=eval_batch_size, stratified=True)
+        dm = IdxDataModule(
+            dataset="fashion-mnist",
+            data_dir=tmp_path,
+            n_folds=2,
+            fold=[0, 1],
+            eval_batch_size=eval_batch_size,
+            stratified=True,
+        )
         dm.setup()
         scores.append(cross_validate(task, config, datamodule=dm).fold_scores)
         assert dm.eval_rows == min(eval_batch_size, EVAL_ELEMENTS // (28 * 28))
@@ -194,8 +215,9 @@ def test_evaluation_passes_are_cut_to_the_sample_size_and_score_the_same(tmp_pat
     assert scores[0] == scores[1]
 
 
-@pytest.mark.parametrize(("flag", "enabled", "warn_only"), [("true", True, False), ("warn", True, True),
-                                                             ("false", False, False)])
+@pytest.mark.parametrize(
+    ("flag", "enabled", "warn_only"), [("true", True, False), ("warn", True, True), ("false", False, False)]
+)
 def test_the_deterministic_setting_reaches_the_trainer_from_the_flag_or_the_preset(house_dir, flag, enabled, warn_only):
     """``--deterministic`` (or the preset's ``deterministic``) is what torch runs the fit under."""
     import argparse
@@ -206,15 +228,17 @@ def test_the_deterministic_setting_reaches_the_trainer_from_the_flag_or_the_pres
 
     parser = argparse.ArgumentParser()
     add_common_arguments(parser)
-    task, _ = load_task(parser.parse_args(["--data-dir", str(house_dir), "--folds", "2", "--deterministic", flag]),
-                        parser)
+    task, _ = load_task(
+        parser.parse_args(["--data-dir", str(house_dir), "--folds", "2", "--deterministic", flag]), parser
+    )
     assert task.preset.deterministic == {"true": True, "false": False}.get(flag, flag)
     seen = []
 
     class Probe(L.Callback):
         def on_train_start(self, trainer, module):
-            seen.append((torch.are_deterministic_algorithms_enabled(),
-                         torch.is_deterministic_algorithms_warn_only_enabled()))
+            seen.append(
+                (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+            )
 
     dm = task.datamodule(data_dir=house_dir, n_folds=2, fold=[0, 1])
     dm.setup()

@@ -11,9 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
-from project.data import DataError, PreprocessOptions, TableDataModule
 from project import presets
-from project.data import sources
+from project.data import DataError, PreprocessOptions, TableDataModule, sources
 from project.data.batches import MemberFeatures, StackedBatches, random_translate
 from project.data.idx import mnist_pickle_to_idx, read_idx
 from project.data.tabular import FoldPreprocessor, QuantileClipper
@@ -48,7 +47,11 @@ def test_fold_sizes_and_features(house_dir):
     assert batch["x"].shape == (1, 48, dm.n_features)
     assert torch.isfinite(dm.members.features.x).all() and torch.isfinite(dm.members.test_features.x).all()
     # target is log(SalePrice)
-    assert torch.allclose(dm.targets.double().exp(), torch.tensor(pd.read_csv(house_dir / "house-prices/train.csv")["SalePrice"].to_numpy()), rtol=1e-5)
+    assert torch.allclose(
+        dm.targets.double().exp(),
+        torch.tensor(pd.read_csv(house_dir / "house-prices/train.csv")["SalePrice"].to_numpy()),
+        rtol=1e-5,
+    )
 
 
 def test_folds_partition_the_rows_and_do_not_depend_on_configuration(house_dir):
@@ -84,8 +87,11 @@ def test_preprocessing_is_fitted_on_training_rows_only(house_dir):
     changed.loc[val, "LotFrontage"] = np.nan
     changed.loc[val, "Neighborhood"] = "NeverSeenInTraining"
     tr = dm.members.train_rows[0].numpy()
-    for options in (PreprocessOptions(), get_task("house-prices").preset.data.preprocess,
-                    PreprocessOptions(scaler="quantile")):
+    for options in (
+        PreprocessOptions(),
+        get_task("house-prices").preset.data.preprocess,
+        PreprocessOptions(scaler="quantile"),
+    ):
         before = FoldPreprocessor(dm.spec, options).fit(train.iloc[tr])
         after = FoldPreprocessor(dm.spec, options).fit(changed.iloc[tr])
         np.testing.assert_array_equal(before.transform(train.iloc[tr]), after.transform(changed.iloc[tr]))
@@ -181,11 +187,14 @@ def test_idx_datamodule_splits_are_stratified(idx_dir):
     assert abs(x.mean().item()) < 1e-4 and abs(x.std().item() - 1) < 1e-3
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda raw: struct.pack(">I", 0x00000999) + raw[4:], "magic number 0x00000999, expected 0x00000803"),
-    (lambda raw: raw[:-100], "size .* bytes, expected"),
-    (lambda raw: raw[:6], "header truncated"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda raw: struct.pack(">I", 0x00000999) + raw[4:], "magic number 0x00000999, expected 0x00000803"),
+        (lambda raw: raw[:-100], "size .* bytes, expected"),
+        (lambda raw: raw[:6], "header truncated"),
+    ],
+)
 def test_bad_idx_files(idx_dir, damage, message):
     path = idx_dir / "fashion-mnist/train-images-idx3-ubyte.gz"
     raw = gzip.decompress(path.read_bytes())
@@ -217,6 +226,7 @@ def test_mnist_pickle_refuses_other_globals(tmp_path):
     class Evil:
         def __reduce__(self):
             import os
+
             return (os.system, ("echo should-not-run",))
 
     path = tmp_path / "mnist.pkl.gz"
@@ -232,14 +242,16 @@ def test_mnist_pickle_refuses_other_globals(tmp_path):
 def test_checksum_mismatch_names_file_and_hashes(tmp_path):
     path = tmp_path / "train.csv"
     path.write_text("Id,SalePrice\n1,2\n")
-    with pytest.raises(sources.ChecksumError, match=r"train\.csv: checksum mismatch: expected sha256 0{64}; got sha256 [0-9a-f]{64}"):
+    with pytest.raises(
+        sources.ChecksumError, match=r"train\.csv: checksum mismatch: expected sha256 0{64}; got sha256 [0-9a-f]{64}"
+    ):
         sources.verify(path, {"sha256": "0" * 64})
     with pytest.raises(sources.ChecksumError, match=r"a data set name of its own .* --set data.dataset=<name>"):
         sources.verify(path, {"sha256": "0" * 64})  # and how to use one's own copy
 
 
 def test_local_copy_with_wrong_checksum_is_an_error(house_dir):
-    with pytest.raises(sources.ChecksumError, match="train.csv"):
+    with pytest.raises(sources.ChecksumError, match=r"train\.csv"):
         sources.fetch_dataset("house-prices", house_dir)
 
 
@@ -303,8 +315,9 @@ def test_real_image_fold_sizes(real_data, name):
     dm.prepare_data()
     dm.setup()
     assert (len(dm.members.train_rows[0]), len(dm.members.val_rows[0]), dm.test_size) == (48000, 12000, 10000)
-    assert torch.bincount(dm.test_targets).tolist() == ([1000] * 10 if name == "fashion-mnist"
-                                                        else [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009])
+    assert torch.bincount(dm.test_targets).tolist() == (
+        [1000] * 10 if name == "fashion-mnist" else [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    )
 
 
 @pytest.mark.slow
@@ -345,16 +358,31 @@ def test_sparse_rows_travel_as_their_nonzero_entries():
     rebuilt = torch.zeros_like(x).scatter_add_(-1, index.long(), value)
     torch.testing.assert_close(rebuilt, x, rtol=0, atol=0)
 
-    batches = StackedBatches(features, torch.zeros(30), [torch.arange(30), torch.arange(20)], batch_size=8,
-                             shuffle=True, chunk_steps=2, nonzero=True)
+    batches = StackedBatches(
+        features,
+        torch.zeros(30),
+        [torch.arange(30), torch.arange(20)],
+        batch_size=8,
+        shuffle=True,
+        chunk_steps=2,
+        nonzero=True,
+    )
     x = next(iter(batches))["x"]
     assert x.index.shape[:-1] == x.dense.shape[:-1]
     rebuilt = torch.zeros_like(x.dense).scatter_add_(-1, x.index.long(), x.value)
     torch.testing.assert_close(rebuilt, x.dense, rtol=0, atol=0)
 
     assert MemberFeatures(torch.randn(2, 30, 12)).nonzero is None
-    assert isinstance(next(iter(StackedBatches(MemberFeatures(torch.randn(1, 30, 12)), None, [torch.arange(30)],
-                                               batch_size=8, nonzero=True)))["x"], torch.Tensor)  # dense rows
+    assert isinstance(
+        next(
+            iter(
+                StackedBatches(
+                    MemberFeatures(torch.randn(1, 30, 12)), None, [torch.arange(30)], batch_size=8, nonzero=True
+                )
+            )
+        )["x"],
+        torch.Tensor,
+    )  # dense rows
     images = MemberFeatures(torch.zeros(30, 784, dtype=torch.uint8), torch.zeros(1), torch.ones(1), (1, 28, 28))
     assert images.nonzero is None
 
@@ -367,22 +395,30 @@ def test_batches_are_cut_on_the_device_the_model_trains_on(shared):
     from project.data.batches import MemberFeatures, StackedBatches
 
     if shared:  # images: one uint8 table, each member's own pixel statistics, random shifts
-        features = MemberFeatures(torch.randint(0, 255, (40, 1 * 6 * 6), dtype=torch.uint8), torch.zeros(2),
-                                  torch.ones(2), (1, 6, 6))
+        features = MemberFeatures(
+            torch.randint(0, 255, (40, 1 * 6 * 6), dtype=torch.uint8), torch.zeros(2), torch.ones(2), (1, 6, 6)
+        )
     else:
         features = MemberFeatures(torch.randn(2, 40, 5))
     assert features.to(torch.device("cpu")) is features
     assert features.to(torch.device("meta")) is features.to(torch.device("meta"))  # copied once
     rows = [torch.arange(0, 30), torch.arange(10, 40)]
-    batches = StackedBatches(features, torch.randn(40), rows, 8, shuffle=True, chunk_steps=2,
-                             translate=2 if shared else 0, device=torch.device("meta"))
+    batches = StackedBatches(
+        features,
+        torch.randn(40),
+        rows,
+        8,
+        shuffle=True,
+        chunk_steps=2,
+        translate=2 if shared else 0,
+        device=torch.device("meta"),
+    )
     for batch in batches:
         assert {t.device.type for t in (batch["x"], batch["y"], batch["w"], batch["rows"])} == {"meta"}
     on_cpu = StackedBatches(features, torch.randn(40), rows, 8, shuffle=True, device=torch.device("cpu"))
     plain = StackedBatches(features, on_cpu.targets, rows, 8, shuffle=True)
     for a, b in zip(on_cpu, plain):
         assert torch.equal(a["x"], b["x"]) and torch.equal(a["y"], b["y"])
-
 
 
 def test_quantile_scaling_maps_training_rows_to_a_normal_and_held_out_extremes_to_its_edge(house_dir):

@@ -19,8 +19,10 @@ def test_workers_are_two_per_gpu_each_pinned_round_robin_and_one_per_core_withou
     assert devices.worker_gpus(2, []) == [None, None]
 
 
-@pytest.mark.parametrize(("count", "listed", "expected"), [
-    (0, None, []), (2, None, ["0", "1"]), (2, "3,5", ["3", "5"]), (1, "3,5", ["3"]), (0, "", [])])
+@pytest.mark.parametrize(
+    ("count", "listed", "expected"),
+    [(0, None, []), (2, None, ["0", "1"]), (2, "3,5", ["3", "5"]), (1, "3,5", ["3"]), (0, "", [])],
+)
 def test_visible_gpus_follow_cuda_visible_devices(monkeypatch, count, listed, expected):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: count)

@@ -66,11 +66,14 @@ def test_hand_stacked_mlp_gives_the_fold_scores_of_the_generic_path(house_dir, d
     and weights as the torch.func stack of the plain modules. vmap's randomness="different" draws
     the members' dropout masks as one [M, B, H] draw, as the hand-stacked dropout does."""
     task, dm = house_task_dm(house_dir)
-    config = TrainConfig(model_kwargs={**NO_DROPOUT_MLP, "dropout": dropout}, max_epochs=4, batch_size=16, lr=1e-2,
-                         weight_decay=1e-2)
+    config = TrainConfig(
+        model_kwargs={**NO_DROPOUT_MLP, "dropout": dropout}, max_epochs=4, batch_size=16, lr=1e-2, weight_decay=1e-2
+    )
     fast = cross_validate(task, config, datamodule=dm)
     generic = cross_validate(task, config, datamodule=dm, stacking="vmap")
-    assert fast.layout.startswith("stacked (hand-stacked MLP") and generic.layout == "stacked (torch.func vmap; asked for)"
+    assert (
+        fast.layout.startswith("stacked (hand-stacked MLP") and generic.layout == "stacked (torch.func vmap; asked for)"
+    )
     torch.testing.assert_close(torch.tensor(fast.fold_scores), torch.tensor(generic.fold_scores), rtol=1e-5, atol=1e-6)
     fast_state, generic_state = (r.fits[0].module.net.member_state_dict() for r in (fast, generic))
     for name in generic_state:
@@ -85,8 +88,9 @@ def test_stacked_folds_match_sequential_training(house_dir, stacking):
     stacked = cross_validate(task, config, datamodule=dm, stacking=stacking)
     sequential = cross_validate(task, config, datamodule=dm, stacking="sequential")
     assert len(stacked.fits) == 1 and len(sequential.fits) == 3
-    torch.testing.assert_close(torch.tensor(stacked.fold_scores), torch.tensor(sequential.fold_scores),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor(stacked.fold_scores), torch.tensor(sequential.fold_scores), rtol=1e-5, atol=1e-6
+    )
     state = stacked.fits[0].module.net.member_state_dict()
     for position, one in enumerate(sequential.fits):
         for name, value in one.module.net.member_state_dict().items():
@@ -97,8 +101,9 @@ def test_chunked_steps_take_the_automatic_steps(house_dir):
     """A chunk of S mini-batches per Lightning step updates the weights as S automatic steps do,
     a cosine schedule and gradient clipping included."""
     task, dm = house_task_dm(house_dir)
-    config = TrainConfig(model_kwargs=NO_DROPOUT_MLP, max_epochs=3, batch_size=16, lr=1e-2, scheduler="cosine",
-                         gradient_clip_val=0.5)
+    config = TrainConfig(
+        model_kwargs=NO_DROPOUT_MLP, max_epochs=3, batch_size=16, lr=1e-2, scheduler="cosine", gradient_clip_val=0.5
+    )
     chunked = fit(task, config, dm, seed=0)
     automatic = fit(task, config, dm, seed=0, chunked_steps=False)
     assert not chunked.automatic_optimization and automatic.automatic_optimization
@@ -126,8 +131,9 @@ def test_an_epochs_last_mini_batch_trains_on_its_rows_only(house_dir, monkeypatc
     assert widths == [16, 16, 16, 4] * 2
     monkeypatch.undo()
     sequential = cross_validate(task, config, datamodule=dm, stacking="sequential")  # the 51-row folds cut to 3
-    torch.testing.assert_close(torch.tensor(stacked.fold_scores), torch.tensor(sequential.fold_scores),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor(stacked.fold_scores), torch.tensor(sequential.fold_scores), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_first_layer_on_nonzero_entries_matches_the_dense_one():
@@ -158,7 +164,9 @@ def test_cv_on_nonzero_entries_matches_dense_features(house_dir, monkeypatch):
     assert sparse_dm.members.features.nonzero is not None
     # the engine measures which is faster here; the nonzero path is taken whatever it measured
     monkeypatch.setattr(layout, "_FIRST_LAYER", {})
-    monkeypatch.setattr(layout, "_seconds_per_pass", lambda stack, x, passes=5: 0.0 if isinstance(x, SparseRows) else 1.0)
+    monkeypatch.setattr(
+        layout, "_seconds_per_pass", lambda stack, x, passes=5: 0.0 if isinstance(x, SparseRows) else 1.0
+    )
     batch = next(iter(sparse_dm.train_loader(16, nonzero=True)))
     assert isinstance(batch["x"], SparseRows)
     dense, sparse = (cross_validate(task, config, datamodule=dm) for dm in (dense_dm, sparse_dm))
@@ -171,8 +179,9 @@ class BatchNormNet(nn.Module):
 
     def __init__(self, in_shape, out_features, width: int = 8) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(in_shape[0], width), nn.BatchNorm1d(width), nn.ReLU(),
-                                 nn.Linear(width, out_features))
+        self.net = nn.Sequential(
+            nn.Linear(in_shape[0], width), nn.BatchNorm1d(width), nn.ReLU(), nn.Linear(width, out_features)
+        )
 
     def forward(self, x):
         return self.net(x)
@@ -181,9 +190,11 @@ class BatchNormNet(nn.Module):
 def test_running_statistics_are_refused_with_what_to_use_instead(house_dir):
     task, dm = house_task_dm(house_dir)
     config = TrainConfig(model="test-batchnorm-net", max_epochs=2, batch_size=16)
-    message = (r"model 'test-batchnorm-net': BatchNorm1d at 'net.1' keeps running statistics, which fold stacking "
-               r"\(torch.func.vmap\) cannot batch; use GroupNorm, BatchNorm1d\(..., track_running_stats=False\), "
-               r"or --sequential-folds")
+    message = (
+        r"model 'test-batchnorm-net': BatchNorm1d at 'net.1' keeps running statistics, which fold stacking "
+        r"\(torch.func.vmap\) cannot batch; use GroupNorm, BatchNorm1d\(..., track_running_stats=False\), "
+        r"or --sequential-folds"
+    )
     for stacking in ("auto", "vmap"):
         with pytest.raises(StackingError, match=message):
             cross_validate(task, config, datamodule=dm, stacking=stacking)
@@ -214,8 +225,10 @@ def test_configured_gradient_clipping_is_honoured(house_dir):
     clipped = fit(task, TrainConfig(**base, gradient_clip_val=1e-3), dm, seed=0)
     free = fit(task, TrainConfig(**base), dm, seed=0)
     start = build_module(task, TrainConfig(**base), dm, dm.members, seed=0)
-    moved = [sum((a - b).abs().max().item() for a, b in zip(m.net.parameters(), start.net.parameters()))
-             for m in (clipped, free)]
+    moved = [
+        sum((a - b).abs().max().item() for a, b in zip(m.net.parameters(), start.net.parameters()))
+        for m in (clipped, free)
+    ]
     assert moved[0] < moved[1] / 10  # each step's norm held to 1e-3: the weights barely move
 
 
@@ -227,8 +240,9 @@ def test_chunked_steps_refuse_what_they_cannot_honour(house_dir):
     module = build_module(task, config, dm, dm.members, seed=0)
     loader = dm.train_loader(16, chunked=True)
     with pytest.raises(MisconfigurationException, match="gradient_clip_val"):
-        L.Trainer(max_epochs=1, gradient_clip_val=1.0, logger=False, enable_progress_bar=False,
-                  enable_checkpointing=False).fit(module, loader)
+        L.Trainer(
+            max_epochs=1, gradient_clip_val=1.0, logger=False, enable_progress_bar=False, enable_checkpointing=False
+        ).fit(module, loader)
     with pytest.raises(ValueError, match=r"Trainer\(precision='bf16-mixed'\): chunked steps run in 32-bit precision"):
         make_trainer(1, precision="bf16-mixed").fit(module, loader)
 
@@ -259,7 +273,9 @@ def test_fold_layout_is_measured_once_and_says_why(monkeypatch):
     first = choose()
     assert first.stacked and first.reason == "measured on cpu: 1000 ms per step stacked, 1500 ms one after another"
     assert choose() is first and calls == [3, 1]  # measured once
-    assert choose_layout(make, "tiny-conv", ("tiny-conv",), (1, 8, 8), 16, 1, torch.device("cpu")).reason == "one member"
+    assert (
+        choose_layout(make, "tiny-conv", ("tiny-conv",), (1, 8, 8), 16, 1, torch.device("cpu")).reason == "one member"
+    )
     assert choose_layout(lambda n: mlps(n), "mlp", ("mlp",), (4,), 16, 3, torch.device("cpu")).reason == "hand-stacked"
 
 
@@ -270,12 +286,14 @@ def test_vmap_or_sequential_cnn_folds_give_the_same_scores(tmp_path):
     task = get_task("fashion-mnist")
     dm = task.datamodule(data_dir=tmp_path, n_folds=2, fold=[0, 1])
     dm.setup()
-    config = task.config("cnn", max_epochs=2, batch_size=16, model_kwargs={"channels": (4, 8), "hidden": 16,
-                                                                        "dropout": 0.0})
+    config = task.config(
+        "cnn", max_epochs=2, batch_size=16, model_kwargs={"channels": (4, 8), "hidden": 16, "dropout": 0.0}
+    )
     stacked = cross_validate(task, config, datamodule=dm, stacking="vmap")
     sequential = cross_validate(task, config, datamodule=dm, stacking="sequential")
-    torch.testing.assert_close(torch.tensor(stacked.fold_scores), torch.tensor(sequential.fold_scores), atol=1e-6,
-                               rtol=0)
+    torch.testing.assert_close(
+        torch.tensor(stacked.fold_scores), torch.tensor(sequential.fold_scores), atol=1e-6, rtol=0
+    )
 
 
 def test_build_stack_chooses_the_hand_stacked_form_where_registered():
@@ -345,10 +363,15 @@ def test_fused_optimisers_under_a_grad_scaler_skip_a_non_finite_step_and_are_uns
             scaler.update()
         return weight.detach(), unscaled
 
-    plain = {"adamw": lambda g: torch.optim.AdamW(g, lr=0.1, fused=False),
-             "sgd": lambda g: torch.optim.SGD(g, lr=0.01, momentum=0.9, fused=False)}[name]
-    ours = (lambda g: create_optimizer(name, g, lr=0.1)) if name == "adamw" else \
-        (lambda g: create_optimizer(name, g, lr=0.01, momentum=0.9))
+    plain = {
+        "adamw": lambda g: torch.optim.AdamW(g, lr=0.1, fused=False),
+        "sgd": lambda g: torch.optim.SGD(g, lr=0.01, momentum=0.9, fused=False),
+    }[name]
+    ours = (
+        (lambda g: create_optimizer(name, g, lr=0.1))
+        if name == "adamw"
+        else (lambda g: create_optimizer(name, g, lr=0.01, momentum=0.9))
+    )
     weight, grads = run(ours)
     expected_weight, expected_grads = run(plain)
     assert torch.isfinite(weight).all()
@@ -371,8 +394,13 @@ def test_the_first_layers_nonzero_trick_is_measured_on_the_device_and_said(house
     monkeypatch.setattr(dm, "train_loader", lambda *a, **k: loaders.append(k.get("nonzero")) or original(*a, **k))
     for sparse_slower, said in ((True, "first layer dense"), (False, "first layer on nonzero entries")):
         layout._FIRST_LAYER.clear()
-        monkeypatch.setattr(layout, "_seconds_per_pass", lambda stack, x, passes=5: timed.append(x) or (
-            2.0 if isinstance(x, SparseRows) == sparse_slower else 1.0))
+        monkeypatch.setattr(
+            layout,
+            "_seconds_per_pass",
+            lambda stack, x, passes=5, slower=sparse_slower: (
+                timed.append(x) or (2.0 if isinstance(x, SparseRows) == slower else 1.0)
+            ),
+        )
         result = cross_validate(task, config, datamodule=dm)
         assert f"{said}, measured on cpu: " in result.layout, result.layout
         assert loaders[-1] is (not sparse_slower)  # what the members trained on
@@ -382,8 +410,9 @@ def test_the_first_layers_nonzero_trick_is_measured_on_the_device_and_said(house
 
 
 @pytest.mark.parametrize("multiply_sum_faster", [True, False])
-def test_a_one_output_head_runs_as_the_way_measured_faster_here_and_says_so(house_dir, monkeypatch,
-                                                                           multiply_sum_faster):
+def test_a_one_output_head_runs_as_the_way_measured_faster_here_and_says_so(
+    house_dir, monkeypatch, multiply_sum_faster
+):
     """A one-output layer as a multiply-and-sum or a batched matmul, whichever was timed faster on the
     device: the same outputs either way, and the fold layout names the one taken."""
     from project.engine import stacked_mlp

@@ -48,8 +48,9 @@ def test_out_of_fold_predictions_cover_every_row_once_as_its_fold_model_predicts
     # and its score is the metric over all rows, which the fold scores make up
     rmse = float(np.sqrt(np.mean((kept.oof - dm.targets.numpy()) ** 2)))
     assert scores(task, kept.oof[None], dm.targets.numpy())[0] == pytest.approx(rmse, rel=1e-6)
-    assert rmse == pytest.approx(np.sqrt(np.average(np.square(result.fold_scores),
-                                                    weights=[len(r) for r in dm.members.val_rows])), rel=1e-4)
+    assert rmse == pytest.approx(
+        np.sqrt(np.average(np.square(result.fold_scores), weights=[len(r) for r in dm.members.val_rows])), rel=1e-4
+    )
     assert cv_score(task, kept.oof, dm.targets.numpy(), kept.folds) == pytest.approx(result.mean, rel=1e-5)
 
 
@@ -64,8 +65,11 @@ def test_selection_finds_the_known_best_mix(names):
     rows = np.arange(500)
     folds = rows % 5
     first, second, worse = names
-    library = {first: Predictions(rows, folds, y + error), second: Predictions(rows, folds, y - error),
-               worse: Predictions(rows, folds, y + 0.05 + rng.normal(0.0, 0.3, 500))}
+    library = {
+        first: Predictions(rows, folds, y + error),
+        second: Predictions(rows, folds, y - error),
+        worse: Predictions(rows, folds, y + 0.05 + rng.normal(0.0, 0.3, 500)),
+    }
     weights = select(task, library, y)
     assert weights == {first: 0.5, second: 0.5}
     assert scores(task, blend(library, weights)[None], y)[0] == pytest.approx(0.0, abs=1e-9)
@@ -85,8 +89,15 @@ def test_an_estimators_kept_predictions_are_its_fold_models_on_raw_rows(house_di
         alone = predict(task, predictor.models[m], predictor.preprocessors[m].transform(task.prepare_rows(train)), 1)
         np.testing.assert_allclose(kept.oof[rows.numpy()], alone[rows.numpy()], rtol=1e-9)
     assert cv_score(task, kept.oof, dm.targets.numpy(), kept.folds) == pytest.approx(fitted.cv)
-    assert fitted.cv == pytest.approx(np.mean([np.sqrt(np.mean((kept.oof[r] - dm.targets.numpy()[r]) ** 2))
-                                               for r in (v.numpy() for v in dm.members.val_rows)]), rel=1e-6)
+    assert fitted.cv == pytest.approx(
+        np.mean(
+            [
+                np.sqrt(np.mean((kept.oof[r] - dm.targets.numpy()[r]) ** 2))
+                for r in (v.numpy() for v in dm.members.val_rows)
+            ]
+        ),
+        rel=1e-6,
+    )
 
     config = TrainConfig(model_kwargs={"hidden_sizes": (8,)}, max_epochs=3, batch_size=16)
     result = cross_validate(task, config, datamodule=dm)
@@ -94,18 +105,23 @@ def test_an_estimators_kept_predictions_are_its_fold_models_on_raw_rows(house_di
     ensemble = Ensemble([0.25, 0.75], [Predictor.from_fits(task, config, result.fits, dm), predictor], [0, "lasso"])
     reloaded = load_predictor(ensemble.save(tmp_path / "model"))
     assert isinstance(reloaded.predictors[1], EstimatorPredictor) and reloaded.members == [0, "lasso"]
-    np.testing.assert_allclose(reloaded.averaged(dm.test_inputs()).numpy(),
-                               blend(library, {0: 0.25, "lasso": 0.75}, "test"), rtol=1e-5)
+    np.testing.assert_allclose(
+        reloaded.averaged(dm.test_inputs()).numpy(), blend(library, {0: 0.25, "lasso": 0.75}, "test"), rtol=1e-5
+    )
 
 
 def test_an_estimator_that_does_not_fit_is_named_and_left_out(house_dir):
     task, dm = house_task_dm(house_dir)
     task = Task(presets.load(presets.preset_path("house-prices"), ["sweep.estimators.lasso.args.alpha=-1.0"]))
-    fitted, failed = fit_estimators(optuna.create_study(), SimpleNamespace(task=task), dm, None, house_dir,
-                                    parent_run_id=None)
+    fitted, failed = fit_estimators(
+        optuna.create_study(), SimpleNamespace(task=task), dm, None, house_dir, parent_run_id=None
+    )
     assert set(fitted) == {"boosting"} and set(failed) == {"lasso"}
-    assert re.search(r"house-prices\.yaml: key 'sweep\.estimators\.lasso': sklearn\.linear_model:Lasso did not fit: "
-                     r".*'alpha'", failed["lasso"]), failed["lasso"]
+    assert re.search(
+        r"house-prices\.yaml: key 'sweep\.estimators\.lasso': sklearn\.linear_model:Lasso did not fit: "
+        r".*'alpha'",
+        failed["lasso"],
+    ), failed["lasso"]
     assert (house_dir / "predictions" / "estimator-boosting.npz").is_file()
 
 
@@ -146,8 +162,10 @@ def test_selection_of_classifiers_averages_probabilities():
 @pytest.mark.slow
 def test_a_resumed_studys_ensemble_draws_on_both_commands(real_data, tmp_path):
     args = [*sweep_args(real_data, tmp_path, "--no-pruning", "--n-jobs", "1"), "--max-epochs", "20"]
-    for command in range(2):
-        sweep = subprocess.run([*SWEEP, *args, "--n-trials", "3"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    for _command in range(2):
+        sweep = subprocess.run(
+            [*SWEEP, *args, "--n-trials", "3"], cwd=REPO, capture_output=True, text=True, timeout=600
+        )
         assert sweep.returncode == 0, sweep.stderr[-2000:]
     out = tmp_path / "out"
     summary = json.loads((out / "summary.json").read_text())
@@ -155,7 +173,10 @@ def test_a_resumed_studys_ensemble_draws_on_both_commands(real_data, tmp_path):
     complete = [t.number for t in study if t.state.name == "COMPLETE"]
     assert len(complete) >= 5 and summary["ensemble"]["library"] == len(complete)  # both commands' trials
     # the preset's estimators are weighed beside the trials
-    assert summary["ensemble"]["estimators"] == ["lasso", "boosting"] and set(summary["estimators"]) == {"lasso", "boosting"}
+    assert summary["ensemble"]["estimators"] == ["lasso", "boosting"] and set(summary["estimators"]) == {
+        "lasso",
+        "boosting",
+    }
     members = {m.get("trial", m.get("estimator")): m["weight"] for m in summary["ensemble"]["members"]}
     assert set(members) <= {*complete, "lasso", "boosting"} and sum(members.values()) == pytest.approx(1.0)
     assert summary["ensemble"]["oof_rmse"] <= summary["ensemble"]["best_trial_oof_rmse"]
@@ -167,8 +188,10 @@ def test_a_resumed_studys_ensemble_draws_on_both_commands(real_data, tmp_path):
     test = pd.read_csv(real_data / "house-prices" / "test.csv")
     if len(members) > 1:
         assert isinstance(model, Ensemble) and dict(zip(model.members, model.weights)) == members
-    library = {n: Predictions.load(out / "predictions" / (f"trial-{n}.npz" if isinstance(n, int) else f"estimator-{n}.npz"))
-               for n in members}
+    library = {
+        n: Predictions.load(out / "predictions" / (f"trial-{n}.npz" if isinstance(n, int) else f"estimator-{n}.npz"))
+        for n in members
+    }
     np.testing.assert_allclose(model.averaged(test).numpy(), blend(library, members, "test"), rtol=1e-5)
     submission = pd.read_csv(out / "submission.csv")
     np.testing.assert_allclose(model.predict(test)["SalePrice"], submission["SalePrice"], rtol=1e-6)
@@ -176,9 +199,22 @@ def test_a_resumed_studys_ensemble_draws_on_both_commands(real_data, tmp_path):
 
     # a trial whose file is not on this machine (its worker ran on another) comes from its MLflow run
     (out / "predictions" / f"trial-{complete[0]}.npz").unlink()
-    export = subprocess.run([sys.executable, str(REPO / "experiments" / "export_submission.py"), "--output-dir", str(out),
-                             "--data-dir", str(real_data), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
-                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    export = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "experiments" / "export_submission.py"),
+            "--output-dir",
+            str(out),
+            "--data-dir",
+            str(real_data),
+            "--tracking-uri",
+            f"sqlite:///{tmp_path / 'mlflow.db'}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert export.returncode == 0, export.stderr[-2000:]
     again = json.loads((out / "summary.json").read_text())["ensemble"]
     assert again["library"] == len(complete) and again["members"] == summary["ensemble"]["members"]
@@ -192,8 +228,11 @@ def test_a_refitting_task_refits_the_configurations_its_ensemble_weights_most():
     study = optuna.create_study(direction="maximize")
     for number, lr in enumerate([1e-3, 2e-3, 5e-4, 3e-4]):
         params = {**start, "lr": lr}
-        study.add_trial(optuna.trial.create_trial(
-            params=params, distributions=_distributions(task, params), value=0.9 - 0.01 * number))
+        study.add_trial(
+            optuna.trial.create_trial(
+                params=params, distributions=_distributions(task, params), value=0.9 - 0.01 * number
+            )
+        )
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 10, 300)
     right = np.eye(10)[labels]
@@ -204,15 +243,20 @@ def test_a_refitting_task_refits_the_configurations_its_ensemble_weights_most():
     library[3] = Predictions(rows, folds, np.full((300, 10), 0.1))
     settings = SimpleNamespace(task=task, model="mlp", fixed={})
     summary = {}
-    refits = selected_refits(study, settings, summary, library, SimpleNamespace(targets=torch.as_tensor(labels)),
-                             study.best_trial)
+    refits = selected_refits(
+        study, settings, summary, library, SimpleNamespace(targets=torch.as_tensor(labels)), study.best_trial
+    )
     assert [r.trial for r in refits] == [0, 1, 2] and all(r.seeds == 1 for r in refits)
     assert sum(r.weight for r in refits) == pytest.approx(1.0)
     assert [r.config.lr for r in refits] == [1e-3, 2e-3, 5e-4]
     assert summary["ensemble"]["oof_acc"] == 1.0 and len(summary["ensemble"]["refit"]) == 3
     del library[1], library[2]  # the best trial alone: refitted on the preset's seeds, as without selection
-    assert selected_refits(study, settings, {}, library, SimpleNamespace(targets=torch.as_tensor(labels)),
-                           study.best_trial) == []
+    assert (
+        selected_refits(
+            study, settings, {}, library, SimpleNamespace(targets=torch.as_tensor(labels)), study.best_trial
+        )
+        == []
+    )
 
 
 def _distributions(task, params: dict) -> dict:
@@ -237,8 +281,14 @@ def test_out_of_fold_predictions_run_on_the_device_each_fit_trained_on(house_dir
     for name, original in loaders.items():
         monkeypatch.setattr(dm, name, lambda *a, original=original, **k: asked.append(k["device"]) or original(*a, **k))
     step = FoldModule.predict_step
-    monkeypatch.setattr(FoldModule, "predict_step", lambda self, batch, index: ran.append(
-        (next(self.parameters()).device, getattr(batch["x"], "dense", batch["x"]).device)) or step(self, batch, index))
+    monkeypatch.setattr(
+        FoldModule,
+        "predict_step",
+        lambda self, batch, index: (
+            ran.append((next(self.parameters()).device, getattr(batch["x"], "dense", batch["x"]).device))
+            or step(self, batch, index)
+        ),
+    )
     out_of_fold(task, result, dm)
     assert asked == [training_device()] * 2 * len(result.fits)
     assert ran and set(ran) == {(training_device(), training_device())}

@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
 import sweep  # noqa: E402
 import train  # noqa: E402
+
 from tests.servers import free_port  # noqa: E402
 
 TINY = ["--folds", "2", "--max-epochs", "2", "--batch-size", "64"]
@@ -75,8 +76,7 @@ def test_sweep_hierarchy_resume_and_submission(real_data, tmp_path):
     client = MlflowClient(summary["mlflow"]["tracking_uri"])
     parent = client.get_run(summary["mlflow"]["run_id"])
     assert parent.info.status == "FINISHED"
-    children = client.search_runs([parent.info.experiment_id],
-                                  f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     # the preset's estimators: one run each, which the resumed study's export logged to again
     estimators = [c for c in children if c.data.tags.get("kind") == "estimator"]
     assert sorted(c.info.run_name for c in estimators) == ["estimator-boosting", "estimator-lasso"]
@@ -102,10 +102,17 @@ class AlwaysPrune(optuna.pruners.BasePruner):
 def test_pruned_trial_is_pruned_in_optuna_and_not_failed_in_mlflow(real_data, tmp_path):
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "prune-test")
     parent = tracker.start_run("study")
-    settings = SweepSettings(preset=two_fold_preset(), data_dir=str(real_data), seed=0,
-                             storage=f"sqlite:///{tmp_path / 'optuna.db'}", study_name="p",
-                             tracking_uri=tracker.tracking_uri, experiment_name="prune-test",
-                             fixed={"max_epochs": 3, "model.hidden_sizes": (8,)}, parent_run_id=parent)
+    settings = SweepSettings(
+        preset=two_fold_preset(),
+        data_dir=str(real_data),
+        seed=0,
+        storage=f"sqlite:///{tmp_path / 'optuna.db'}",
+        study_name="p",
+        tracking_uri=tracker.tracking_uri,
+        experiment_name="prune-test",
+        fixed={"max_epochs": 3, "model.hidden_sizes": (8,)},
+        parent_run_id=parent,
+    )
     study = optuna.create_study(storage=settings.storage, study_name="p", pruner=AlwaysPrune())
     study.optimize(Objective(settings, tracker), n_trials=1)
     trial = study.trials[0]
@@ -115,17 +122,20 @@ def test_pruned_trial_is_pruned_in_optuna_and_not_failed_in_mlflow(real_data, tm
     assert run.data.tags["mlflow.parentRunId"] == parent
 
 
-@pytest.mark.parametrize("flag, value, message", [
-    ("--folds", "1", "argument --folds"),
-    ("--n-trials", "0", "argument --n-trials"),
-    ("--task", "nope", "argument --task"),
-    ("--max-epochs", "-1", "argument --max-epochs"),
-    ("--dropout", "1.5", "argument --dropout"),
-    ("--lr", "-0.1", "argument --lr"),
-    ("--weight-decay", "-1", "argument --weight-decay"),
-    ("--storage", "redis://localhost", "argument --storage"),
-    ("--output-dir", "/dev/null/out", "argument --output-dir"),
-])
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--folds", "1", "argument --folds"),
+        ("--n-trials", "0", "argument --n-trials"),
+        ("--task", "nope", "argument --task"),
+        ("--max-epochs", "-1", "argument --max-epochs"),
+        ("--dropout", "1.5", "argument --dropout"),
+        ("--lr", "-0.1", "argument --lr"),
+        ("--weight-decay", "-1", "argument --weight-decay"),
+        ("--storage", "redis://localhost", "argument --storage"),
+        ("--output-dir", "/dev/null/out", "argument --output-dir"),
+    ],
+)
 def test_bad_flags_exit_2_naming_the_flag(tmp_path, capsys, flag, value, message):
     with pytest.raises(SystemExit) as exit_info:
         sweep.main([flag, value, *(common(tmp_path) if flag != "--output-dir" else [])])
@@ -149,16 +159,34 @@ def test_mlflow_server_serves_the_runs(tmp_path):
     tracker.log_metrics(run_id, {"cv_mean": 0.123})
     tracker.end_run(run_id)
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            uri,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         body = json.dumps({"experiment_ids": [tracker.experiment_id]}).encode()
         deadline, reply = time.monotonic() + 90, None
         while reply is None and time.monotonic() < deadline:
             try:
-                request = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/search", data=body,
-                                                 headers={"Content-Type": "application/json"})
+                request = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/search",
+                    data=body,
+                    headers={"Content-Type": "application/json"},
+                )
                 reply = json.loads(urllib.request.urlopen(request, timeout=5).read())
             except OSError:
                 time.sleep(1)
@@ -186,10 +214,16 @@ def test_diverged_trial_is_failed_with_its_reason_and_the_sweep_goes_on(real_dat
 
     monkeypatch.setattr(study_module, "cross_validate", diverge_first)
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "nan-test")
-    settings = SweepSettings(preset=two_fold_preset(), data_dir=str(real_data), seed=0,
-                             storage=f"sqlite:///{tmp_path / 'optuna.db'}", study_name="n",
-                             tracking_uri=tracker.tracking_uri, experiment_name="nan-test",
-                             fixed={"max_epochs": 2, "model.hidden_sizes": (8,)})
+    settings = SweepSettings(
+        preset=two_fold_preset(),
+        data_dir=str(real_data),
+        seed=0,
+        storage=f"sqlite:///{tmp_path / 'optuna.db'}",
+        study_name="n",
+        tracking_uri=tracker.tracking_uri,
+        experiment_name="nan-test",
+        fixed={"max_epochs": 2, "model.hidden_sizes": (8,)},
+    )
     study = optuna.create_study(storage=settings.storage, study_name="n")
     study.optimize(Objective(settings, tracker), n_trials=2, catch=(TrainingDiverged,))
     first, second = study.trials
@@ -269,8 +303,12 @@ def test_plain_reference_times_the_d2l_loop_on_the_project_folds(real_data, tmp_
     import plain_reference
 
     out = tmp_path / "plain.json"
-    assert plain_reference.main(["--data-dir", str(real_data), "--cases", "house-prices-5fold-linear",
-                                 "--repeats", "2", "--json", str(out)]) == 0
+    assert (
+        plain_reference.main(
+            ["--data-dir", str(real_data), "--cases", "house-prices-5fold-linear", "--repeats", "2", "--json", str(out)]
+        )
+        == 0
+    )
     (case,) = json.loads(out.read_text())["cases"]
     assert case["name"] == "house-prices-5fold-linear" and len(case["runs_s"]) == 2 and case["plain_s"] > 0
     with pytest.raises(SystemExit) as exit_info:
@@ -287,8 +325,21 @@ def test_benchmark_keeps_the_cases_it_measured_when_the_data_is_bad(real_data, t
     lines = (real_data / "house-prices/train.csv").read_text().splitlines(keepends=True)
     (tmp_path / "house-prices/train.csv").write_text("".join(lines[:100]))  # truncated
     out = tmp_path / "bench.json"
-    assert benchmark.main(["--data-dir", str(tmp_path), "--cases", "fashion-mnist-epoch,house-prices-5fold-linear",
-                           "--repeats", "1", "--json", str(out)]) == 1
+    assert (
+        benchmark.main(
+            [
+                "--data-dir",
+                str(tmp_path),
+                "--cases",
+                "fashion-mnist-epoch,house-prices-5fold-linear",
+                "--repeats",
+                "1",
+                "--json",
+                str(out),
+            ]
+        )
+        == 1
+    )
     assert [case["name"] for case in json.loads(out.read_text())["cases"]] == ["fashion-mnist-epoch"]
     assert "house-prices/train.csv: checksum mismatch" in capsys.readouterr().err
 
@@ -298,8 +349,12 @@ def test_benchmark_measures_the_sweeps_throughput(real_data, tmp_path):
     import benchmark
 
     out = tmp_path / "bench.json"
-    assert benchmark.main(["--data-dir", str(real_data), "--cases", "sweep-throughput", "--sweep-trials", "2",
-                           "--json", str(out)]) == 0
+    assert (
+        benchmark.main(
+            ["--data-dir", str(real_data), "--cases", "sweep-throughput", "--sweep-trials", "2", "--json", str(out)]
+        )
+        == 0
+    )
     (case,) = json.loads(out.read_text())["cases"]
     assert case["name"] == "sweep-throughput" and case["plain_s"] > 0 and case["project_s"] > 0
     assert case["project_trials_per_min"] == pytest.approx(120 / case["project_s"], rel=0.01)

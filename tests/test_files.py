@@ -54,7 +54,9 @@ def test_a_full_disk_is_named_with_the_path_and_what_was_written(tmp_path, monke
 
     monkeypatch.setattr(Path, "write_bytes", full)
     with pytest.raises(files.WriteFailed, match=r"cannot write trial 3's kept predictions to .*trial-3.npz"):
-        Predictions(np.arange(2), np.zeros(2, int), np.zeros(2)).save(tmp_path / "trial-3.npz", "trial 3's kept predictions")
+        Predictions(np.arange(2), np.zeros(2, int), np.zeros(2)).save(
+            tmp_path / "trial-3.npz", "trial 3's kept predictions"
+        )
 
 
 SLOW_WRITER = """
@@ -80,8 +82,9 @@ def test_a_kill_9_during_a_kept_files_write_leaves_no_file_under_its_name(tmp_pa
     path = tmp_path / "predictions" / "trial-0.npz"
     earlier = Predictions(np.arange(3), np.zeros(3, int), np.zeros(3))
     earlier.save(path)
-    writer = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, str(path)], cwd=REPO, stdout=subprocess.PIPE,
-                              text=True)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", SLOW_WRITER, str(path)], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert writer.stdout.readline().strip() == "writing"
         half = [p for p in path.parent.iterdir() if p.name != path.name]
@@ -92,8 +95,9 @@ def test_a_kill_9_during_a_kept_files_write_leaves_no_file_under_its_name(tmp_pa
     # the final name holds the earlier, whole file; the half-written one never took it
     assert np.array_equal(Predictions.load(path).rows, earlier.rows)
     path.unlink()
-    writer = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, str(path)], cwd=REPO, stdout=subprocess.PIPE,
-                              text=True)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", SLOW_WRITER, str(path)], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert writer.stdout.readline().strip() == "writing"
     finally:
@@ -119,9 +123,23 @@ def small_sweep(real_data: Path, tmp_path: Path, *extra: str) -> subprocess.Comp
 
 
 def export(real_data: Path, tmp_path: Path, out: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([*EXPORT, "--output-dir", str(out), "--data-dir", str(real_data),
-                           "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--ensemble", "trials"],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [
+            *EXPORT,
+            "--output-dir",
+            str(out),
+            "--data-dir",
+            str(real_data),
+            "--tracking-uri",
+            f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "--ensemble",
+            "trials",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.mark.slow
@@ -129,11 +147,13 @@ def test_the_export_loads_the_trials_fold_models_and_recovers_damaged_files(real
     sweep = small_sweep(real_data, tmp_path, "--ensemble", "trials")
     assert sweep.returncode == 0, sweep.stderr[-2000:]
     # what it printed is its own: no INFO line of MLflow's or Optuna's
-    assert not [line for line in (sweep.stdout + sweep.stderr).splitlines() if " INFO " in line or line.startswith("[I ")]
+    assert not [
+        line for line in (sweep.stdout + sweep.stderr).splitlines() if " INFO " in line or line.startswith("[I ")
+    ]
     out = tmp_path / "out"
     study = {t.number: t for t in trials(f"sqlite:///{out / 'optuna.db'}") if t.state == TrialState.COMPLETE}
     assert len(study) == 3
-    for number, trial in study.items():  # each kept file, with the checksum of what was written
+    for trial in study.values():  # each kept file, with the checksum of what was written
         for attr in ("predictions", "fold_models"):
             assert files.file_sha256(Path(trial.user_attrs[attr])) == trial.user_attrs[f"{attr}_sha256"]
     summary = json.loads((out / "summary.json").read_text())
@@ -149,8 +169,21 @@ def test_the_export_loads_the_trials_fold_models_and_recovers_damaged_files(real
         raise AssertionError("the export trained a trial again")
 
     monkeypatch.setattr(kept, "cross_validate", no_training)
-    assert export_submission.main(["--output-dir", str(out), "--data-dir", str(real_data), "--tracking-uri",
-                                   f"sqlite:///{tmp_path / 'mlflow.db'}", "--ensemble", "trials"]) == 0
+    assert (
+        export_submission.main(
+            [
+                "--output-dir",
+                str(out),
+                "--data-dir",
+                str(real_data),
+                "--tracking-uri",
+                f"sqlite:///{tmp_path / 'mlflow.db'}",
+                "--ensemble",
+                "trials",
+            ]
+        )
+        == 0
+    )
     assert json.loads((out / "summary.json").read_text())["cv_mean_rerun"] is None
     test = pd.read_csv(real_data / "house-prices" / "test.csv")
     library = {n: Predictions.load(out / "predictions" / f"trial-{n}.npz") for n in study}
@@ -165,26 +198,39 @@ def test_the_export_loads_the_trials_fold_models_and_recovers_damaged_files(real
     cut = Path(study[first].user_attrs["predictions"])
     cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 3])
     altered = Predictions.load(out / "predictions" / f"trial-{second}.npz")
-    Predictions(altered.rows, altered.folds, altered.oof + 1, altered.test).save(out / "predictions" / f"trial-{second}.npz")
+    Predictions(altered.rows, altered.folds, altered.oof + 1, altered.test).save(
+        out / "predictions" / f"trial-{second}.npz"
+    )
     weights = Path(study[best].user_attrs["fold_models"])
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 3])
     again = export(real_data, tmp_path, out)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "Traceback" not in again.stderr
     lines = again.stderr.splitlines()
-    assert any(line.startswith(f"trial {first}'s kept predictions {cut} cannot be read (BadZipFile")
-               and line.endswith("fetched again from its MLflow run") for line in lines), again.stderr
-    assert any(line.startswith(f"trial {second}'s kept predictions") and "SHA-256 is not the one recorded" in line
-               and line.endswith("fetched again from its MLflow run") for line in lines), again.stderr
-    assert any(line.startswith(f"trial {best}'s fold models {weights} cannot be read (")
-               and line.endswith("fetched again from its MLflow run") for line in lines), again.stderr
+    assert any(
+        line.startswith(f"trial {first}'s kept predictions {cut} cannot be read (BadZipFile")
+        and line.endswith("fetched again from its MLflow run")
+        for line in lines
+    ), again.stderr
+    assert any(
+        line.startswith(f"trial {second}'s kept predictions")
+        and "SHA-256 is not the one recorded" in line
+        and line.endswith("fetched again from its MLflow run")
+        for line in lines
+    ), again.stderr
+    assert any(
+        line.startswith(f"trial {best}'s fold models {weights} cannot be read (")
+        and line.endswith("fetched again from its MLflow run")
+        for line in lines
+    ), again.stderr
     # the recovered files are whole again, and the ensemble is the same
     for number, attr in ((first, "predictions"), (second, "predictions"), (best, "fold_models")):
         path = Path(study[number].user_attrs[attr])
         assert files.file_sha256(path) == study[number].user_attrs[f"{attr}_sha256"]
     assert json.loads((out / "summary.json").read_text())["ensemble"]["members"] == summary["ensemble"]["members"]
-    np.testing.assert_allclose(load_predictor(out / "model").averaged(test).numpy(), blend(library, members, "test"),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        load_predictor(out / "model").averaged(test).numpy(), blend(library, members, "test"), rtol=1e-5
+    )
 
     # fold models gone from the disk and from the trial's MLflow run: trained again, with a line
     weights.unlink()
@@ -192,16 +238,21 @@ def test_the_export_loads_the_trials_fold_models_and_recovers_damaged_files(real
         copy.unlink()
     again = export(real_data, tmp_path, out)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert f"trial {best}'s fold models {weights} is missing: training trial {best} again to rebuild it" \
+    assert (
+        f"trial {best}'s fold models {weights} is missing: training trial {best} again to rebuild it"
         in again.stderr.splitlines()
+    )
     assert json.loads((out / "summary.json").read_text())["cv_mean_rerun"] == pytest.approx(study[best].value)
-    np.testing.assert_allclose(load_predictor(out / "model").averaged(test).numpy(), blend(library, members, "test"),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        load_predictor(out / "model").averaged(test).numpy(), blend(library, members, "test"), rtol=1e-5
+    )
 
     # a saved model whose weights are cut is named, with what writes it again
     model_file = next((out / "model").rglob("model.pt"))
     model_file.write_bytes(model_file.read_bytes()[:100])
-    with pytest.raises(ModelUnreadable, match=rf"cannot read the saved model's file {model_file} .*export_submission.py"):
+    with pytest.raises(
+        ModelUnreadable, match=rf"cannot read the saved model's file {model_file} .*export_submission.py"
+    ):
         load_predictor(out / "model")
 
 
@@ -210,8 +261,9 @@ def mount_tmpfs(folder: Path, options: str) -> None:
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("mounting a tmpfs needs root")
     folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True,
-                             text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True, text=True
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
 
@@ -245,12 +297,16 @@ def fill(folder: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_a_disk_that_fills_mid_sweep_is_one_line_and_the_export_finishes_once_there_is_room(real_data, tmp_path,
-                                                                                          small_disk):
+def test_a_disk_that_fills_mid_sweep_is_one_line_and_the_export_finishes_once_there_is_room(
+    real_data, tmp_path, small_disk
+):
     out = small_disk / "out"
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    args = [*sweep_args(real_data, tmp_path, "--n-trials", "6", "--n-jobs", "2", "--no-pruning", "--storage", storage),
-            "--output-dir", str(out)]
+    args = [
+        *sweep_args(real_data, tmp_path, "--n-trials", "6", "--n-jobs", "2", "--no-pruning", "--storage", storage),
+        "--output-dir",
+        str(out),
+    ]
     sweep = subprocess.Popen([*SWEEP, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
 
@@ -263,7 +319,7 @@ def test_a_disk_that_fills_mid_sweep_is_one_line_and_the_export_finishes_once_th
     while sweep.poll() is None and time.monotonic() < deadline and not first_trial_complete():
         time.sleep(0.05)
     filler = fill(small_disk)
-    stdout, stderr = sweep.communicate(timeout=600)
+    _stdout, stderr = sweep.communicate(timeout=600)
     assert sweep.returncode == 1, stderr[-3000:]
     assert "Traceback" not in stderr and "OSError" not in stderr, stderr[-3000:]
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
@@ -274,17 +330,36 @@ def test_a_disk_that_fills_mid_sweep_is_one_line_and_the_export_finishes_once_th
     kept = trials(storage)
     assert any(t.state == TrialState.COMPLETE for t in kept) and not any(t.state == TrialState.RUNNING for t in kept)
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    study_runs = [r for r in client.search_runs([client.get_experiment_by_name("house-prices").experiment_id])
-                  if r.data.tags.get("kind") == "study"]
+    study_runs = [
+        r
+        for r in client.search_runs([client.get_experiment_by_name("house-prices").experiment_id])
+        if r.data.tags.get("kind") == "study"
+    ]
     assert len(study_runs) == 1 and study_runs[0].info.status == "FAILED"
     assert study_runs[0].data.tags["failure"].startswith("cannot write ")
     assert not [p for p in out.rglob(".*") if ".tmp" in p.name], "a temporary file was left behind"
 
     # room again: the export writes the deliverables from the trials the study kept
     filler.unlink()
-    finished = subprocess.run([*EXPORT, "--output-dir", str(out), "--storage", storage, "--data-dir", str(real_data),
-                               "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--ensemble", "trials"],
-                              cwd=REPO, capture_output=True, text=True, timeout=600)
+    finished = subprocess.run(
+        [
+            *EXPORT,
+            "--output-dir",
+            str(out),
+            "--storage",
+            storage,
+            "--data-dir",
+            str(real_data),
+            "--tracking-uri",
+            f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "--ensemble",
+            "trials",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert len(pd.read_csv(out / "submission.csv")) == 1459
     assert load_predictor(out / "model") is not None

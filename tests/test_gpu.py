@@ -34,8 +34,15 @@ GPU_TOLERANCE = 2e-3  # absolute, on a fold's RMSE(log) of about 0.13
 @pytest.mark.parametrize("stacking", ["auto", "vmap", "sequential"])
 def test_house_prices_folds_score_on_the_gpu_as_on_the_cpu(real_data, stacking):
     task, dm = house_task_dm(real_data, folds=5)
-    config = TrainConfig(model_kwargs={"hidden_sizes": (64,), "dropout": 0.0}, max_epochs=20, lr=1e-2,
-                         optimizer="sgd", scheduler="cosine", weight_decay=1e-3, batch_size=64)
+    config = TrainConfig(
+        model_kwargs={"hidden_sizes": (64,), "dropout": 0.0},
+        max_epochs=20,
+        lr=1e-2,
+        optimizer="sgd",
+        scheduler="cosine",
+        weight_decay=1e-3,
+        batch_size=64,
+    )
     gpu = cross_validate(task, config, stacking=stacking, datamodule=dm, accelerator=ACCEL)
     cpu = cross_validate(task, config, stacking=stacking, datamodule=dm, accelerator="cpu")
     assert all(f.device.type == ("cuda" if ACCEL == "gpu" else "cpu") for f in gpu.fits)
@@ -45,8 +52,9 @@ def test_house_prices_folds_score_on_the_gpu_as_on_the_cpu(real_data, stacking):
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
 def test_mixed_precision_trains_on_the_gpu(real_data, precision):
     task, dm = house_task_dm(real_data, folds=3)
-    config = TrainConfig(model_kwargs={"hidden_sizes": (64,)}, max_epochs=10, precision=precision,
-                         gradient_clip_val=1.0)
+    config = TrainConfig(
+        model_kwargs={"hidden_sizes": (64,)}, max_epochs=10, precision=precision, gradient_clip_val=1.0
+    )
     result = cross_validate(task, config, datamodule=dm, accelerator=ACCEL)
     assert np.isfinite(result.fold_scores).all() and max(result.fold_scores) < 0.5
 

@@ -10,10 +10,10 @@ from torch import nn
 
 from project.cv import cross_validate
 from project.model_io import load_model
-from project.predictor import Predictor
 from project.models import CNN, MLP, ClassificationHead, RegressionHead, create_model
 from project.models.metrics import StackedAccuracy
 from project.models.registry import MODELS, register_model
+from project.predictor import Predictor
 from project.tasks import TrainConfig, get_task
 from tests.conftest import house_task_dm
 
@@ -36,10 +36,13 @@ def test_linear_skip_adds_a_linear_path():
     assert MLP((7,), 1, (), linear_skip=True).skip is None  # a linear model is its own linear path
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"dropout": 1.0}, r"dropout 1.0 is outside \[0, 1\)"),
-    ({"activation": "nope"}, "activation 'nope' is unknown"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"dropout": 1.0}, r"dropout 1.0 is outside \[0, 1\)"),
+        ({"activation": "nope"}, "activation 'nope' is unknown"),
+    ],
+)
 def test_mlp_refuses_bad_arguments(bad, message):
     with pytest.raises(ValueError, match=message):
         MLP((3,), 1, (4,), **bad)
@@ -64,14 +67,17 @@ def test_registry_creates_by_name_and_names_bad_arguments():
         register_model("mlp")(CNN)
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"lr": -1.0}, "lr=-1.0 is invalid"),
-    ({"weight_decay": -0.1}, "weight_decay=-0.1 is invalid"),
-    ({"max_epochs": 0}, "max_epochs=0 is invalid"),
-    ({"optimizer": "adam"}, "optimizer='adam' is invalid: expected one of adamw, sgd"),
-    ({"precision": "8-bit"}, "precision='8-bit' is invalid"),
-    ({"gradient_clip_val": 0.0}, "gradient_clip_val=0.0 is invalid"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"lr": -1.0}, "lr=-1.0 is invalid"),
+        ({"weight_decay": -0.1}, "weight_decay=-0.1 is invalid"),
+        ({"max_epochs": 0}, "max_epochs=0 is invalid"),
+        ({"optimizer": "adam"}, "optimizer='adam' is invalid: expected one of adamw, sgd"),
+        ({"precision": "8-bit"}, "precision='8-bit' is invalid"),
+        ({"gradient_clip_val": 0.0}, "gradient_clip_val=0.0 is invalid"),
+    ],
+)
 def test_config_refuses_bad_values(bad, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**bad)
@@ -90,8 +96,11 @@ def test_task_config_is_per_model():
 def test_regression_head_predicts_relative_to_each_members_training_mean(house_dir):
     """Each member's output starts at its own training rows' mean target (log price ~ 12)."""
     task, dm = house_task_dm(house_dir)
-    module = cross_validate(task, TrainConfig(model_kwargs={"hidden_sizes": (8,)}, max_epochs=1, lr=1e-9),
-                            datamodule=dm).fits[0].module
+    module = (
+        cross_validate(task, TrainConfig(model_kwargs={"hidden_sizes": (8,)}, max_epochs=1, lr=1e-9), datamodule=dm)
+        .fits[0]
+        .module
+    )
     means = torch.stack([dm.targets[rows].mean() for rows in dm.members.train_rows])
     torch.testing.assert_close(module.head.offset[:, 0], means)
     head = RegressionHead(2, torch.tensor([1.0, 2.0]))
@@ -105,14 +114,17 @@ def test_heads_average_the_loss_over_each_members_own_rows():
     loss = head.loss(torch.zeros(2, 3), torch.tensor([[1.0, 3.0, 100.0], [2.0, 100.0, 100.0]]), weight, rows)
     torch.testing.assert_close(loss, torch.tensor([5.0, 4.0]))
     logits = torch.zeros(2, 3, 4)
-    torch.testing.assert_close(ClassificationHead(2).loss(logits, torch.zeros(2, 3, dtype=torch.long), weight, rows),
-                               torch.full((2,), torch.log(torch.tensor(4.0)).item()))
+    torch.testing.assert_close(
+        ClassificationHead(2).loss(logits, torch.zeros(2, 3, dtype=torch.long), weight, rows),
+        torch.full((2,), torch.log(torch.tensor(4.0)).item()),
+    )
 
 
 def test_stacked_accuracy_keeps_one_score_per_member():
     metric = StackedAccuracy(2)
-    metric.update(torch.eye(3)[None].repeat(2, 2, 1), torch.tensor([[0, 1, 2, 0, 1, 2], [0, 0, 0, 0, 1, 2]]),
-                  torch.ones(2, 6))
+    metric.update(
+        torch.eye(3)[None].repeat(2, 2, 1), torch.tensor([[0, 1, 2, 0, 1, 2], [0, 0, 0, 0, 1, 2]]), torch.ones(2, 6)
+    )
     assert metric.compute().tolist() == pytest.approx([1.0, 4 / 6])
 
 
@@ -126,7 +138,13 @@ def test_a_saved_predictor_reloads_by_name_without_pickles(house_dir, tmp_path):
     predictor = Predictor.from_fits(task, config, result.fits, dm)
     folder = predictor.save(tmp_path / "model")
     assert sorted(p.name for p in folder.rglob("*") if p.is_file()) == [
-        "inputs.json", "member0.skops", "member1.skops", "member2.skops", "model.pt", "task.yaml"]
+        "inputs.json",
+        "member0.skops",
+        "member1.skops",
+        "member2.skops",
+        "model.pt",
+        "task.yaml",
+    ]
     members, loaded_config, saved = load_model(folder / "model.pt")
     assert loaded_config == config and saved["folds"] == [0, 1, 2] and all(isinstance(m, MLP) for m in members)
     module = result.fits[0].module.eval()

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from tests.servers import MlflowServer, PostgresCluster, free_port
-from tests.test_reliability import SWEEP, REPO, sweep_args, trials, wait_for
+from tests.test_reliability import REPO, SWEEP, sweep_args, trials, wait_for
 from tests.test_stopping import counts, start
 
 UNREACHABLE = "is unreachable"
@@ -92,7 +92,7 @@ def test_a_tracking_outage_costs_no_trial_and_is_logged_once_the_server_is_back(
         logged_at_fault = len(trial_runs(client))
         wait_for(lambda: len(trial_runs(client)) > logged_at_fault, 120)
         resumed = time.monotonic() - back
-        out, err = sweep.communicate(timeout=600)
+        _out, err = sweep.communicate(timeout=600)
     finally:
         if sweep.poll() is None:
             os.killpg(sweep.pid, 9)
@@ -103,15 +103,21 @@ def test_a_tracking_outage_costs_no_trial_and_is_logged_once_the_server_is_back(
     assert not list((tmp_path / "out").glob("**/mlflow-pending/*.jsonl"))
     study = trials(storage)
     # no trial lost to the outage (a configuration whose loss diverged fails for its own reason)
-    assert len(study) == 30 and not [t.number for t in study if t.state == TrialState.FAIL
-                                     and "NaN or infinite" not in t.user_attrs.get("failure", "")]
+    assert len(study) == 30 and not [
+        t.number
+        for t in study
+        if t.state == TrialState.FAIL and "NaN or infinite" not in t.user_attrs.get("failure", "")
+    ]
     versions = client.search_model_versions("name='house-prices'")
-    assert [v.tags["trial"] for v in versions] == [str(optuna.load_study(
-        study_name="house-prices", storage=storage).best_trial.number)]
+    assert [v.tags["trial"] for v in versions] == [
+        str(optuna.load_study(study_name="house-prices", storage=storage).best_trial.number)
+    ]
     experiment = client.get_experiment_by_name("house-prices")
-    print(f"\nserver killed after {at_fault} finished trial(s), {logged_at_fault} trial runs in MLflow; {during} "
-          f"finished during the outage of {back - fault:.1f} s; logging resumed {resumed:.1f} s after the server "
-          f"was back; at the end {counts(study, client.search_runs([experiment.experiment_id], max_results=1000))}")
+    print(
+        f"\nserver killed after {at_fault} finished trial(s), {logged_at_fault} trial runs in MLflow; {during} "
+        f"finished during the outage of {back - fault:.1f} s; logging resumed {resumed:.1f} s after the server "
+        f"was back; at the end {counts(study, client.search_runs([experiment.experiment_id], max_results=1000))}"
+    )
 
 
 @pytest.mark.slow
@@ -127,24 +133,36 @@ def test_what_an_outage_kept_is_logged_by_the_next_command(real_data, tmp_path, 
     assert len(trials(storage)) == 6 and all(t.state.is_finished() for t in trials(storage))
 
     server.start()
-    rerun = subprocess.run([*SWEEP, *outage_args(real_data, tmp_path, server, "--n-trials", "1")], cwd=REPO,
-                           capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(
+        [*SWEEP, *outage_args(real_data, tmp_path, server, "--n-trials", "1")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "MLflow write(s) kept while" in rerun.stdout
     client = MlflowClient(server.uri)
     assert_every_trial_logged(storage, client)
     assert not list((tmp_path / "out").glob("**/mlflow-pending/*.jsonl"))
     experiment = client.get_experiment_by_name("house-prices")
-    print(f"\nserver killed after 2 trials; the sweep finished its 6 in {ended:.1f} s more without it; the next "
-          f"command logged what was kept: {counts(trials(storage), client.search_runs([experiment.experiment_id]))}")
+    print(
+        f"\nserver killed after 2 trials; the sweep finished its 6 in {ended:.1f} s more without it; the next "
+        f"command logged what was kept: {counts(trials(storage), client.search_runs([experiment.experiment_id]))}"
+    )
 
 
 @pytest.mark.slow
 def test_an_unreachable_study_database_is_named_at_once(real_data, tmp_path):
     closed = f"postgresql://postgres@127.0.0.1:{free_port()}/optuna"
     began = time.monotonic()
-    sweep = subprocess.run([*SWEEP, *sweep_args(real_data, tmp_path, "--storage", closed, "--n-trials", "2")],
-                           cwd=REPO, capture_output=True, text=True, timeout=300)
+    sweep = subprocess.run(
+        [*SWEEP, *sweep_args(real_data, tmp_path, "--storage", closed, "--n-trials", "2")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     took = time.monotonic() - began
     assert sweep.returncode == 2 and "--storage" in sweep.stderr and closed in sweep.stderr, sweep.stderr[-2000:]
     assert "Traceback" not in sweep.stderr
@@ -161,9 +179,13 @@ def test_a_study_database_lost_mid_sweep_stops_it_and_the_next_command_recovers(
         def stop_database() -> None:
             before.update({t.number: t.state for t in trials(cluster.url) if t.state.is_finished()})
             cluster.stop()
-        code, out, err, stopped_after = run_with_fault(
-            [*SWEEP, *args], lambda: finished(cluster.url) >= 2 and any(
-                t.state == TrialState.RUNNING for t in trials(cluster.url)), stop_database, timeout=300)
+
+        code, _out, err, stopped_after = run_with_fault(
+            [*SWEEP, *args],
+            lambda: finished(cluster.url) >= 2 and any(t.state == TrialState.RUNNING for t in trials(cluster.url)),
+            stop_database,
+            timeout=300,
+        )
         assert code == 1, err[-3000:]
         assert err.count("--storage") == 1 and "unreachable" in err and "Traceback" not in err, err[-3000:]
         client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -173,13 +195,20 @@ def test_a_study_database_lost_mid_sweep_stops_it_and_the_next_command_recovers(
         assert [r.info.status for r in runs if r.data.tags.get("kind") == "study"] == ["FAILED"]
 
         cluster.start()
-        rerun = subprocess.run([*SWEEP, *sweep_args(real_data, tmp_path, "--storage", cluster.url, "--n-trials", "1")],
-                               cwd=REPO, capture_output=True, text=True, timeout=600)
+        rerun = subprocess.run(
+            [*SWEEP, *sweep_args(real_data, tmp_path, "--storage", cluster.url, "--n-trials", "1")],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert rerun.returncode == 0, rerun.stderr[-3000:]
         after = trials(cluster.url)
         assert not [t.number for t in after if t.state == TrialState.RUNNING]
         assert all(after[n].state == state for n, state in before.items())
-        print(f"\nstudy database stopped after {len(before)} finished trial(s): the sweep stopped {stopped_after:.1f} s "
-              f"later; after the next command {counts(after, client.search_runs([experiment.experiment_id]))}")
+        print(
+            f"\nstudy database stopped after {len(before)} finished trial(s): the sweep stopped {stopped_after:.1f} s "
+            f"later; after the next command {counts(after, client.search_runs([experiment.experiment_id]))}"
+        )
     finally:
         cluster.remove()

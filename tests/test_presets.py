@@ -71,8 +71,17 @@ def write_preset(tmp_path: Path, text: str) -> Path:
 
 
 def run_sweep(tmp_path: Path, preset: Path, *extra: str) -> dict:
-    args = ["--config", str(preset), "--data-dir", str(tmp_path / "data"), "--output-dir", str(tmp_path / "out"),
-            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", *extra]
+    args = [
+        "--config",
+        str(preset),
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--tracking-uri",
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+        *extra,
+    ]
     assert sweep.main(args) == 0
     return json.loads((tmp_path / "out" / "summary.json").read_text())
 
@@ -102,8 +111,16 @@ def test_classification_with_string_labels_from_a_preset_alone(tmp_path):
 @pytest.mark.slow
 def test_class_probabilities_where_the_preset_asks(tmp_path):
     write_sklearn_csvs(tmp_path / "data" / "iris", "iris")
-    summary = run_sweep(tmp_path, write_preset(tmp_path, IRIS), "--set", "submission.probabilities=true",
-                        "--n-trials", "1", "--set", "metric=logloss")
+    summary = run_sweep(
+        tmp_path,
+        write_preset(tmp_path, IRIS),
+        "--set",
+        "submission.probabilities=true",
+        "--n-trials",
+        "1",
+        "--set",
+        "metric=logloss",
+    )
     submission = pd.read_csv(summary["submission"])
     assert list(submission.columns) == ["id", "setosa", "versicolor", "virginica"]
     np.testing.assert_allclose(submission[["setosa", "versicolor", "virginica"]].sum(axis=1), 1, atol=1e-6)
@@ -121,8 +138,11 @@ def test_binary_classification_scores_roc_auc(tmp_path):
     folder.mkdir(parents=True)
     frame.iloc[:450].to_csv(folder / "train.csv", index=False)
     frame.iloc[450:].drop(columns="diagnosis").to_csv(folder / "test.csv", index=False)
-    text = IRIS.replace("name: iris", "name: cancer").replace("metric: acc", "metric: auc").replace(
-        "dataset: iris, id: id, target: species", "dataset: cancer, id: id, target: diagnosis")
+    text = (
+        IRIS.replace("name: iris", "name: cancer")
+        .replace("metric: acc", "metric: auc")
+        .replace("dataset: iris, id: id, target: species", "dataset: cancer, id: id, target: diagnosis")
+    )
     summary = run_sweep(tmp_path, write_preset(tmp_path, text), "--n-trials", "1")
     assert summary["cv_mean"] > 0.95  # ROC AUC of the three fold models
     assert set(pd.read_csv(summary["submission"])["diagnosis"]) <= {"benign", "malignant"}
@@ -139,37 +159,72 @@ def test_regression_with_a_target_that_can_be_zero(tmp_path, capsys):
     assert np.isfinite(predicted).all() and predicted.min() > -1  # expm1 of the log1p-scale predictions
     assert np.corrcoef(predicted, held_out.to_numpy())[0, 1] > 0.7  # a real fit, on the original scale
     # the same target through log: its zeros are refused, naming the file, column and row
-    code = train.main(["--config", str(write_preset(tmp_path, CONCAVITY.replace("log1p ", "log "))),
-                       "--data-dir", str(tmp_path / "data"), "--output-dir", str(tmp_path / "out2"),
-                       "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
+    code = train.main(
+        [
+            "--config",
+            str(write_preset(tmp_path, CONCAVITY.replace("log1p ", "log "))),
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--output-dir",
+            str(tmp_path / "out2"),
+            "--tracking-uri",
+            f"sqlite:///{tmp_path / 'mlflow.db'}",
+        ]
+    )
     assert code == 1
-    assert re.search(r"concavity/train\.csv: column 'worst_concavity' row \d+: 0\.0, expected a positive number in "
-                     r"every row \(target transform 'log'\)", capsys.readouterr().err)
+    assert re.search(
+        r"concavity/train\.csv: column 'worst_concavity' row \d+: 0\.0, expected a positive number in "
+        r"every row \(target transform 'log'\)",
+        capsys.readouterr().err,
+    )
 
 
-@pytest.mark.parametrize("edit, message", [
-    (("model: mlp\nmodels", "modle: mlp\nmodels"), r"key 'modle': Key 'modle' not in 'Preset'"),
-    (("folds: 3", "folds: three"), r"key 'folds': Value 'three' of type 'str' could not be converted to Integer"),
-    (("metric: acc", "metric: rmse"), r"key 'metric': 'rmse' is not allowed; expected one of acc, logloss, auc"),
-    (("target: species", "target: kind"), r"key 'data.target': .*train\.csv has no column 'kind'"),
-    (("dataset: iris", "dataset: nowhere"), r"key 'data.train': .*nowhere/train\.csv not found"),
-    (("model.dropout", "model.dropuot"), r"key 'models.mlp.search.model.dropuot': names no setting"),
-    (("hidden_sizes: [16]", "hidden_size: [16]"), r"key 'models.mlp': model 'mlp' takes no argument 'hidden_size'"),
-    (("start: {lr: 1.0e-2, dropout: 0.0}", "start: {lr: 1.0e-2, depth: 1}"), r"key 'models.mlp.start': depth"),
-    (("jobs: 1}", "jobs: 1, estimators: {lr: {estimator: 'sklearn.linear_model:Logistic'}}}"),
-     r"key 'sweep.estimators.lr.estimator': 'sklearn.linear_model:Logistic' is not importable; expected 'module:Class'"),
-    (("jobs: 1}", "jobs: 1, estimators: {lr: {estimator: 'sklearn.linear_model:LogisticRegression', args: {c: 1}}}}"),
-     r"key 'sweep.estimators.lr.args': .*unexpected keyword argument 'c'"),
-    (("jobs: 1}", "jobs: 1, estimators: {lasso: {estimator: 'sklearn.linear_model:Lasso'}}}"),
-     r"key 'sweep.estimators.lasso.estimator': 'sklearn.linear_model:Lasso' has no fit and predict_proba methods; "
-     r"expected a scikit-learn classification estimator"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (("model: mlp\nmodels", "modle: mlp\nmodels"), r"key 'modle': Key 'modle' not in 'Preset'"),
+        (("folds: 3", "folds: three"), r"key 'folds': Value 'three' of type 'str' could not be converted to Integer"),
+        (("metric: acc", "metric: rmse"), r"key 'metric': 'rmse' is not allowed; expected one of acc, logloss, auc"),
+        (("target: species", "target: kind"), r"key 'data.target': .*train\.csv has no column 'kind'"),
+        (("dataset: iris", "dataset: nowhere"), r"key 'data.train': .*nowhere/train\.csv not found"),
+        (("model.dropout", "model.dropuot"), r"key 'models.mlp.search.model.dropuot': names no setting"),
+        (("hidden_sizes: [16]", "hidden_size: [16]"), r"key 'models.mlp': model 'mlp' takes no argument 'hidden_size'"),
+        (("start: {lr: 1.0e-2, dropout: 0.0}", "start: {lr: 1.0e-2, depth: 1}"), r"key 'models.mlp.start': depth"),
+        (
+            ("jobs: 1}", "jobs: 1, estimators: {lr: {estimator: 'sklearn.linear_model:Logistic'}}}"),
+            r"key 'sweep.estimators.lr.estimator': 'sklearn.linear_model:Logistic' is not importable; "
+            r"expected 'module:Class'",
+        ),
+        (
+            (
+                "jobs: 1}",
+                "jobs: 1, estimators: {lr: {estimator: 'sklearn.linear_model:LogisticRegression', args: {c: 1}}}}",
+            ),
+            r"key 'sweep.estimators.lr.args': .*unexpected keyword argument 'c'",
+        ),
+        (
+            ("jobs: 1}", "jobs: 1, estimators: {lasso: {estimator: 'sklearn.linear_model:Lasso'}}}"),
+            r"key 'sweep.estimators.lasso.estimator': 'sklearn.linear_model:Lasso' has no fit and predict_proba "
+            r"methods; expected a scikit-learn classification estimator",
+        ),
+    ],
+)
 def test_a_bad_preset_is_refused_before_any_work(tmp_path, capsys, edit, message):
     write_sklearn_csvs(tmp_path / "data" / "iris", "iris")
     preset = write_preset(tmp_path, IRIS.replace(*edit))
     with pytest.raises(SystemExit) as exit_info:
-        sweep.main(["--config", str(preset), "--data-dir", str(tmp_path / "data"),
-                    "--output-dir", str(tmp_path / "out"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
+        sweep.main(
+            [
+                "--config",
+                str(preset),
+                "--data-dir",
+                str(tmp_path / "data"),
+                "--output-dir",
+                str(tmp_path / "out"),
+                "--tracking-uri",
+                f"sqlite:///{tmp_path / 'mlflow.db'}",
+            ]
+        )
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "argument --config" in err and str(preset) in err and re.search(message, err), err
@@ -180,8 +235,10 @@ def test_unknown_task_names_the_presets(capsys):
     with pytest.raises(SystemExit) as exit_info:
         sweep.main(["--task", "nope"])
     assert exit_info.value.code == 2
-    assert re.search(r"argument --task: no preset 'nope'.*the presets are fashion-mnist, house-prices, mnist",
-                     capsys.readouterr().err)
+    assert re.search(
+        r"argument --task: no preset 'nope'.*the presets are fashion-mnist, house-prices, mnist",
+        capsys.readouterr().err,
+    )
 
 
 def test_duplicate_ids_are_refused_when_the_file_is_read(tmp_path, capsys):
@@ -190,11 +247,23 @@ def test_duplicate_ids_are_refused_when_the_file_is_read(tmp_path, capsys):
     frame = pd.read_csv(train_csv)
     frame.loc[5, "id"] = frame.loc[2, "id"]
     frame.to_csv(train_csv, index=False)
-    code = train.main(["--config", str(write_preset(tmp_path, IRIS)), "--data-dir", str(tmp_path / "data"),
-                       "--output-dir", str(tmp_path / "out"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
+    code = train.main(
+        [
+            "--config",
+            str(write_preset(tmp_path, IRIS)),
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--tracking-uri",
+            f"sqlite:///{tmp_path / 'mlflow.db'}",
+        ]
+    )
     assert code == 1
-    assert re.search(rf"{re.escape(str(train_csv))}: column 'id' repeats id {frame.loc[2, 'id']} \(lines 4 and 7\)",
-                     capsys.readouterr().err)
+    assert re.search(
+        rf"{re.escape(str(train_csv))}: column 'id' repeats id {frame.loc[2, 'id']} \(lines 4 and 7\)",
+        capsys.readouterr().err,
+    )
 
 
 def test_shipped_presets_load_and_extend():
@@ -241,8 +310,18 @@ def write_image_folders(root: Path, labelled_test: bool = True, size: int = 12) 
 @pytest.mark.parametrize("labelled_test", [True, False])
 def test_an_image_folder_task_from_a_preset_alone(tmp_path, labelled_test):
     write_image_folders(tmp_path / "data" / "shapes", labelled_test)
-    code = train.main(["--config", str(write_preset(tmp_path, SHAPES)), "--data-dir", str(tmp_path / "data"),
-                       "--output-dir", str(tmp_path / "out"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
+    code = train.main(
+        [
+            "--config",
+            str(write_preset(tmp_path, SHAPES)),
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--tracking-uri",
+            f"sqlite:///{tmp_path / 'mlflow.db'}",
+        ]
+    )
     assert code == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     predictions = pd.read_csv(summary["submission"])
@@ -270,8 +349,11 @@ def test_image_folder_reads_colour_and_the_images_own_size(tmp_path):
 
 @pytest.mark.slow
 def test_estimators_are_refused_where_no_fold_models_predict_the_test_rows():
-    with pytest.raises(presets.PresetError, match=r"fashion-mnist\.yaml: key 'sweep.estimators': estimators join the "
-                                                  r"ensemble of a CSV task .* \(data.kind 'idx', final.refit True\)"):
+    with pytest.raises(
+        presets.PresetError,
+        match=r"fashion-mnist\.yaml: key 'sweep.estimators': estimators join the "
+        r"ensemble of a CSV task .* \(data.kind 'idx', final.refit True\)",
+    ):
         presets.load(presets.preset_path("fashion-mnist"), ["sweep.estimators.lr.estimator=sklearn.linear_model:Lasso"])
 
 
@@ -283,15 +365,19 @@ def test_an_estimator_joins_the_sweeps_ensemble_and_its_submission(tmp_path, cap
     from project.predictor import load_predictor
 
     write_sklearn_csvs(tmp_path / "data" / "iris", "iris")
-    estimators = ("jobs: 1, estimators: {logistic: {estimator: 'sklearn.linear_model:LogisticRegression', "
-                  "args: {C: 10.0, max_iter: 1000}}}}")
+    estimators = (
+        "jobs: 1, estimators: {logistic: {estimator: 'sklearn.linear_model:LogisticRegression', "
+        "args: {C: 10.0, max_iter: 1000}}}}"
+    )
     summary = run_sweep(tmp_path, write_preset(tmp_path, IRIS.replace("jobs: 1}", estimators)), "--n-trials", "2")
     assert summary["estimators"]["logistic"]["cv_acc"] > 0.9
     assert summary["ensemble"]["estimators"] == ["logistic"] and summary["ensemble"]["library"] == 2
     out = tmp_path / "out"
     weights = {m.get("trial", m.get("estimator")): m["weight"] for m in summary["ensemble"]["members"]}
-    library = {n: Predictions.load(out / "predictions" / (f"trial-{n}.npz" if isinstance(n, int) else f"estimator-{n}.npz"))
-               for n in weights}
+    library = {
+        n: Predictions.load(out / "predictions" / (f"trial-{n}.npz" if isinstance(n, int) else f"estimator-{n}.npz"))
+        for n in weights
+    }
     model = load_predictor(out / "model")
     test = pd.read_csv(tmp_path / "data" / "iris" / "test.csv")
     np.testing.assert_allclose(model.averaged(test).numpy(), blend(library, weights, "test"), rtol=1e-5, atol=1e-7)
@@ -303,16 +389,46 @@ def test_an_estimator_joins_the_sweeps_ensemble_and_its_submission(tmp_path, cap
     assert run.info.run_name == "estimator-logistic" and run.info.status == "FINISHED"
     assert run.data.tags["mlflow.parentRunId"] == summary["mlflow"]["run_id"]
     assert run.data.metrics["cv_mean"] == pytest.approx(summary["estimators"]["logistic"]["cv_acc"])
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "predictions")] == ["predictions/estimator-logistic.npz"]
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "predictions")] == [
+        "predictions/estimator-logistic.npz"
+    ]
     # exported again, the same estimator logs to the same run
-    assert export_submission.main(["--study-name", "iris", "--output-dir", str(out), "--data-dir", str(tmp_path / "data"),
-                                   "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]) == 0
+    assert (
+        export_submission.main(
+            [
+                "--study-name",
+                "iris",
+                "--output-dir",
+                str(out),
+                "--data-dir",
+                str(tmp_path / "data"),
+                "--tracking-uri",
+                f"sqlite:///{tmp_path / 'mlflow.db'}",
+            ]
+        )
+        == 0
+    )
     runs = client.search_runs([summary["mlflow"]["experiment_id"]], "tags.kind = 'estimator'")
     assert [r.info.run_id for r in runs] == [run.info.run_id]
     assert len(client.get_metric_history(run.info.run_id, "cv_mean")) == 2
     # --ensemble trials: selected from the trials alone, no estimator fitted
-    assert export_submission.main(["--study-name", "iris", "--output-dir", str(out), "--data-dir", str(tmp_path / "data"),
-                                   "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--ensemble", "trials"]) == 0
+    assert (
+        export_submission.main(
+            [
+                "--study-name",
+                "iris",
+                "--output-dir",
+                str(out),
+                "--data-dir",
+                str(tmp_path / "data"),
+                "--tracking-uri",
+                f"sqlite:///{tmp_path / 'mlflow.db'}",
+                "--ensemble",
+                "trials",
+            ]
+        )
+        == 0
+    )
     trials_only = json.loads((out / "summary.json").read_text())
     assert trials_only["estimators"] == {} and trials_only["ensemble"]["estimators"] == []
     assert all("trial" in m for m in trials_only["ensemble"]["members"])
@@ -321,13 +437,25 @@ def test_an_estimator_joins_the_sweeps_ensemble_and_its_submission(tmp_path, cap
     # a value scikit-learn refuses only when it fits: the trials and the rest of the export are kept
     capsys.readouterr()
     failing = IRIS.replace("jobs: 1}", estimators.replace("C: 10.0", "C: -1.0"))
-    args = ["--config", str(write_preset(tmp_path, failing)), "--data-dir", str(tmp_path / "data"), "--output-dir",
-            str(out), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--n-trials", "1"]
+    args = [
+        "--config",
+        str(write_preset(tmp_path, failing)),
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--output-dir",
+        str(out),
+        "--tracking-uri",
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "--n-trials",
+        "1",
+    ]
     assert sweep.main(args) == 1
     err = capsys.readouterr().err
-    assert re.search(r"error: .*preset\.yaml: key 'sweep\.estimators\.logistic': "
-                     r"sklearn\.linear_model:LogisticRegression did not fit: .*'C'.*; the ensemble was selected without it",
-                     err), err
+    assert re.search(
+        r"error: .*preset\.yaml: key 'sweep\.estimators\.logistic': "
+        r"sklearn\.linear_model:LogisticRegression did not fit: .*'C'.*; the ensemble was selected without it",
+        err,
+    ), err
     again = json.loads((out / "summary.json").read_text())
     assert again["n_complete"] == 3 and "logistic" in again["estimator_errors"] and Path(again["submission"]).is_file()
     assert "Traceback" not in err
@@ -336,7 +464,7 @@ def test_an_estimator_joins_the_sweeps_ensemble_and_its_submission(tmp_path, cap
 def test_the_readmes_preset_sweeps_to_its_submission(tmp_path):
     """The recipe as the README shows it: its example preset, unchanged, on the data it names."""
     readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("## Your own task: one preset file"):]
+    section = readme[readme.index("## Your own task: one preset file") :]
     example = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
     preset = presets.load(write_preset(tmp_path, example))
     held_out = write_sklearn_csvs(tmp_path / "data" / preset.data.dataset, "iris")

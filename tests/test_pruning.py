@@ -59,7 +59,10 @@ def test_a_long_schedule_that_ends_best_is_kept_where_an_epoch_indexed_pruner_cu
 
     curves = {n: line(1.0, 0.5 + 0.01 * n, 20) for n in range(6)}  # six short trials
     curves[6] = line(1.0, 0.3, 80)  # slower at first, best at the end
-    epoch_indexed = replay(optuna.pruners.MedianPruner(n_startup_trials=6, n_warmup_steps=10), curves,
-                           steps=lambda epoch, max_epochs, reported: range(epoch, epoch + 1))
+    epoch_indexed = replay(
+        optuna.pruners.MedianPruner(n_startup_trials=6, n_warmup_steps=10),
+        curves,
+        steps=lambda epoch, max_epochs, reported: range(epoch, epoch + 1),
+    )
     assert epoch_indexed[6] == 10
     assert replay(make_pruner(), curves) == dict.fromkeys(range(7))

@@ -26,8 +26,21 @@ SWEEP = [sys.executable, str(REPO / "experiments" / "sweep.py")]
 
 
 def sweep_args(data_dir: Path, tmp_path: Path, *extra: str) -> list[str]:
-    return ["--data-dir", str(data_dir), "--folds", "2", "--max-epochs", "30", "--hidden-sizes", "16",
-            "--output-dir", str(tmp_path / "out"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", *extra]
+    return [
+        "--data-dir",
+        str(data_dir),
+        "--folds",
+        "2",
+        "--max-epochs",
+        "30",
+        "--hidden-sizes",
+        "16",
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--tracking-uri",
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+        *extra,
+    ]
 
 
 def trials(storage: str, name: str = "house-prices") -> list[optuna.trial.FrozenTrial]:
@@ -55,17 +68,30 @@ KILL_POINTS = ["outside", "created", "mid-fold", "logging", "run-ended"]
 
 def kill_sweep_at(point: str, args: list[str], storage: str) -> None:
     if point == "outside":
-        sweep = subprocess.Popen([*SWEEP, *args], cwd=REPO, start_new_session=True,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        sweep = subprocess.Popen(
+            [*SWEEP, *args], cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         try:
-            wait_for(lambda: sum(t.state.is_finished() for t in trials(storage)) >= 3
-                     and any(t.state == TrialState.RUNNING for t in trials(storage)), 180)
+            wait_for(
+                lambda: (
+                    sum(t.state.is_finished() for t in trials(storage)) >= 3
+                    and any(t.state == TrialState.RUNNING for t in trials(storage))
+                ),
+                180,
+            )
         finally:
             os.killpg(sweep.pid, signal.SIGKILL)  # the coordinator and both workers, mid-trial
             sweep.wait()
         return
-    sweep = subprocess.run([*FAULT_SWEEP, *args], cwd=REPO, start_new_session=True, capture_output=True, text=True,
-                           env={**os.environ, "FAULT": point}, timeout=300)
+    sweep = subprocess.run(
+        [*FAULT_SWEEP, *args],
+        cwd=REPO,
+        start_new_session=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "FAULT": point},
+        timeout=300,
+    )
     assert sweep.returncode == -signal.SIGKILL, sweep.stderr[-2000:]
 
 
@@ -77,8 +103,13 @@ def test_kill_9_then_resume_keeps_finished_work(real_data, tmp_path, point):
     before = {t.number: t.state for t in trials(storage) if t.state.is_finished()}
     assert len(before) >= 3 and any(t.state == TrialState.RUNNING for t in trials(storage))
 
-    rerun = subprocess.run([*SWEEP, *sweep_args(real_data, tmp_path, "--n-trials", "2")], cwd=REPO,
-                           capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(
+        [*SWEEP, *sweep_args(real_data, tmp_path, "--n-trials", "2")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "left RUNNING by a dead worker" in rerun.stdout
     after = trials(storage)
@@ -91,8 +122,11 @@ def test_kill_9_then_resume_keeps_finished_work(real_data, tmp_path, point):
     runs = client.search_runs([experiment.experiment_id], max_results=1000)
     assert not [r.info.run_id for r in runs if r.info.status == "RUNNING"]
     failed = [t for t in after if t.state == TrialState.FAIL]
-    assert failed and all(client.get_run(t.user_attrs["mlflow_run_id"]).info.status == "FAILED"
-                          for t in failed if "mlflow_run_id" in t.user_attrs)
+    assert failed and all(
+        client.get_run(t.user_attrs["mlflow_run_id"]).info.status == "FAILED"
+        for t in failed
+        if "mlflow_run_id" in t.user_attrs
+    )
     if point == "created":  # killed before its worker claimed it: failed all the same
         assert any(t.user_attrs.get("failure") == "worker process died before it claimed the trial" for t in failed)
 
@@ -110,11 +144,31 @@ def postgres():
 def test_two_workers_share_a_postgresql_study(real_data, tmp_path, postgres):
     """Two sweep commands started by hand against one PostgreSQL study: no trial lost or run twice."""
     tracking = ["--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]  # one MLflow store, as with a server
-    commands = [subprocess.Popen([*SWEEP, *sweep_args(real_data, tmp_path / f"w{i}", "--storage", postgres,
-                                                       "--n-trials", "3", "--n-jobs", "1", "--max-epochs", "5"),
-                                  *tracking],
-                                 cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                for i in range(2)]
+    commands = [
+        subprocess.Popen(
+            [
+                *SWEEP,
+                *sweep_args(
+                    real_data,
+                    tmp_path / f"w{i}",
+                    "--storage",
+                    postgres,
+                    "--n-trials",
+                    "3",
+                    "--n-jobs",
+                    "1",
+                    "--max-epochs",
+                    "5",
+                ),
+                *tracking,
+            ],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outputs = [c.communicate(timeout=600)[0] for c in commands]
     assert [c.returncode for c in commands] == [0, 0], "\n".join(o[-1500:] for o in outputs)
     study = trials(postgres)
@@ -138,7 +192,7 @@ def test_a_run_whose_id_never_reached_its_trial_is_failed_with_it(tmp_path):
     study = optuna.create_study(study_name="s", storage=make_storage(f"sqlite:///{tmp_path / 'optuna.db'}"))
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "e")
     trial = study.ask()
-    study._storage.set_trial_user_attr(trial._trial_id, WORKER_ATTR, {"host": socket.gethostname(), "pid": 2 ** 22 + 1})
+    study._storage.set_trial_user_attr(trial._trial_id, WORKER_ATTR, {"host": socket.gethostname(), "pid": 2**22 + 1})
     orphan = tracker.start_run("trial-0", tags={"trial_number": "0", "study": "s"})
     other = tracker.start_run("trial-0", tags={"trial_number": "0", "study": "another study"})
     assert recover_stale_trials(study, tracker) == [0]

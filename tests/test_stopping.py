@@ -30,18 +30,26 @@ TRAIN = [sys.executable, str(REPO / "experiments" / "train.py")]
 
 def start(command: list[str]) -> subprocess.Popen:
     """A command in a session of its own, with SIGINT as a terminal's child has it."""
-    return subprocess.Popen(command, cwd=REPO, start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return subprocess.Popen(
+        command,
+        cwd=REPO,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 def running_after_finished(storage: str, finished: int):
     """True once ``finished`` trials have ended and another has trained for a moment."""
+
     def ready() -> bool:
         now = trials(storage)
-        return (sum(t.state.is_finished() for t in now) >= finished
-                and any(t.state == TrialState.RUNNING and "worker" in t.user_attrs
-                        and "mlflow_run_id" in t.user_attrs for t in now))
+        return sum(t.state.is_finished() for t in now) >= finished and any(
+            t.state == TrialState.RUNNING and "worker" in t.user_attrs and "mlflow_run_id" in t.user_attrs for t in now
+        )
+
     return ready
 
 
@@ -76,8 +84,12 @@ def test_a_stop_request_ends_a_fit_after_its_current_step(house_dir, signum, cap
     signaller = SignalAfterStep(3, signum)
     before = signal.getsignal(signum)
     with stopping.handling_signals(), pytest.raises(stopping.Interrupted) as stop:
-        cross_validate(task, TrainConfig(model_kwargs={"hidden_sizes": (8,)}, max_epochs=50, batch_size=8),
-                       datamodule=dm, callbacks=[signaller])
+        cross_validate(
+            task,
+            TrainConfig(model_kwargs={"hidden_sizes": (8,)}, max_epochs=50, batch_size=8),
+            datamodule=dm,
+            callbacks=[signaller],
+        )
     assert stop.value.exit_code == 128 + signum and signaller.steps == 3  # no step after the one signalled
     assert f"{signal.Signals(signum).name}: stopping after the current step" in capsys.readouterr().err
     assert signal.getsignal(signum) is before and stopping.requested() is None  # as it was, for what runs next
@@ -87,9 +99,11 @@ LONG = ("--max-epochs", "150", "--no-pruning")  # trials of several seconds, so 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("jobs, signum, group", [(1, signal.SIGINT, True), (2, signal.SIGINT, True),
-                                                 (2, signal.SIGTERM, False)],
-                         ids=["ctrl-c", "ctrl-c-2-workers", "sigterm-2-workers"])
+@pytest.mark.parametrize(
+    "jobs, signum, group",
+    [(1, signal.SIGINT, True), (2, signal.SIGINT, True), (2, signal.SIGTERM, False)],
+    ids=["ctrl-c", "ctrl-c-2-workers", "sigterm-2-workers"],
+)
 def test_a_stop_request_ends_the_sweep_cleanly(real_data, tmp_path, jobs, signum, group):
     storage = f"sqlite:///{tmp_path / 'out' / 'optuna.db'}"
     sweep = start([*SWEEP, *sweep_args(real_data, tmp_path, "--n-trials", "200", "--n-jobs", str(jobs), *LONG)])
@@ -107,8 +121,10 @@ def test_a_stop_request_ends_the_sweep_cleanly(real_data, tmp_path, jobs, signum
     assert "Traceback" not in err and "Traceback" not in out, err[-3000:]
     assert f"{signal.Signals(signum).name}: stopping" in err and "stopped, interrupted by" in err
     after = trials(storage)
-    print(f"\n{signal.Signals(signum).name}, {jobs} worker(s): stopped {seconds:.1f} s after the signal; "
-          f"{counts(after, runs(tmp_path)[1])}")
+    print(
+        f"\n{signal.Signals(signum).name}, {jobs} worker(s): stopped {seconds:.1f} s after the signal; "
+        f"{counts(after, runs(tmp_path)[1])}"
+    )
     assert not [t.number for t in after if t.state == TrialState.RUNNING]
     interrupted = [t for t in after if t.user_attrs.get("failure") == "interrupted"]
     assert 1 <= len(interrupted) <= jobs and all(t.state == TrialState.FAIL for t in interrupted)
@@ -124,8 +140,13 @@ def test_a_stop_request_ends_the_sweep_cleanly(real_data, tmp_path, jobs, signum
     assert all(client.get_run(t.user_attrs["mlflow_run_id"]).info.status == "FINISHED" for t in complete)
 
     # the same command resumes: nothing to recover, the study goes on
-    rerun = subprocess.run([*SWEEP, *sweep_args(real_data, tmp_path, "--n-trials", "1", "--n-jobs", "1", *LONG)],
-                           cwd=REPO, capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(
+        [*SWEEP, *sweep_args(real_data, tmp_path, "--n-trials", "1", "--n-jobs", "1", *LONG)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "left RUNNING" not in rerun.stdout and len(trials(storage)) == len(after) + 1
 
@@ -174,7 +195,7 @@ def test_a_dead_worker_is_reported_and_the_others_finish(real_data, tmp_path):
         killed = time.monotonic()
         wait_for(lambda: trials(storage)[victim.number].state == TrialState.FAIL, 60)
         failed_after = time.monotonic() - killed
-        out, err = sweep.communicate(timeout=300)
+        _out, err = sweep.communicate(timeout=300)
     finally:
         if sweep.poll() is None:
             os.killpg(sweep.pid, signal.SIGKILL)
@@ -185,15 +206,19 @@ def test_a_dead_worker_is_reported_and_the_others_finish(real_data, tmp_path):
     assert after[victim.number].user_attrs["failure"] == "worker process killed by SIGKILL"
     assert not [t.number for t in after if t.state == TrialState.RUNNING]
     survivor_share = 4  # the other worker's share of the 8 trials, all run
-    assert sum(t.state.is_finished() and t.user_attrs.get("worker", {}).get("pid") != pid for t in after) == survivor_share
+    assert (
+        sum(t.state.is_finished() and t.user_attrs.get("worker", {}).get("pid") != pid for t in after) == survivor_share
+    )
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())  # the exports of what finished
     assert Path(summary["submission"]).is_file() and summary["n_failed"] >= 1
     client, all_runs = runs(tmp_path)
     assert client.get_run(victim.user_attrs["mlflow_run_id"]).info.status == "FAILED"
     assert not [r.info.run_name for r in all_runs if r.info.status == "RUNNING"]
     assert client.get_run(summary["mlflow"]["run_id"]).info.status == "FAILED"
-    print(f"\nworker killed during trial {victim.number}: FAIL in Optuna {failed_after:.1f} s later; "
-          f"{counts(after, all_runs)}")
+    print(
+        f"\nworker killed during trial {victim.number}: FAIL in Optuna {failed_after:.1f} s later; "
+        f"{counts(after, all_runs)}"
+    )
 
 
 @pytest.mark.slow
@@ -204,11 +229,12 @@ def test_ctrl_c_stops_train_py_cleanly(real_data, tmp_path):
     def training() -> bool:
         experiment = client.get_experiment_by_name("house-prices")
         return experiment is not None and bool(client.search_runs([experiment.experiment_id]))
+
     try:
         wait_for(training, 120)
         time.sleep(3.0)
         os.killpg(train.pid, signal.SIGINT)
-        out, err = train.communicate(timeout=60)
+        _out, err = train.communicate(timeout=60)
     finally:
         if train.poll() is None:
             os.killpg(train.pid, signal.SIGKILL)

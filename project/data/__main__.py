@@ -10,10 +10,12 @@ from project.paths import REPO_ROOT
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m project.data", description=__doc__)
-    parser.add_argument("datasets", nargs="*", metavar="DATASET",
-                        help=f"datasets to fetch, of {', '.join(DATASETS)} (default: all)")
-    parser.add_argument("--data-dir", type=Path, default=REPO_ROOT / "data",
-                        help="where the files land (default: %(default)s)")
+    parser.add_argument(
+        "datasets", nargs="*", metavar="DATASET", help=f"datasets to fetch, of {', '.join(DATASETS)} (default: all)"
+    )
+    parser.add_argument(
+        "--data-dir", type=Path, default=REPO_ROOT / "data", help="where the files land (default: %(default)s)"
+    )
     args = parser.parse_args(argv)
     unknown = [d for d in args.datasets if d not in DATASETS]
     if unknown:

@@ -16,14 +16,15 @@ from torch import Tensor
 from project.data.batches import MemberFeatures, StackedBatches
 from project.data.sources import DATASETS, fetch_dataset
 
-
 CHUNK_ELEMENTS = 4 * 1024 * 1024
 # input elements per member in one evaluation pass: thousands of images in one pass spill a conv
 # net's activations out of the CPU caches, and a pass of a few hundred takes less time per row
 EVAL_ELEMENTS = 256 * 1024
 
 
-def kfold_indices(n_folds: int, seed: int, targets: np.ndarray, stratified: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+def kfold_indices(
+    n_folds: int, seed: int, targets: np.ndarray, stratified: bool
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """The (train, validation) row indices of each fold; identical for every configuration."""
     if stratified:
         splitter = StratifiedKFold(n_folds, shuffle=True, random_state=seed)
@@ -58,10 +59,15 @@ class Members:
     def select(self, positions: Sequence[int]) -> Members:
         """The members at ``positions``, e.g. one fold to train alone."""
         positions = list(positions)
-        return Members([self.folds[p] for p in positions], [self.seed_ids[p] for p in positions],
-                       [self.train_rows[p] for p in positions], [self.val_rows[p] for p in positions],
-                       self.features.select(positions), self.test_features.select(positions),
-                       None if self.preprocessors is None else [self.preprocessors[p] for p in positions])
+        return Members(
+            [self.folds[p] for p in positions],
+            [self.seed_ids[p] for p in positions],
+            [self.train_rows[p] for p in positions],
+            [self.val_rows[p] for p in positions],
+            self.features.select(positions),
+            self.test_features.select(positions),
+            None if self.preprocessors is None else [self.preprocessors[p] for p in positions],
+        )
 
 
 class FoldDataModule(L.LightningDataModule):
@@ -129,8 +135,15 @@ class FoldDataModule(L.LightningDataModule):
         features, test_features, preprocessors = self.fit_features(train_parts)
         # what seeds a member: its fold, or for refit replica r, n_folds + r
         seed_ids = [self.n_folds + r if f is None else f for r, f in enumerate(self.folds)]
-        self.members = Members(list(self.folds), seed_ids, [torch.from_numpy(tr) for tr in train_parts],
-                               [torch.from_numpy(va) for _, va in splits], features, test_features, preprocessors)
+        self.members = Members(
+            list(self.folds),
+            seed_ids,
+            [torch.from_numpy(tr) for tr in train_parts],
+            [torch.from_numpy(va) for _, va in splits],
+            features,
+            test_features,
+            preprocessors,
+        )
 
     def training_part(self, rows: np.ndarray) -> np.ndarray:
         """The rows of a fold's training part that are trained on; validation parts are never cut."""
@@ -182,27 +195,51 @@ class FoldDataModule(L.LightningDataModule):
         """Rows per evaluation pass: ``eval_batch_size`` at most, fewer for large samples."""
         return max(1, min(self.eval_batch_size, EVAL_ELEMENTS // self.n_features))
 
-    def train_loader(self, batch_size: int, members: Members | None = None, chunked: bool = True,
-                     nonzero: bool = False, translate: int = 0, device: torch.device | None = None) -> StackedBatches:
+    def train_loader(
+        self,
+        batch_size: int,
+        members: Members | None = None,
+        chunked: bool = True,
+        nonzero: bool = False,
+        translate: int = 0,
+        device: torch.device | None = None,
+    ) -> StackedBatches:
         """Shuffled training batches of each member's rows; ``chunked``: chunks of consecutive
         mini-batches (about 16 MB of features each), for a module that steps its optimiser once
         per mini-batch and so pays the Trainer's per-item overhead once per chunk."""
         members = members or self.members
         chunk = max(1, CHUNK_ELEMENTS // (len(members) * batch_size * self.n_features)) if chunked else None
-        return StackedBatches(members.features, self.targets, members.train_rows, batch_size, shuffle=True,
-                              seed=self.seed, seed_ids=members.seed_ids, chunk_steps=chunk, translate=translate,
-                              nonzero=nonzero, device=device)
+        return StackedBatches(
+            members.features,
+            self.targets,
+            members.train_rows,
+            batch_size,
+            shuffle=True,
+            seed=self.seed,
+            seed_ids=members.seed_ids,
+            chunk_steps=chunk,
+            translate=translate,
+            nonzero=nonzero,
+            device=device,
+        )
 
-    def val_loader(self, members: Members | None = None, nonzero: bool = False,
-                   device: torch.device | None = None) -> StackedBatches | list:
+    def val_loader(
+        self, members: Members | None = None, nonzero: bool = False, device: torch.device | None = None
+    ) -> StackedBatches | list:
         members = members or self.members
         if not members.validates:
             return []
-        return StackedBatches(members.features, self.targets, members.val_rows, self.eval_rows, nonzero=nonzero,
-                              device=device)
+        return StackedBatches(
+            members.features, self.targets, members.val_rows, self.eval_rows, nonzero=nonzero, device=device
+        )
 
-    def test_loader(self, members: Members | None = None, nonzero: bool = False,
-                    with_targets: bool = True, device: torch.device | None = None) -> StackedBatches:
+    def test_loader(
+        self,
+        members: Members | None = None,
+        nonzero: bool = False,
+        with_targets: bool = True,
+        device: torch.device | None = None,
+    ) -> StackedBatches:
         """Every test row for every member; targets where the test split has them and they are wanted."""
         members = members or self.members
         rows = [torch.arange(self.test_size)] * len(members)

@@ -18,7 +18,6 @@ from torch import Tensor
 
 from project.seeds import derive_seed
 
-
 DENSE_LIMIT_BYTES = 2 * 1024**3
 # rows at most this dense also travel as their nonzero entries (see MemberFeatures.nonzero)
 SPARSE_DENSITY = 0.5
@@ -40,8 +39,13 @@ class MemberFeatures:
     affine normalisation ``(x - shift[m]) / scale[m]`` applied when a batch is cut. Batches hold
     samples of ``sample_shape`` (``(F,)`` for table rows, ``(C, H, W)`` for images)."""
 
-    def __init__(self, x: Tensor, shift: Tensor | None = None, scale: Tensor | None = None,
-                 sample_shape: tuple[int, ...] | None = None) -> None:
+    def __init__(
+        self,
+        x: Tensor,
+        shift: Tensor | None = None,
+        scale: Tensor | None = None,
+        sample_shape: tuple[int, ...] | None = None,
+    ) -> None:
         self.x, self.shift, self.scale = x, shift, scale
         self.shared = shift is not None
         self.sample_shape = tuple(sample_shape) if sample_shape is not None else (x.shape[-1],)
@@ -59,7 +63,10 @@ class MemberFeatures:
         if device == self.device or (device.type == self.device.type and device.index is None):
             return self
         if device not in self._copies:
-            move = (lambda t: None if t is None else t.to(device))
+
+            def move(t):
+                return None if t is None else t.to(device)
+
             self._copies[device] = MemberFeatures(move(self.x), move(self.shift), move(self.scale), self.sample_shape)
         return self._copies[device]
 
@@ -108,7 +115,7 @@ class MemberFeatures:
         if width > SPARSE_DENSITY * self.x.shape[-1]:
             return None
         # a stable sort of the zero flags puts each row's nonzero columns first, in order
-        columns = torch.sort(zero.to(torch.uint8), dim=-1, stable=True).indices[..., :max(width, 1)]
+        columns = torch.sort(zero.to(torch.uint8), dim=-1, stable=True).indices[..., : max(width, 1)]
         return columns.to(torch.int32), self.x.gather(-1, columns)
 
     def _normalised(self) -> MemberFeatures | None:

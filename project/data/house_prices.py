@@ -17,7 +17,9 @@ def derive_house_features(df: pd.DataFrame) -> pd.DataFrame:
 
     df["TotalSF"] = zero("TotalBsmtSF") + zero("1stFlrSF") + zero("2ndFlrSF")
     df["TotalBath"] = zero("FullBath") + 0.5 * zero("HalfBath") + zero("BsmtFullBath") + 0.5 * zero("BsmtHalfBath")
-    df["TotalPorchSF"] = sum(zero(c) for c in ("OpenPorchSF", "EnclosedPorch", "3SsnPorch", "ScreenPorch", "WoodDeckSF"))
+    df["TotalPorchSF"] = sum(
+        zero(c) for c in ("OpenPorchSF", "EnclosedPorch", "3SsnPorch", "ScreenPorch", "WoodDeckSF")
+    )
     df["HouseAge"] = zero("YrSold") - zero("YearBuilt")
     df["RemodAge"] = zero("YrSold") - zero("YearRemodAdd")
     df["QualSF"] = zero("OverallQual") * zero("GrLivArea")

@@ -6,6 +6,7 @@ import gzip
 import pickle
 import struct
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -74,7 +75,7 @@ def load_idx_set(directory: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Admits only the numpy globals an array pickle needs; anything else is refused."""
 
-    ALLOWED = {
+    ALLOWED: ClassVar[set[tuple[str, str]]] = {
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
         ("numpy.core.multiarray", "_reconstruct"),

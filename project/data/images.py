@@ -37,14 +37,19 @@ class ImageDataModule(FoldDataModule):
             mean.append(pixels.mean())
             std.append(pixels.std())
         shift, scale = torch.stack(mean).float(), torch.stack(std).float()
-        return (MemberFeatures(self.images, shift, scale, self.image_shape),
-                MemberFeatures(self.test_images, shift, scale, self.image_shape), None)
+        return (
+            MemberFeatures(self.images, shift, scale, self.image_shape),
+            MemberFeatures(self.test_images, shift, scale, self.image_shape),
+            None,
+        )
 
     def test_inputs(self) -> np.ndarray:
         """The test images, ``[N, C, H, W]`` uint8."""
         return self.test_images.numpy().reshape(len(self.test_images), *self.image_shape)
 
-    def _keep(self, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray | None) -> np.ndarray:
+    def _keep(
+        self, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray | None
+    ) -> np.ndarray:
         self.image_shape = tuple(x_train.shape[1:])
         self.images = torch.from_numpy(x_train.reshape(len(x_train), -1).copy())
         self.test_images = torch.from_numpy(x_test.reshape(len(x_test), -1).copy())
@@ -58,9 +63,13 @@ class IdxDataModule(ImageDataModule):
 
     def data_files(self) -> dict:
         folder = self.data_dir / self.dataset
-        return {context: (folder / f"{prefix}-images-idx3-ubyte.gz",
-                          [folder / f"{prefix}-{kind}-idx{n}-ubyte.gz" for kind, n in (("images", 3), ("labels", 1))])
-                for context, prefix in (("training", "train"), ("testing", "t10k"))}
+        return {
+            context: (
+                folder / f"{prefix}-images-idx3-ubyte.gz",
+                [folder / f"{prefix}-{kind}-idx{n}-ubyte.gz" for kind, n in (("images", 3), ("labels", 1))],
+            )
+            for context, prefix in (("training", "train"), ("testing", "t10k"))
+        }
 
     def load(self) -> np.ndarray:
         x_train, y_train, x_test, y_test = load_idx_set(self.data_dir / self.dataset)
@@ -75,24 +84,29 @@ class ImageFolderDataModule(ImageDataModule):
     training image is grey, else RGB, and resized to ``image_size`` where given; without it every
     image must have the size of the first."""
 
-    def __init__(self, train_dir: str = "train", test_dir: str = "test", image_size: tuple[int, int] | None = None,
-                 **kwargs) -> None:
+    def __init__(
+        self, train_dir: str = "train", test_dir: str = "test", image_size: tuple[int, int] | None = None, **kwargs
+    ) -> None:
         super().__init__(**kwargs)
         self.train_dir, self.test_dir = train_dir, test_dir
         self.image_size = tuple(image_size) if image_size else None
 
     def data_files(self) -> dict:
         root = self.data_dir / self.dataset
-        return {context: (root / folder, sorted(f for f in (root / folder).rglob("*") if f.is_file()))
-                for context, folder in (("training", self.train_dir), ("testing", self.test_dir))}
+        return {
+            context: (root / folder, sorted(f for f in (root / folder).rglob("*") if f.is_file()))
+            for context, folder in (("training", self.train_dir), ("testing", self.test_dir))
+        }
 
     def load(self) -> np.ndarray:
         root = self.data_dir / self.dataset
         train = root / self.train_dir
         class_dirs = sorted(p for p in train.iterdir() if p.is_dir()) if train.is_dir() else []
         if len(class_dirs) < 2:
-            raise DataError(f"{train}: expected one folder of images per class, at least two; found "
-                            f"{len(class_dirs) if train.is_dir() else 'no folder'}")
+            raise DataError(
+                f"{train}: expected one folder of images per class, at least two; found "
+                f"{len(class_dirs) if train.is_dir() else 'no folder'}"
+            )
         self.classes = [p.name for p in class_dirs]
         files = [(f, label) for label, d in enumerate(class_dirs) for f in _image_files(d)]
         test = root / self.test_dir
@@ -101,8 +115,11 @@ class ImageFolderDataModule(ImageDataModule):
             unknown = sorted({p.name for p in test.iterdir() if p.is_dir()} - set(self.classes))
             if unknown:
                 raise DataError(f"{test}: class folders {unknown} have no training folder in {train}")
-            test_files = [(f, self.classes.index(d.name)) for d in sorted(p for p in test.iterdir() if p.is_dir())
-                          for f in _image_files(d)]
+            test_files = [
+                (f, self.classes.index(d.name))
+                for d in sorted(p for p in test.iterdir() if p.is_dir())
+                for f in _image_files(d)
+            ]
         else:
             test_files = [(f, -1) for f in _image_files(test)] if test.is_dir() else []
         if not test_files:
@@ -147,8 +164,10 @@ def _read_all(paths: list[Path], grey: bool, size: tuple[int, int], resize: bool
                 image = image.convert("L" if grey else "RGB")
                 if image.size != (width, height):
                     if not resize:
-                        raise DataError(f"{path}: {image.size[0]}x{image.size[1]} pixels, expected {width}x{height} "
-                                        "as the first training image; give data.image_size to resize them all")
+                        raise DataError(
+                            f"{path}: {image.size[0]}x{image.size[1]} pixels, expected {width}x{height} "
+                            "as the first training image; give data.image_size to resize them all"
+                        )
                     image = image.resize((width, height), image_module.Resampling.BILINEAR)
                 array = np.asarray(image)
         except OSError as err:

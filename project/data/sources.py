@@ -219,6 +219,6 @@ def fetch_dataset(dataset: str, data_dir: str | Path = "data") -> dict[str, Path
             return paths
     raise DataError(
         f"could not obtain {', '.join(missing)} for {dataset}. Tried:\n  - "
-        + "\n  - ".join([f"{target}: not present"] + tried)
+        + "\n  - ".join([f"{target}: not present", *tried])
         + f"\nProvide the files by hand: copy them into {target}/ (checksums in {MANIFEST})."
     )

@@ -51,8 +51,9 @@ def refuse_duplicate_ids(frame: pd.DataFrame, column: str, path: Path) -> None:
         value = frame[column].iloc[rows[0]]
         lines = [int(r) + 2 for r in rows if frame[column].iloc[r] == value][:2]
         shown = value.item() if isinstance(value, np.generic) else value
-        raise DataError(f"{path}: column {column!r} repeats id {shown!r} (lines {lines[0]} and {lines[1]}); "
-                        "expected one row per id")
+        raise DataError(
+            f"{path}: column {column!r} repeats id {shown!r} (lines {lines[0]} and {lines[1]}); expected one row per id"
+        )
 
 
 class TableDataModule(FoldDataModule):
@@ -102,16 +103,20 @@ class TableDataModule(FoldDataModule):
         raw = self.train_frame[self.spec.target]
         missing = raw.isna().to_numpy()
         if missing.any():
-            raise DataError(f"{self.train_path}: column {self.spec.target!r} line {np.flatnonzero(missing)[0] + 2} "
-                            "is empty; expected a target in every row")
+            raise DataError(
+                f"{self.train_path}: column {self.spec.target!r} line {np.flatnonzero(missing)[0] + 2} "
+                "is empty; expected a target in every row"
+            )
         if self.kind == "regression":
             y = self._transformed(as_numbers(raw, self.train_path, self.spec.target).to_numpy())
             self.targets = torch.from_numpy(y.astype(np.float32))
         else:
             self.classes, y = np.unique(raw.to_numpy(), return_inverse=True)
             if len(self.classes) < 2:
-                raise DataError(f"{self.train_path}: column {self.spec.target!r} holds one label, "
-                                f"{self.classes[0]!r}; expected two classes or more")
+                raise DataError(
+                    f"{self.train_path}: column {self.spec.target!r} holds one label, "
+                    f"{self.classes[0]!r}; expected two classes or more"
+                )
             self.targets = torch.from_numpy(y.astype(np.int64))
         self.test_ids = self.test_frame[self.spec.id_column].to_numpy()
         self._dropped = self._rows_to_drop()
@@ -121,8 +126,10 @@ class TableDataModule(FoldDataModule):
         bad = ~self.transform.valid(values)
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
-            raise DataError(f"{self.train_path}: column {self.spec.target!r} row {row + 2}: {float(values[row])!r}, expected "
-                            f"{self.transform.expected} in every row (target transform {self.transform.name!r})")
+            raise DataError(
+                f"{self.train_path}: column {self.spec.target!r} row {row + 2}: {float(values[row])!r}, expected "
+                f"{self.transform.expected} in every row (target transform {self.transform.name!r})"
+            )
         return self.transform.forward(values.astype(np.float64))
 
     def _rows_to_drop(self) -> np.ndarray:
@@ -131,18 +138,23 @@ class TableDataModule(FoldDataModule):
         try:
             drop = self.train_frame.eval(self.drop_train_rows)
         except Exception as err:  # noqa: BLE001 - pandas raises many kinds for a bad expression
-            raise DataError(f"{self.train_path}: drop_train_rows {self.drop_train_rows!r} cannot be evaluated on "
-                            f"its columns: {err}") from None
+            raise DataError(
+                f"{self.train_path}: drop_train_rows {self.drop_train_rows!r} cannot be evaluated on its columns: {err}"
+            ) from None
         return np.asarray(drop, dtype=bool)
 
     def training_part(self, rows: np.ndarray) -> np.ndarray:
         return rows[~self._dropped[rows]]
 
     def fit_features(self, train_rows: list[np.ndarray]) -> tuple[MemberFeatures, MemberFeatures, list]:
-        preprocessors = [FoldPreprocessor(self.spec, self.options).fit(self.train_frame.iloc[rows]) for rows in train_rows]
-        return (MemberFeatures(torch.from_numpy(stack_members([p.transform(self.train_frame) for p in preprocessors]))),
-                MemberFeatures(torch.from_numpy(stack_members([p.transform(self.test_frame) for p in preprocessors]))),
-                preprocessors)
+        preprocessors = [
+            FoldPreprocessor(self.spec, self.options).fit(self.train_frame.iloc[rows]) for rows in train_rows
+        ]
+        return (
+            MemberFeatures(torch.from_numpy(stack_members([p.transform(self.train_frame) for p in preprocessors]))),
+            MemberFeatures(torch.from_numpy(stack_members([p.transform(self.test_frame) for p in preprocessors]))),
+            preprocessors,
+        )
 
     def test_inputs(self) -> pd.DataFrame:
         """The test file as pandas reads it (the predictor reads numbers as the preset says)."""

@@ -188,7 +188,9 @@ class FoldPreprocessor:
 
     def fit(self, df: pd.DataFrame) -> FoldPreprocessor:
         frame = self._frame(df)
-        categorical = [c for c in frame.columns if c in self.spec.categorical or not pd.api.types.is_numeric_dtype(frame[c])]
+        categorical = [
+            c for c in frame.columns if c in self.spec.categorical or not pd.api.types.is_numeric_dtype(frame[c])
+        ]
         numeric = [c for c in frame.columns if c not in categorical]
         o = self.options
         numeric_steps = [SimpleImputer(strategy="median", add_indicator=o.missing_indicators, keep_empty_features=True)]
@@ -197,13 +199,18 @@ class FoldPreprocessor:
         if o.skew_threshold is not None:
             numeric_steps.append(SkewedLog1p(o.skew_threshold))
         numeric_steps.append(make_scaler(o.scaler, len(frame)))
-        encoder = OneHotEncoder(handle_unknown="infrequent_if_exist" if o.min_frequency > 1 else "ignore",
-                                min_frequency=o.min_frequency if o.min_frequency > 1 else None,
-                                sparse_output=False, dtype=np.float32)
+        encoder = OneHotEncoder(
+            handle_unknown="infrequent_if_exist" if o.min_frequency > 1 else "ignore",
+            min_frequency=o.min_frequency if o.min_frequency > 1 else None,
+            sparse_output=False,
+            dtype=np.float32,
+        )
         as_text = FunctionTransformer(categories_as_text, feature_names_out="one-to-one")
         self.columns_ = ColumnTransformer(
-            [("numeric", make_pipeline(*numeric_steps), numeric),
-             ("categorical", make_pipeline(as_text, encoder), categorical)],
+            [
+                ("numeric", make_pipeline(*numeric_steps), numeric),
+                ("categorical", make_pipeline(as_text, encoder), categorical),
+            ],
             sparse_threshold=0.0,
         ).fit(frame)
         return self

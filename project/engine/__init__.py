@@ -8,5 +8,13 @@ from project.engine.chunks import chunked
 from project.engine.layout import FirstLayer, Layout, choose_first_layer, choose_layout
 from project.engine.stacking import MemberStack, StackingError, build_stack
 
-__all__ = ["FirstLayer", "Layout", "MemberStack", "StackingError", "build_stack", "choose_first_layer", "choose_layout",
-           "chunked"]
+__all__ = [
+    "FirstLayer",
+    "Layout",
+    "MemberStack",
+    "StackingError",
+    "build_stack",
+    "choose_first_layer",
+    "choose_layout",
+    "chunked",
+]

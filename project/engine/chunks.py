@@ -27,9 +27,11 @@ class ChunkedSteps:
 
     def on_fit_start(self) -> None:
         if self.trainer.precision not in ("32-true", "32"):
-            raise ValueError(f"Trainer(precision={self.trainer.precision!r}): chunked steps run in 32-bit precision; "
-                             "give the precision in the training configuration instead, which then trains one "
-                             "mini-batch per Lightning step")
+            raise ValueError(
+                f"Trainer(precision={self.trainer.precision!r}): chunked steps run in 32-bit precision; "
+                "give the precision in the training configuration instead, which then trains one "
+                "mini-batch per Lightning step"
+            )
         super().on_fit_start()
 
     def optimizer_steps(self) -> int:

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from project.engine.optim import create_optimizer
-from project.engine.timing import best_seconds
 from project.engine.stacking import HAND_STACKED, build_stack, refuse_running_statistics
+from project.engine.timing import best_seconds
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,15 @@ def _seconds_per_step(stack: nn.Module, x: torch.Tensor, steps: int = 3) -> floa
     return best_seconds(step, x.device, steps)
 
 
-def choose_layout(make_modules: Callable[[int], Sequence[nn.Module]], name: str, key: tuple,
-                  sample_shape: tuple[int, ...], batch_size: int, members: int, device: torch.device) -> Layout:
+def choose_layout(
+    make_modules: Callable[[int], Sequence[nn.Module]],
+    name: str,
+    key: tuple,
+    sample_shape: tuple[int, ...],
+    batch_size: int,
+    members: int,
+    device: torch.device,
+) -> Layout:
     """How to train ``members`` copies of the modules ``make_modules(n)`` builds; ``key`` names the
     model and its arguments for the cache."""
     if members == 1:
@@ -60,15 +67,25 @@ def choose_layout(make_modules: Callable[[int], Sequence[nn.Module]], name: str,
     if type(probe) in HAND_STACKED:
         return Layout(True, "hand-stacked")
     refuse_running_statistics(probe, name)
-    cache_key = (key, tuple(sample_shape), batch_size, members, device.type, torch.get_num_threads(),
-                 torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    cache_key = (
+        key,
+        tuple(sample_shape),
+        batch_size,
+        members,
+        device.type,
+        torch.get_num_threads(),
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
     if cache_key not in _MEASURED:
         x = torch.randn(members, batch_size, *sample_shape, device=device)
         stacked = _seconds_per_step(build_stack(make_modules(members), name).to(device), x)
         alone = _seconds_per_step(build_stack(make_modules(1), name).to(device), x[:1])
-        layout = Layout(stacked <= members * alone,
-                        f"measured on {device.type}: {stacked * 1e3:.0f} ms per step stacked, "
-                        f"{members * alone * 1e3:.0f} ms one after another")
+        layout = Layout(
+            stacked <= members * alone,
+            f"measured on {device.type}: {stacked * 1e3:.0f} ms per step stacked, "
+            f"{members * alone * 1e3:.0f} ms one after another",
+        )
         log.info("folds of %s: %s", name, layout.describe("torch.func vmap"))
         _MEASURED[cache_key] = layout
     return _MEASURED[cache_key]
@@ -106,14 +123,22 @@ def choose_first_layer(stack: nn.Module, batch, key: tuple) -> FirstLayer:
     arguments), batch shape, device and setting. Which wins depends on the device: the sum of a
     few weight rows per sample beats the matmul on a CPU's cores, not always on a GPU."""
     device = batch.dense.device
-    cache_key = (key, tuple(batch.dense.shape), tuple(batch.index.shape), device.type, torch.get_num_threads(),
-                 torch.are_deterministic_algorithms_enabled())
+    cache_key = (
+        key,
+        tuple(batch.dense.shape),
+        tuple(batch.index.shape),
+        device.type,
+        torch.get_num_threads(),
+        torch.are_deterministic_algorithms_enabled(),
+    )
     if cache_key not in _FIRST_LAYER:
         cuda = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):
             sparse = _seconds_per_pass(stack, batch)
             dense = _seconds_per_pass(stack, batch.dense)
-        _FIRST_LAYER[cache_key] = FirstLayer(sparse <= dense, f"measured on {device.type}: {sparse * 1e3:.2f} ms "
-                                                              f"a pass on nonzero entries, {dense * 1e3:.2f} ms dense")
+        _FIRST_LAYER[cache_key] = FirstLayer(
+            sparse <= dense,
+            f"measured on {device.type}: {sparse * 1e3:.2f} ms a pass on nonzero entries, {dense * 1e3:.2f} ms dense",
+        )
         log.info("first layer of %s: %s", key[0], _FIRST_LAYER[cache_key].describe())
     return _FIRST_LAYER[cache_key]

@@ -1,11 +1,12 @@
 """Optimisers and learning-rate schedules by name, on torch's fused kernels.
 
-AdamW runs without the bookkeeping torch redoes on every step. A fold-stacked model has a handful of large parameter tensors and short steps. Before each call
-of its fused kernel, ``torch.optim.AdamW`` re-collects every group's parameters, gradients and
-state into lists, checks them and regroups them by device; on a House Prices MLP step (CPU) that
-is about a tenth of the step. ``FusedAdamW`` keeps those lists from one step to the next and calls
-the same kernel: the same update bit for bit (tests/test_engine.py), the same state and
-``state_dict``, so checkpoints, learning-rate schedulers and step hooks work as with torch's.
+AdamW runs without the bookkeeping torch redoes on every step. A fold-stacked model has a handful
+of large parameter tensors and short steps. Before each call of its fused kernel,
+``torch.optim.AdamW`` re-collects every group's parameters, gradients and state into lists, checks
+them and regroups them by device, a noticeable part of a short step (docs/speed.md). ``FusedAdamW``
+keeps those lists from one step to the next and calls the same kernel: the same update bit for bit
+(tests/test_engine.py), the same state and ``state_dict``, so checkpoints, learning-rate schedulers
+and step hooks work as with torch's.
 """
 
 from __future__ import annotations
@@ -23,8 +24,14 @@ class FusedAdamW(torch.optim.AdamW):
     """``torch.optim.AdamW(fused=True)`` (no AMSGrad, no maximize), with each group's tensor lists
     kept between steps. Parameters without a gradient are skipped, as torch skips them."""
 
-    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2) -> None:
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+    ) -> None:
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
         self._buckets: list[Bucket] | None = None
         unscaled_by_the_scaler(self)
@@ -57,9 +64,21 @@ class FusedAdamW(torch.optim.AdamW):
         torch._foreach_add_([step for *_, steps in buckets for step in steps], 1)
         for group, params, exp_avgs, exp_avg_sqs, steps in buckets:
             beta1, beta2 = group["betas"]
-            torch._fused_adamw_(params, [p.grad for p in params], exp_avgs, exp_avg_sqs, [], steps,
-                                lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
-                                eps=group["eps"], amsgrad=False, maximize=False)
+            torch._fused_adamw_(
+                params,
+                [p.grad for p in params],
+                exp_avgs,
+                exp_avg_sqs,
+                [],
+                steps,
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=group["weight_decay"],
+                eps=group["eps"],
+                amsgrad=False,
+                maximize=False,
+            )
         return loss
 
     def _collect(self) -> list[Bucket]:
@@ -116,8 +135,9 @@ def create_optimizer(name: str, groups: list[dict], lr: float, momentum: float =
     return OPTIMIZERS[name](groups, lr, momentum)
 
 
-def create_scheduler(name: str, optimizer: torch.optim.Optimizer, lr: float,
-                     total_steps: int) -> torch.optim.lr_scheduler.LRScheduler | None:
+def create_scheduler(
+    name: str, optimizer: torch.optim.Optimizer, lr: float, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler | None:
     """A learning-rate schedule by name, stepped once per optimiser step; None for ``"none"``."""
     if name not in SCHEDULERS:
         raise ValueError(f"scheduler {name!r} is unknown: expected one of {', '.join(SCHEDULERS)}")

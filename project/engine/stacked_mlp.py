@@ -84,12 +84,21 @@ def one_output_by_multiply_sum(x: Tensor, weight: Tensor) -> bool:
             xs = torch.full(x.shape, 0.5, device=x.device, requires_grad=True)
             ws = torch.full(weight.shape, 0.5, device=x.device, requires_grad=True)
             bias = torch.zeros(weight.shape[0], 1, 1, device=x.device, requires_grad=True)
-            seconds = {flag: best_seconds(lambda flag=flag: (_multiply_sum(xs, ws, bias) if flag else
-                                                         torch.baddbmm(bias, xs, ws)).sum().backward(), x.device, 5)
-                       for flag in (True, False)}
-        _ONE_OUTPUT[key] = OneOutput(seconds[True] <= seconds[False],
-                                     f"measured on {x.device.type}: {seconds[True] * 1e6:.0f} us a pass as a "
-                                     f"multiply-and-sum, {seconds[False] * 1e6:.0f} us as a batched matmul")
+            seconds = {
+                flag: best_seconds(
+                    lambda flag=flag: (
+                        (_multiply_sum(xs, ws, bias) if flag else torch.baddbmm(bias, xs, ws)).sum().backward()
+                    ),
+                    x.device,
+                    5,
+                )
+                for flag in (True, False)
+            }
+        _ONE_OUTPUT[key] = OneOutput(
+            seconds[True] <= seconds[False],
+            f"measured on {x.device.type}: {seconds[True] * 1e6:.0f} us a pass as a "
+            f"multiply-and-sum, {seconds[False] * 1e6:.0f} us as a batched matmul",
+        )
     return _ONE_OUTPUT[key].multiply_sum
 
 
@@ -106,8 +115,12 @@ class _NonzeroLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, rows: Tensor, value: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
         members, batch, width = rows.shape
-        out = F.embedding_bag(rows.reshape(-1, width), weight.reshape(-1, weight.shape[-1]),
-                              per_sample_weights=value.reshape(-1, width), mode="sum")
+        out = F.embedding_bag(
+            rows.reshape(-1, width),
+            weight.reshape(-1, weight.shape[-1]),
+            per_sample_weights=value.reshape(-1, width),
+            mode="sum",
+        )
         ctx.save_for_backward(x, weight)
         return out.view(members, batch, -1).add_(bias)
 
@@ -170,8 +183,10 @@ class StackedMLP(nn.Module):
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         named = list(self.named_parameters())
-        return [{"params": [p for n, p in named if n.endswith("weight")], "weight_decay": weight_decay},
-                {"params": [p for n, p in named if not n.endswith("weight")], "weight_decay": 0.0}]
+        return [
+            {"params": [p for n, p in named if n.endswith("weight")], "weight_decay": weight_decay},
+            {"params": [p for n, p in named if not n.endswith("weight")], "weight_decay": 0.0},
+        ]
 
 
 HAND_STACKED[MLP] = StackedMLP

@@ -36,7 +36,8 @@ def refuse_running_statistics(module: nn.Module, name: str) -> None:
             raise StackingError(
                 f"model {name!r}: {kind} at {path!r} keeps running statistics, which fold stacking "
                 f"(torch.func.vmap) cannot batch; use GroupNorm, {kind}(..., track_running_stats=False), "
-                "or --sequential-folds")
+                "or --sequential-folds"
+            )
 
 
 class MemberStack(nn.Module):
@@ -95,7 +96,9 @@ def build_stack(modules: Sequence[nn.Module], name: str, hand_stacked: bool = Tr
     a hand-stacked implementation where one is registered and wanted, else ``MemberStack``."""
     kinds = {type(m) for m in modules}
     if len(kinds) != 1:
-        raise StackingError(f"model {name!r}: members of several classes cannot be stacked: {sorted(k.__name__ for k in kinds)}")
+        raise StackingError(
+            f"model {name!r}: members of several classes cannot be stacked: {sorted(k.__name__ for k in kinds)}"
+        )
     kind = kinds.pop()
     if hand_stacked and kind in HAND_STACKED:
         return HAND_STACKED[kind](modules)

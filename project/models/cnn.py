@@ -48,13 +48,21 @@ class CNN(nn.Module):
         c_in, height, width = in_shape
         blocks: list[nn.Module] = []
         for c_out in channels:
-            blocks += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.GroupNorm(min(groups, c_out), c_out), nn.ReLU(),
-                       nn.MaxPool2d(2)]
+            blocks += [
+                nn.Conv2d(c_in, c_out, 3, padding=1),
+                nn.GroupNorm(min(groups, c_out), c_out),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+            ]
             c_in, height, width = c_out, height // 2, width // 2
         self.features = nn.Sequential(*blocks)
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Dropout(dropout), nn.Linear(c_in * height * width, hidden), nn.ReLU(),
-            nn.Dropout(dropout), nn.Linear(hidden, out_features),
+            nn.Flatten(),
+            nn.Dropout(dropout),
+            nn.Linear(c_in * height * width, hidden),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, out_features),
         )
 
     def forward(self, x: Tensor) -> Tensor:

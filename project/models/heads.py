@@ -9,6 +9,7 @@ member's gradient is its own.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +29,17 @@ class RegressionHead(nn.Module):
     training starts at the mean target instead of walking there; MSE or Huber loss; RMSE or MAE,
     on the learnt scale or, with ``inverse``, on the original scale of a transformed target."""
 
-    METRICS = {"rmse": StackedRMSE, "mae": StackedMAE}
+    METRICS: ClassVar[dict[str, type]] = {"rmse": StackedRMSE, "mae": StackedMAE}
 
-    def __init__(self, members: int, offset: Tensor | None = None, loss: str = "mse", huber_delta: float = 1.0,
-                 metric: str = "rmse", inverse: Callable[[Tensor], Tensor] | None = None) -> None:
+    def __init__(
+        self,
+        members: int,
+        offset: Tensor | None = None,
+        loss: str = "mse",
+        huber_delta: float = 1.0,
+        metric: str = "rmse",
+        inverse: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
         super().__init__()
         if loss not in ("mse", "huber"):
             raise ValueError(f"loss {loss!r} is unknown: expected 'mse' or 'huber'")
@@ -40,7 +48,9 @@ class RegressionHead(nn.Module):
         self.members, self.loss_name, self.huber_delta = members, loss, huber_delta
         self.metric_name, self.inverse = metric, inverse
         # [M, 1]: added to a member's [M, B] predictions as it is
-        self.register_buffer("offset", torch.zeros(members, 1) if offset is None else offset.float().reshape(members, 1))
+        self.register_buffer(
+            "offset", torch.zeros(members, 1) if offset is None else offset.float().reshape(members, 1)
+        )
 
     def forward(self, outputs: Tensor) -> Tensor:
         return outputs.squeeze(-1) + self.offset
@@ -59,21 +69,23 @@ class RegressionHead(nn.Module):
 class ClassificationHead(nn.Module):
     """Class logits; cross-entropy (optionally label-smoothed) loss; accuracy, log-loss or ROC AUC."""
 
-    METRICS = {"acc": StackedAccuracy, "logloss": StackedLogLoss, "auc": StackedAUROC}
+    METRICS: ClassVar[dict[str, type]] = {"acc": StackedAccuracy, "logloss": StackedLogLoss, "auc": StackedAUROC}
 
     def __init__(self, members: int, label_smoothing: float = 0.0, metric: str = "acc") -> None:
         super().__init__()
         if metric not in self.METRICS:
-            raise ValueError(f"metric {metric!r} is not a classification metric: expected one of "
-                             f"{', '.join(self.METRICS)}")
+            raise ValueError(
+                f"metric {metric!r} is not a classification metric: expected one of {', '.join(self.METRICS)}"
+            )
         self.members, self.label_smoothing, self.metric_name = members, label_smoothing, metric
 
     def forward(self, outputs: Tensor) -> Tensor:
         return outputs
 
     def loss(self, preds: Tensor, target: Tensor, weight: Tensor, rows: Tensor) -> Tensor:
-        per_row = F.cross_entropy(preds.flatten(0, 1), target.flatten(), reduction="none",
-                                  label_smoothing=self.label_smoothing).view_as(weight)
+        per_row = F.cross_entropy(
+            preds.flatten(0, 1), target.flatten(), reduction="none", label_smoothing=self.label_smoothing
+        ).view_as(weight)
         return member_mean(per_row, weight, rows)
 
     def metric(self) -> Metric:

@@ -110,8 +110,9 @@ class StackedAUROC(Metric):
         from torchmetrics.functional.classification import binary_auroc
 
         scores, targets, weights = (torch.cat(s, dim=1) for s in (self.scores, self.targets, self.weights))
-        return torch.stack([binary_auroc(scores[m][weights[m] > 0], targets[m][weights[m] > 0])
-                            for m in range(self.n_members)]).to(accumulator_dtype())
+        return torch.stack(
+            [binary_auroc(scores[m][weights[m] > 0], targets[m][weights[m] > 0]) for m in range(self.n_members)]
+        ).to(accumulator_dtype())
 
 
 class MemberMean(Metric):

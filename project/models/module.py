@@ -93,7 +93,9 @@ class FoldModule(L.LightningModule):
         record = self._epoch_record()
         record[f"val_{self.metric_name}"] = scores.tolist()
         self.history.append(record)
-        self._publish({f"val/{self.metric_name}": scores.mean(), "train/loss": torch.tensor(record["train_loss"]).mean()})
+        self._publish(
+            {f"val/{self.metric_name}": scores.mean(), "train/loss": torch.tensor(record["train_loss"]).mean()}
+        )
 
     def on_train_epoch_end(self) -> None:
         if not self.history or self.history[-1]["epoch"] != self.current_epoch:
@@ -134,8 +136,9 @@ class FoldModule(L.LightningModule):
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val: float | None = None,
-                                    gradient_clip_algorithm: str | None = None) -> None:
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
         """Clip each member's gradients alone (the Trainer's ``gradient_clip_val``, else this
         module's): one norm over all folds would let one fold's gradients shrink another's."""
         clip = gradient_clip_val if gradient_clip_val is not None else self.hparams.gradient_clip_val

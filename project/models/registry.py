@@ -45,8 +45,10 @@ def check_model_kwargs(name: str, kwargs: dict) -> None:
         return
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
-        raise ValueError(f"model {name!r} takes no argument {', '.join(map(repr, unknown))}: "
-                         f"expected some of {', '.join(accepted) or 'none'}")
+        raise ValueError(
+            f"model {name!r} takes no argument {', '.join(map(repr, unknown))}: "
+            f"expected some of {', '.join(accepted) or 'none'}"
+        )
 
 
 def create_model(name: str, in_shape: tuple[int, ...], out_features: int, **kwargs) -> nn.Module:

@@ -20,13 +20,12 @@ from project.predictor import Ensemble, EstimatorPredictor
 from project.refit import Refit, refit_and_test, refit_metrics
 from project.serving import log_predictor
 from project.tuning.kept import KeptTrials
-from project.tuning.plots import learning_curves, study_plots
-from project.tuning.space import config_from_params
 from project.tuning.pending import PENDING_PREFIX
+from project.tuning.plots import learning_curves, study_plots
 from project.tuning.recovery import RUN_ID_ATTR
+from project.tuning.space import config_from_params
 from project.tuning.study import SweepSettings
 from project.tuning.tracking import Tracker, dataset_inputs, source_tags
-
 
 # greedy: selected from the trials and the preset's estimators; trials: from the trials alone;
 # none: the best trial alone
@@ -51,22 +50,32 @@ def study_summary(study: optuna.Study, settings: SweepSettings) -> dict:
     """What the study holds: its trial counts and, once a trial completed, the best one."""
     task, trials = settings.task, study.get_trials(deepcopy=False)
     summary = {
-        "task": task.name, "metric": task.metric, "direction": task.direction,
-        "n_trials": len(trials), "n_complete": sum(t.state == TrialState.COMPLETE for t in trials),
+        "task": task.name,
+        "metric": task.metric,
+        "direction": task.direction,
+        "n_trials": len(trials),
+        "n_complete": sum(t.state == TrialState.COMPLETE for t in trials),
         "n_pruned": sum(t.state == TrialState.PRUNED for t in trials),
         "n_failed": sum(t.state == TrialState.FAIL for t in trials),
         "study": {"storage": settings.storage, "name": settings.study_name},
     }
     if summary["n_complete"]:
         best = study.best_trial
-        summary.update({"cv_mean": best.value, "cv_std": best.user_attrs.get("cv_std"),
-                        "fold_scores": best.user_attrs.get("fold_scores"), "best_trial": best.number,
-                        "best_params": best.params})
+        summary.update(
+            {
+                "cv_mean": best.value,
+                "cv_std": best.user_attrs.get("cv_std"),
+                "fold_scores": best.user_attrs.get("fold_scores"),
+                "best_trial": best.number,
+                "best_params": best.params,
+            }
+        )
     return summary
 
 
-def fit_estimators(study: optuna.Study, settings: SweepSettings, datamodule, tracker: Tracker, out_dir: Path,
-                   parent_run_id: str | None) -> tuple[dict[str, FittedEstimator], dict[str, str]]:
+def fit_estimators(
+    study: optuna.Study, settings: SweepSettings, datamodule, tracker: Tracker, out_dir: Path, parent_run_id: str | None
+) -> tuple[dict[str, FittedEstimator], dict[str, str]]:
     """The preset's estimators fitted on the trials' folds, their predictions kept beside the
     trials' (``predictions/estimator-<name>.npz``), each logged as a child run of the study's;
     and the message of each that failed."""
@@ -81,17 +90,28 @@ def fit_estimators(study: optuna.Study, settings: SweepSettings, datamodule, tra
         kept = estimator.predictions.save(out_dir / "predictions" / f"estimator-{name}.npz")
         if parent_run_id:
             run_id = estimator_run(study, settings, datamodule, tracker, estimator, parent_run_id)
-            tracker.log_metrics(run_id, {"cv_mean": estimator.cv, "cv_std": float(np.std(estimator.fold_scores)),
-                                         "seconds": estimator.seconds,
-                                         **{f"fold{f}_{task.metric}": v
-                                            for f, v in zip(datamodule.members.folds, estimator.fold_scores)}})
+            tracker.log_metrics(
+                run_id,
+                {
+                    "cv_mean": estimator.cv,
+                    "cv_std": float(np.std(estimator.fold_scores)),
+                    "seconds": estimator.seconds,
+                    **{f"fold{f}_{task.metric}": v for f, v in zip(datamodule.members.folds, estimator.fold_scores)},
+                },
+            )
             tracker.log_artifact(run_id, kept, "predictions")
             tracker.end_run(run_id)
     return fitted, failed
 
 
-def estimator_run(study: optuna.Study, settings: SweepSettings, datamodule, tracker: Tracker,
-                  estimator: FittedEstimator, parent_run_id: str) -> str:
+def estimator_run(
+    study: optuna.Study,
+    settings: SweepSettings,
+    datamodule,
+    tracker: Tracker,
+    estimator: FittedEstimator,
+    parent_run_id: str,
+) -> str:
     """The estimator's child run of the study's, with its data and source as a trial's: the one an
     earlier export created for the same class and arguments, else a new one (a run's parameters
     cannot change)."""
@@ -100,10 +120,15 @@ def estimator_run(study: optuna.Study, settings: SweepSettings, datamodule, trac
     earlier = runs.get(estimator.name, {})
     if earlier.get("spec") == spec and tracker.has_run(earlier["run_id"]):
         return earlier["run_id"]
-    run_id = tracker.start_run(f"estimator-{estimator.name}", parent_run_id,
-                               {"kind": "estimator", "study": settings.study_name, **source_tags(settings.entry_point)})
+    run_id = tracker.start_run(
+        f"estimator-{estimator.name}",
+        parent_run_id,
+        {"kind": "estimator", "study": settings.study_name, **source_tags(settings.entry_point)},
+    )
     tracker.log_inputs(run_id, dataset_inputs(datamodule))
-    tracker.log_params(run_id, {"estimator": estimator.reference, **{f"args.{k}": v for k, v in estimator.args.items()}})
+    tracker.log_params(
+        run_id, {"estimator": estimator.reference, **{f"args.{k}": v for k, v in estimator.args.items()}}
+    )
     # a run created while the server is away has a local id only this command resolves: the next
     # export creates another rather than write to an id it cannot resolve
     resolved = tracker.resolve(run_id)
@@ -113,16 +138,19 @@ def estimator_run(study: optuna.Study, settings: SweepSettings, datamodule, trac
     return run_id
 
 
-def select_ensemble(library: dict[int | str, Predictions], task, datamodule,
-                    best: optuna.trial.FrozenTrial) -> tuple[dict[int | str, float], dict]:
+def select_ensemble(
+    library: dict[int | str, Predictions], task, datamodule, best: optuna.trial.FrozenTrial
+) -> tuple[dict[int | str, float], dict]:
     """The members' weights in the ensemble selected on their out-of-fold predictions
     (project/ensemble.py), and what to report of it: its members, its scores and the best trial's
     alone. ``library`` holds the trials' kept predictions by number, and estimators' by name;
     trials with no kept predictions (run before they were kept) are left out; with fewer than two
     candidates, the best trial alone."""
     if len(library) < 2 or best.number not in library:
-        return {best.number: 1.0}, {"members": [member_entry(best.number, 1.0)],
-                                    "note": f"{len(library)} trial(s) with kept predictions: the best trial alone"}
+        return {best.number: 1.0}, {
+            "members": [member_entry(best.number, 1.0)],
+            "note": f"{len(library)} trial(s) with kept predictions: the best trial alone",
+        }
     targets = datamodule.targets[library[best.number].rows].numpy()
     weights = select(task, library, targets)
     weights = dict(sorted(weights.items(), key=lambda item: (item[0] != best.number, -item[1])))
@@ -136,13 +164,19 @@ def select_ensemble(library: dict[int | str, Predictions], task, datamodule,
         f"best_trial_oof_{metric}": float(scores(task, library[best.number].oof[None], targets)[0]),
         f"held_out_cv_{metric}": held_out_score(task, library, targets, folds),
         "note": f"cv_{metric}: the mean of the folds' scores, as a trial's CV score; oof_{metric}: the score of "
-                "all out-of-fold rows pooled. Selected on the same predictions it is scored on: optimistic. "
-                f"held_out_cv_{metric}: each fold scored by the ensemble selected on the other folds' rows",
+        "all out-of-fold rows pooled. Selected on the same predictions it is scored on: optimistic. "
+        f"held_out_cv_{metric}: each fold scored by the ensemble selected on the other folds' rows",
     }
 
 
-def selected_refits(study: optuna.Study, settings: SweepSettings, summary: dict, library: dict[int, Predictions],
-                    datamodule, best: optuna.trial.FrozenTrial) -> list[Refit]:
+def selected_refits(
+    study: optuna.Study,
+    settings: SweepSettings,
+    summary: dict,
+    library: dict[int, Predictions],
+    datamodule,
+    best: optuna.trial.FrozenTrial,
+) -> list[Refit]:
     """For a task that refits: the configurations the study's ensemble weights most, as many as the
     refit's budget of members (``final.ensemble``), one seed each, their weights renormalised; none
     where the selection keeps the best trial alone (which is then refitted on that many seeds)."""
@@ -153,12 +187,15 @@ def selected_refits(study: optuna.Study, settings: SweepSettings, summary: dict,
     top = sorted(weights.items(), key=lambda item: -item[1])[: task.ensemble]
     total = sum(w for _, w in top)
     summary["ensemble"]["refit"] = [{"trial": n, "weight": w / total} for n, w in top]
-    return [Refit(config_from_params(task, settings.model, study.trials[n].params, settings.fixed), weight=w, trial=n)
-            for n, w in top]
+    return [
+        Refit(config_from_params(task, settings.model, study.trials[n].params, settings.fixed), weight=w, trial=n)
+        for n, w in top
+    ]
 
 
-def export_best(study: optuna.Study, settings: SweepSettings, tracker: Tracker, out_dir: Path,
-                parent_run_id: str | None) -> dict:
+def export_best(
+    study: optuna.Study, settings: SweepSettings, tracker: Tracker, out_dir: Path, parent_run_id: str | None
+) -> dict:
     """Write everything from the study: the ensemble selected from the trials' kept predictions
     and, where the submission is made of fold models, the selected trials' kept fold models,
     loaded, not trained again (``project/tuning/kept.py`` recovers a file that cannot be read). A
@@ -170,8 +207,15 @@ def export_best(study: optuna.Study, settings: SweepSettings, tracker: Tracker, 
     config = config_from_params(task, settings.model, best.params, settings.fixed)
     datamodule = settings.datamodule(task)
     complete = {t.number: t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
-    kept = KeptTrials(task, datamodule, tracker, out_dir, settings.seed, settings.stacking,
-                      lambda trial: config_from_params(task, settings.model, trial.params, settings.fixed))
+    kept = KeptTrials(
+        task,
+        datamodule,
+        tracker,
+        out_dir,
+        settings.seed,
+        settings.stacking,
+        lambda trial: config_from_params(task, settings.model, trial.params, settings.fixed),
+    )
 
     summary = {**study_summary(study, settings), "config": config.to_dict()}
     submission = out_dir / task.preset.submission.file
@@ -181,8 +225,10 @@ def export_best(study: optuna.Study, settings: SweepSettings, tracker: Tracker, 
         curves = curves or kept.result(best)
         refits = [Refit(config, seeds=task.ensemble, trial=best.number)]
         if settings.ensemble != "none":
-            refits = selected_refits(study, settings, summary, kept.predictions(list(complete.values())), datamodule,
-                                     best) or refits
+            refits = (
+                selected_refits(study, settings, summary, kept.predictions(list(complete.values())), datamodule, best)
+                or refits
+            )
         predictor, scores = refit_and_test(task, refits, settings.data_dir, settings.seed, submission)
         summary.update(scores)
     else:
@@ -194,9 +240,15 @@ def export_best(study: optuna.Study, settings: SweepSettings, tracker: Tracker, 
                 estimators, failed = fit_estimators(study, settings, datamodule, tracker, out_dir, parent_run_id)
             library.update({name: e.predictions for name, e in estimators.items()})
             weights, summary["ensemble"] = select_ensemble(library, task, datamodule, best)
-            summary["estimators"] = {name: {"estimator": e.reference, f"cv_{task.metric}": e.cv,
-                                            "fold_scores": e.fold_scores, "seconds": e.seconds}
-                                     for name, e in estimators.items()}
+            summary["estimators"] = {
+                name: {
+                    "estimator": e.reference,
+                    f"cv_{task.metric}": e.cv,
+                    "fold_scores": e.fold_scores,
+                    "seconds": e.seconds,
+                }
+                for name, e in estimators.items()
+            }
             if failed:
                 summary["estimator_errors"] = failed
         predictors = []
@@ -206,18 +258,26 @@ def export_best(study: optuna.Study, settings: SweepSettings, tracker: Tracker, 
             else:
                 predictors.append(kept.predictor(complete[number])[0])
         curves = kept.predictor(best)[1]
-        predictor = predictors[0] if len(predictors) == 1 else Ensemble(list(weights.values()), predictors, list(weights))
+        predictor = (
+            predictors[0] if len(predictors) == 1 else Ensemble(list(weights.values()), predictors, list(weights))
+        )
         predictor.to(training_device()).write_submission(test_inputs, submission, datamodule.test_ids)
         predictor.to(torch.device("cpu"))
     if kept.left_out:
         summary.setdefault("ensemble", {})["left_out"] = {str(n): why for n, why in kept.left_out.items()}
     summary["cv_mean_rerun"] = kept.retrained[best.number].mean if best.number in kept.retrained else None
     plots_dir = out_dir / "plots"
-    plots = study_plots(study, plots_dir) + [learning_curves(curves, datamodule.folds, plots_dir / "best_learning_curves.png")]
+    plots = [
+        *study_plots(study, plots_dir),
+        learning_curves(curves, datamodule.folds, plots_dir / "best_learning_curves.png"),
+    ]
     summary["submission"] = str(submission)
     summary["model"] = str(predictor.save(out_dir / "model"))
-    summary["mlflow"] = {"tracking_uri": tracker.tracking_uri, "experiment_id": tracker.experiment_id,
-                         "run_id": parent_run_id}
+    summary["mlflow"] = {
+        "tracking_uri": tracker.tracking_uri,
+        "experiment_id": tracker.experiment_id,
+        "run_id": parent_run_id,
+    }
     files.write_json(out_dir / "summary.json", summary, "the summary")
 
     if parent_run_id:
@@ -227,9 +287,13 @@ def export_best(study: optuna.Study, settings: SweepSettings, tracker: Tracker, 
         metrics = {"best_cv_mean": best.value, "n_complete": summary["n_complete"]}
         ensemble = summary.get("ensemble", {})
         if f"oof_{task.metric}" in ensemble:
-            metrics.update({f"ensemble_cv_{task.metric}": ensemble[f"cv_{task.metric}"],
-                            f"ensemble_oof_{task.metric}": ensemble[f"oof_{task.metric}"],
-                            f"best_trial_oof_{task.metric}": ensemble[f"best_trial_oof_{task.metric}"]})
+            metrics.update(
+                {
+                    f"ensemble_cv_{task.metric}": ensemble[f"cv_{task.metric}"],
+                    f"ensemble_oof_{task.metric}": ensemble[f"oof_{task.metric}"],
+                    f"best_trial_oof_{task.metric}": ensemble[f"best_trial_oof_{task.metric}"],
+                }
+            )
             if ensemble[f"held_out_cv_{task.metric}"] is not None:
                 metrics[f"ensemble_held_out_cv_{task.metric}"] = ensemble[f"held_out_cv_{task.metric}"]
         used = ensemble.get("refit", ensemble.get("members", []))  # a refitting task refits the heaviest
@@ -245,12 +309,23 @@ def export_best(study: optuna.Study, settings: SweepSettings, tracker: Tracker, 
         tags = {"study": settings.study_name, "trial": best.number, f"cv_{task.metric}": best.value}
         if len(used) > 1:
             tags["ensemble"] = json.dumps(used)
-        version = tracker.attempt(lambda: log_predictor(predictor, tracker.tracking_uri, tracker.resolve(parent_run_id),
-                                                        test_inputs, registered_name=task.name, tags=tags,
-                                                        saved=Path(summary["model"])))
+        version = tracker.attempt(
+            lambda: log_predictor(
+                predictor,
+                tracker.tracking_uri,
+                tracker.resolve(parent_run_id),
+                test_inputs,
+                registered_name=task.name,
+                tags=tags,
+                saved=Path(summary["model"]),
+            )
+        )
         if version is None:
-            print(f"the MLflow Model is not registered, tracking being unreachable: it is saved in {summary['model']}, "
-                  "and experiments/export_submission.py registers it once the server is back", file=sys.stderr)
+            print(
+                f"the MLflow Model is not registered, tracking being unreachable: it is saved in {summary['model']}, "
+                "and experiments/export_submission.py registers it once the server is back",
+                file=sys.stderr,
+            )
         else:
             summary["registered_model"] = f"models:/{version.name}/{version.version}"
             files.write_json(out_dir / "summary.json", summary, "the summary")

@@ -62,8 +62,16 @@ class Unreadable(Exception):
     """A kept file that is not what was written: the reason."""
 
 
-def keep_trial(trial: optuna.Trial, task: Task, config: TrainConfig, result: CVResult, datamodule: FoldDataModule,
-               out_dir: Path, tracker: Tracker, run_id: str) -> None:
+def keep_trial(
+    trial: optuna.Trial,
+    task: Task,
+    config: TrainConfig,
+    result: CVResult,
+    datamodule: FoldDataModule,
+    out_dir: Path,
+    tracker: Tracker,
+    run_id: str,
+) -> None:
     """Write the completed trial's predictions and (for a task that does not refit) fold models,
     log them on its MLflow run, and record their paths and checksums on the trial."""
     kept = [(PREDICTIONS, out_of_fold(task, result, datamodule, with_test=not task.refits).to_bytes())]
@@ -80,17 +88,33 @@ def fold_models(config: TrainConfig, result: CVResult, datamodule: FoldDataModul
     """The kept fold models' file: the members' weights and head (``project/model_io.py``), with
     the curves and fold scores of the fit."""
     net_state, head_state = fits_state(result.fits)
-    return model_record(config, datamodule.sample_shape, datamodule.out_features,
-                        [fold for f in result.fits for fold in f.members.folds], net_state, head_state,
-                        history=result.history, fold_scores=result.fold_scores, seconds=result.seconds)
+    return model_record(
+        config,
+        datamodule.sample_shape,
+        datamodule.out_features,
+        [fold for f in result.fits for fold in f.members.folds],
+        net_state,
+        head_state,
+        history=result.history,
+        fold_scores=result.fold_scores,
+        seconds=result.seconds,
+    )
 
 
 class KeptTrials:
     """The completed trials' kept files, read back, checked against what the study recorded, and
     recovered where they cannot be read; each trial trained again at most once."""
 
-    def __init__(self, task: Task, datamodule: FoldDataModule, tracker: Tracker, out_dir: Path, seed: int,
-                 stacking: str, config_of: Callable[[optuna.trial.FrozenTrial], TrainConfig]) -> None:
+    def __init__(
+        self,
+        task: Task,
+        datamodule: FoldDataModule,
+        tracker: Tracker,
+        out_dir: Path,
+        seed: int,
+        stacking: str,
+        config_of: Callable[[optuna.trial.FrozenTrial], TrainConfig],
+    ) -> None:
         self.task, self.datamodule, self.tracker, self.out_dir = task, datamodule, tracker, Path(out_dir)
         self.seed, self.stacking, self.config_of = seed, stacking, config_of
         self.retrained: dict[int, CVResult] = {}
@@ -99,8 +123,9 @@ class KeptTrials:
     def result(self, trial: optuna.trial.FrozenTrial) -> CVResult:
         """The trial's configuration trained again on the study's folds (deterministic: the same models)."""
         if trial.number not in self.retrained:
-            self.retrained[trial.number] = cross_validate(self.task, self.config_of(trial), seed=self.seed,
-                                                          stacking=self.stacking, datamodule=self.datamodule)
+            self.retrained[trial.number] = cross_validate(
+                self.task, self.config_of(trial), seed=self.seed, stacking=self.stacking, datamodule=self.datamodule
+            )
         return self.retrained[trial.number]
 
     def predictions(self, trials: list[optuna.trial.FrozenTrial]) -> dict[int, Predictions]:
@@ -111,7 +136,9 @@ class KeptTrials:
             if PREDICTIONS.attr not in trial.user_attrs:
                 continue
             try:
-                library[trial.number] = self._read(trial, PREDICTIONS, self._check_predictions, self._rebuild_predictions)
+                library[trial.number] = self._read(
+                    trial, PREDICTIONS, self._check_predictions, self._rebuild_predictions
+                )
             except (Unreadable, TrainingDiverged) as err:
                 self.left_out[trial.number] = str(err)
                 print(f"trial {trial.number} is left out of the ensemble: {err}", file=sys.stderr, flush=True)
@@ -125,19 +152,29 @@ class KeptTrials:
             if MODELS.attr in trial.user_attrs:
                 saved = self._read(trial, MODELS, self._check_models, self._rebuild_models)
             else:
-                print(f"trial {trial.number} kept no fold models (it ran before they were kept): training it again",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"trial {trial.number} kept no fold models (it ran before they were kept): training it again",
+                    file=sys.stderr,
+                    flush=True,
+                )
         if saved is None:
             result = self.result(trial)
             return Predictor.from_fits(self.task, config, result.fits, self.datamodule), result
         members, _ = members_of(saved)
-        predictor = Predictor.of_members(self.task, config, members, saved["head"], [self.datamodule.members],
-                                         self.datamodule)
-        return predictor, CVResult(self.task.metric, list(saved["fold_scores"]), saved["history"],
-                                   float(saved["seconds"]))
+        predictor = Predictor.of_members(
+            self.task, config, members, saved["head"], [self.datamodule.members], self.datamodule
+        )
+        return predictor, CVResult(
+            self.task.metric, list(saved["fold_scores"]), saved["history"], float(saved["seconds"])
+        )
 
-    def _read(self, trial: optuna.trial.FrozenTrial, kind: Kind, check: Callable[[Path, str | None], T],
-              rebuild: Callable[[optuna.trial.FrozenTrial, Path], T]) -> T:
+    def _read(
+        self,
+        trial: optuna.trial.FrozenTrial,
+        kind: Kind,
+        check: Callable[[Path, str | None], T],
+        rebuild: Callable[[optuna.trial.FrozenTrial, Path], T],
+    ) -> T:
         """The trial's file of ``kind``: as kept, else its MLflow run's copy (which then replaces a
         damaged local one), else rebuilt."""
         path, expected = Path(trial.user_attrs[kind.attr]), trial.user_attrs.get(f"{kind.attr}_sha256")
@@ -149,8 +186,13 @@ class KeptTrials:
                 reason = f"cannot be read ({err})"
         where = f"trial {trial.number}'s {kind.what} {path}"
         run_id = trial.user_attrs.get(RUN_ID_ATTR)
-        fetched = self.tracker.download_artifact(run_id, f"{kind.folder}/{path.name}",
-                                                 self.out_dir / kind.folder / "downloaded") if run_id else None
+        fetched = (
+            self.tracker.download_artifact(
+                run_id, f"{kind.folder}/{path.name}", self.out_dir / kind.folder / "downloaded"
+            )
+            if run_id
+            else None
+        )
         if fetched is not None:
             try:
                 value = check(fetched, expected)
@@ -172,10 +214,15 @@ class KeptTrials:
             raise Unreadable(f"{type(err).__name__}: {err}") from None
         self._check_sum(path, expected)
         rows = np.sort(np.concatenate([r.numpy() for r in self.datamodule.members.val_rows]))
-        if not np.array_equal(predictions.rows, rows) or len(predictions.oof) != len(rows) \
-                or len(predictions.folds) != len(rows):
+        if (
+            not np.array_equal(predictions.rows, rows)
+            or len(predictions.oof) != len(rows)
+            or len(predictions.folds) != len(rows)
+        ):
             raise Unreadable("its rows are not the validated rows of the study's folds")
-        if not self.task.refits and (predictions.test is None or len(predictions.test) != len(self.datamodule.test_ids)):
+        if not self.task.refits and (
+            predictions.test is None or len(predictions.test) != len(self.datamodule.test_ids)
+        ):
             raise Unreadable(f"it does not hold the {len(self.datamodule.test_ids)} test rows")
         return predictions
 
@@ -205,5 +252,6 @@ class KeptTrials:
         """Trained again (``retrained`` holds the fit); the file written anew for the next export."""
         result = self.result(trial)
         if path.parent.is_dir():
-            files.write_bytes(path, fold_models(self.config_of(trial), result, self.datamodule),
-                              f"trial {trial.number}'s fold models")
+            files.write_bytes(
+                path, fold_models(self.config_of(trial), result, self.datamodule), f"trial {trial.number}'s fold models"
+            )

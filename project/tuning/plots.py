@@ -8,12 +8,12 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import optuna  # noqa: E402
-from optuna.visualization import matplotlib as optuna_plots  # noqa: E402
+import matplotlib.pyplot as plt
+import optuna
+from optuna.visualization import matplotlib as optuna_plots
 
-from project import files  # noqa: E402
-from project.cv import CVResult  # noqa: E402
+from project import files
+from project.cv import CVResult
 
 
 def _save(axes, path: Path) -> Path:

@@ -67,8 +67,12 @@ class FoldPruningCallback(L.Callback):
 StepsFn = Callable[[int, int, int], range]  # (epoch, max_epochs, last step reported) -> the steps to report
 
 
-def replay(pruner: optuna.pruners.BasePruner, curves: dict[int, list[float]], direction: str = "minimize",
-           steps: StepsFn = grid_steps) -> dict[int, int | None]:
+def replay(
+    pruner: optuna.pruners.BasePruner,
+    curves: dict[int, list[float]],
+    direction: str = "minimize",
+    steps: StepsFn = grid_steps,
+) -> dict[int, int | None]:
     """What ``pruner`` makes of trials whose every epoch's score is known (``curves``: trial number ->
     mean validation score after each epoch, run to the end), taken in number order as one worker
     would: for each trial, the epoch (from 0) after which it is pruned, or None where it completes."""

@@ -95,8 +95,11 @@ def fail_trials_of(study: optuna.Study, tracker: Tracker, pid: int, reason: str)
     """Mark FAIL the RUNNING trials this host's process ``pid`` claimed (it is known to have died),
     and their MLflow runs FAILED; returns their numbers."""
     host = socket.gethostname()
-    failed = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-              if t.user_attrs.get(WORKER_ATTR) == {"host": host, "pid": pid} and _fail(study, t, reason)]
+    failed = [
+        t.number
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if t.user_attrs.get(WORKER_ATTR) == {"host": host, "pid": pid} and _fail(study, t, reason)
+    ]
     _close_failed_runs(study, tracker)
     return failed
 
@@ -109,10 +112,12 @@ def _close_failed_runs(study: optuna.Study, tracker: Tracker) -> None:
     name: found among the RUNNING runs by its study and trial number."""
     failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
     by_number = {str(t.number): t for t in failed}
-    unrecorded = {run.info.run_id: by_number[run.data.tags["trial_number"]]
-                  for run in tracker.running_runs(study=study.study_name)
-                  if run.data.tags.get("trial_number") in by_number
-                  and RUN_ID_ATTR not in by_number[run.data.tags["trial_number"]].user_attrs}
+    unrecorded = {
+        run.info.run_id: by_number[run.data.tags["trial_number"]]
+        for run in tracker.running_runs(study=study.study_name)
+        if run.data.tags.get("trial_number") in by_number
+        and RUN_ID_ATTR not in by_number[run.data.tags["trial_number"]].user_attrs
+    }
     recorded = {t.user_attrs[RUN_ID_ATTR]: t for t in failed if RUN_ID_ATTR in t.user_attrs}
     for run_id, trial in {**recorded, **unrecorded}.items():
         if tracker.run_status(run_id) not in (None, "FAILED", "KILLED"):

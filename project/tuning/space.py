@@ -28,16 +28,18 @@ def sample(trial: optuna.Trial, key: str, param: SearchParam) -> Any:
     if isinstance(param.low, int) and isinstance(param.high, int):
         value = trial.suggest_int(name, param.low, param.high, step=param.step or 1, log=param.log)
         return tuple(value * t for t in param.times) if param.times else value
-    return trial.suggest_float(name, float(param.low), float(param.high), log=param.log,
-                               step=None if param.step is None else float(param.step))
+    return trial.suggest_float(
+        name, float(param.low), float(param.high), log=param.log, step=None if param.step is None else float(param.step)
+    )
 
 
 def start_point(task: Task, model: str, fixed: dict) -> dict:
     """The preset's first trial for ``model``, without the parameters the command line fixes or
     that are searched only beside one it fixes (dropout beside fixed hidden layers)."""
     search = task.preset.model_preset(model).search
-    dropped = {n for key, param in search.items() if key in fixed or param.when in fixed
-               for n in search_names(key, param)}
+    dropped = {
+        n for key, param in search.items() if key in fixed or param.when in fixed for n in search_names(key, param)
+    }
     return {k: v for k, v in task.preset.model_preset(model).start.items() if k not in dropped}
 
 

@@ -23,10 +23,10 @@ from optuna.storages import RDBStorage
 
 from project import presets, stopping
 from project.cv import TrainingDiverged, cross_validate
-from project.seeds import derive_seed
 from project.devices import describe, pin_to, training_device, visible_gpus, worker_gpus
 from project.files import WriteFailed
 from project.output import quiet_libraries
+from project.seeds import derive_seed
 from project.stopping import Interrupted
 from project.tasks import Task
 from project.tuning.kept import keep_trial
@@ -76,10 +76,21 @@ class SweepSettings:
         """The settings a stored study was created with (``check_frozen``), to export or replay it;
         a study stored without its preset raises ``KeyError``."""
         stored, preset = study.user_attrs.get("settings", {}), study.user_attrs[PRESET_ATTR]
-        return cls(preset=preset, data_dir=data_dir, seed=stored["seed"], storage=storage,
-                   study_name=study.study_name, tracking_uri="", experiment_name=preset["name"],
-                   model=stored["model"], fixed=stored["fixed"], stacking=stored["stacking"],
-                   validation_folds=stored["validation_folds"], output_dir=output_dir, **kwargs)
+        return cls(
+            preset=preset,
+            data_dir=data_dir,
+            seed=stored["seed"],
+            storage=storage,
+            study_name=study.study_name,
+            tracking_uri="",
+            experiment_name=preset["name"],
+            model=stored["model"],
+            fixed=stored["fixed"],
+            stacking=stored["stacking"],
+            validation_folds=stored["validation_folds"],
+            output_dir=output_dir,
+            **kwargs,
+        )
 
     def tracker(self) -> Tracker:
         pending = Path(self.output_dir) / "mlflow-pending" if self.output_dir else None
@@ -135,6 +146,8 @@ OUTPUT_LOST = 74
 class WorkerCouldNotWrite(Exception):
     """A worker process could not write a trial's files (a full disk, a read-only folder): what its
     trial recorded, which names the path."""
+
+
 CONNECT_TIMEOUT = 10  # seconds to reach a database server before saying it is unreachable
 
 
@@ -143,14 +156,16 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
     a database server has ``CONNECT_TIMEOUT`` seconds to answer each new connection."""
     if url.startswith(("sqlite:", "postgresql", "mysql")):
         server = {"pool_pre_ping": True, "connect_args": {"connect_timeout": CONNECT_TIMEOUT}}
-        return RDBStorage(url, heartbeat_interval=10, grace_period=30,
-                          engine_kwargs=None if url.startswith("sqlite:") else server)
+        return RDBStorage(
+            url, heartbeat_interval=10, grace_period=30, engine_kwargs=None if url.startswith("sqlite:") else server
+        )
     if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
         return JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
-    raise ValueError(f"storage {url!r}: unknown scheme; expected sqlite:///PATH, postgresql://..., "
-                     "mysql://... or journal:PATH")
+    raise ValueError(
+        f"storage {url!r}: unknown scheme; expected sqlite:///PATH, postgresql://..., mysql://... or journal:PATH"
+    )
 
 
 class TrialSeededTPE(optuna.samplers.TPESampler):
@@ -192,8 +207,16 @@ def _connection_failed(err: sqlalchemy.exc.SQLAlchemyError) -> bool:
     """The database server could not be reached (no race to retry: it would only wait longer)."""
     text = str(err).lower()
     return isinstance(err, sqlalchemy.exc.OperationalError) and any(
-        s in text for s in ("could not connect", "connection refused", "timeout expired", "can't connect",
-                            "could not translate host name", "server closed the connection"))
+        s in text
+        for s in (
+            "could not connect",
+            "connection refused",
+            "timeout expired",
+            "can't connect",
+            "could not translate host name",
+            "server closed the connection",
+        )
+    )
 
 
 def _create_or_load(settings: SweepSettings) -> optuna.Study:
@@ -223,10 +246,17 @@ def check_frozen(study: optuna.Study, settings: SweepSettings) -> None:
         return
     for key, value in current.items():
         if stored.get(key) != value:
-            flag = ("the preset" if key.startswith("preset.") else "the fixed-value flags" if key == "fixed"
-                    else "--" + key.replace("_", "-"))
-            raise ValueError(f"study {settings.study_name!r} was created with {key}={stored.get(key)!r}, "
-                             f"this run has {value!r} ({flag}); give --study-name a new name to start a new study")
+            flag = (
+                "the preset"
+                if key.startswith("preset.")
+                else "the fixed-value flags"
+                if key == "fixed"
+                else "--" + key.replace("_", "-")
+            )
+            raise ValueError(
+                f"study {settings.study_name!r} was created with {key}={stored.get(key)!r}, "
+                f"this run has {value!r} ({flag}); give --study-name a new name to start a new study"
+            )
 
 
 class Objective:
@@ -241,9 +271,11 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         config = suggest_config(trial, self.task, self.settings.model, self.settings.fixed)
-        run_id = self.tracker.start_run(f"trial-{trial.number}", self.settings.parent_run_id,
-                                        {"trial_number": str(trial.number), "study": self.settings.study_name,
-                                         **self.source})
+        run_id = self.tracker.start_run(
+            f"trial-{trial.number}",
+            self.settings.parent_run_id,
+            {"trial_number": str(trial.number), "study": self.settings.study_name, **self.source},
+        )
         trial.set_user_attr(RUN_ID_ATTR, run_id)
         self.tracker.log_inputs(run_id, self.inputs)
         self.tracker.log_params(run_id, {**config.flat(), "trial_number": trial.number})
@@ -251,8 +283,14 @@ class Objective:
         state, status = "FAIL", "FAILED"
         try:
             stopping.check()  # asked to stop while this trial was being created: it ends before training
-            result = cross_validate(self.task, config, seed=self.settings.seed, stacking=self.settings.stacking,
-                                    callbacks=[pruner], datamodule=self.datamodule)
+            result = cross_validate(
+                self.task,
+                config,
+                seed=self.settings.seed,
+                stacking=self.settings.stacking,
+                callbacks=[pruner],
+                datamodule=self.datamodule,
+            )
             self.tracker.log_cv(run_id, result, self.datamodule.folds)
             self.tracker.set_tags(run_id, {"fold_layout": result.layout, "device": describe(training_device())})
             self.tracker.log_metrics(run_id, {"seconds": result.seconds})
@@ -263,8 +301,16 @@ class Objective:
                 state, status = "PRUNED", "FINISHED"
                 raise optuna.TrialPruned(f"pruned after epoch {len(result.history[0]) - 1}")
             if self.settings.output_dir:
-                keep_trial(trial, self.task, config, result, self.datamodule, Path(self.settings.output_dir),
-                           self.tracker, run_id)
+                keep_trial(
+                    trial,
+                    self.task,
+                    config,
+                    result,
+                    self.datamodule,
+                    Path(self.settings.output_dir),
+                    self.tracker,
+                    run_id,
+                )
             state, status = "COMPLETE", "FINISHED"
             return result.mean
         except (TrainingDiverged, WriteFailed) as err:
@@ -293,8 +339,14 @@ def run_worker(settings: SweepSettings, n_trials: int, timeout: float | None, tr
     study = open_study(settings)
     objective = Objective(settings, tracker)
     stopping.check()
-    study.optimize(objective, n_trials=n_trials, timeout=timeout, catch=(TrainingDiverged,), gc_after_trial=False,
-                   callbacks=[_stop_when_asked])
+    study.optimize(
+        objective,
+        n_trials=n_trials,
+        timeout=timeout,
+        catch=(TrainingDiverged,),
+        gc_after_trial=False,
+        callbacks=[_stop_when_asked],
+    )
 
 
 def _stop_when_asked(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -352,6 +404,7 @@ def _quiet_storage_loss(args: threading.ExceptHookArgs) -> None:
 @dataclass(frozen=True)
 class LostWorker:
     """A worker process that ended by itself before its share was done (killed, or crashed)."""
+
     index: int
     pid: int
     how: str  # "killed by SIGKILL", "exited with code 1"
@@ -359,12 +412,15 @@ class LostWorker:
 
     def __str__(self) -> str:
         during = f"during trial {', '.join(map(str, self.trials))}" if self.trials else "between trials"
-        return (f"worker {self.index} (pid {self.pid}) {self.how} {during}: "
-                f"{'that trial is' if len(self.trials) == 1 else 'its trials are'} FAIL, the other workers go on")
+        return (
+            f"worker {self.index} (pid {self.pid}) {self.how} {during}: "
+            f"{'that trial is' if len(self.trials) == 1 else 'its trials are'} FAIL, the other workers go on"
+        )
 
 
-def run_workers(settings: SweepSettings, n_trials: int, n_jobs: int, timeout: float | None,
-                tracker: Tracker) -> list[LostWorker]:
+def run_workers(
+    settings: SweepSettings, n_trials: int, n_jobs: int, timeout: float | None, tracker: Tracker
+) -> list[LostWorker]:
     """Run the trials in ``n_jobs`` worker processes (or in this one). A worker that dies is
     reported at once, its trial failed in Optuna and MLflow, and the others go on; the lost
     workers are returned. A stop request is passed on to the workers, and raises ``Interrupted``
@@ -379,8 +435,10 @@ def run_workers(settings: SweepSettings, n_trials: int, n_jobs: int, timeout: fl
     context = multiprocessing.get_context("spawn")
     shares = [n_trials // n_jobs + (i < n_trials % n_jobs) for i in range(n_jobs)]
     shares = [share for share in shares if share]
-    workers = [context.Process(target=_worker_process, args=(settings, share, timeout, gpu))
-               for share, gpu in zip(shares, worker_gpus(len(shares), visible_gpus()))]
+    workers = [
+        context.Process(target=_worker_process, args=(settings, share, timeout, gpu))
+        for share, gpu in zip(shares, worker_gpus(len(shares), visible_gpus()))
+    ]
     for worker in workers:
         worker.start()
     lost, running = [], dict(enumerate(workers))
@@ -429,8 +487,11 @@ def _storage_loss_raised(url: str) -> Iterator[None]:
 
 def _write_failure(study: optuna.Study) -> str | None:
     """What the newest trial that could not write its files says of it."""
-    failed = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
-              if str(t.user_attrs.get("failure", "")).startswith("cannot write")]
+    failed = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
+        if str(t.user_attrs.get("failure", "")).startswith("cannot write")
+    ]
     return failed[-1].user_attrs["failure"] if failed else None
 
 

@@ -7,6 +7,7 @@ not create, given the run id.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -50,8 +51,12 @@ EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_develop
 # 120 s and seven retries with backoff, wait minutes on a server that has gone away), and no line of
 # MLflow's own for each ended run (the sweep gives the experiment's address once); the environment
 # overrides each
-SERVER_ENV = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-              "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+SERVER_ENV = {
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+}
 
 
 def _now() -> int:
@@ -90,10 +95,8 @@ def environment_tags(entry_point: str | None = None) -> dict[str, str]:
     """The run's source and the versions it ran with."""
     tags = {"python": platform.python_version(), "platform": platform.platform(), **source_tags(entry_point)}
     for package in PACKAGES:
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             tags[f"version.{package}"] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            pass
     return tags
 
 
@@ -129,8 +132,9 @@ class Tracker:
     unreachable server raises, as MLflow does.
     """
 
-    def __init__(self, tracking_uri: str | None, experiment_name: str, pending: Path | None = None,
-                 command: str | None = None) -> None:
+    def __init__(
+        self, tracking_uri: str | None, experiment_name: str, pending: Path | None = None, command: str | None = None
+    ) -> None:
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
         self.experiment_name, self.experiment_id = experiment_name, None
         if self.tracking_uri.startswith(("http://", "https://")):
@@ -151,7 +155,7 @@ class Tracker:
                     self.client = MlflowClient(self.tracking_uri)
                     self.experiment_id = self._experiment(experiment_name)
                 break
-            except Exception as err:  # noqa: BLE001 - MLflow, SQLAlchemy and alembic each raise their own
+            except Exception as err:
                 if self.journal is not None and is_unreachable(err):
                     self._unreachable(err)
                     break
@@ -167,8 +171,9 @@ class Tracker:
         """The experiment's id; it opens in the UI's model-training view (not the GenAI one)."""
         experiment = self.client.get_experiment_by_name(name)
         if experiment is None:
-            return self.client.create_experiment(name, artifact_location=_artifact_root(self.tracking_uri, name),
-                                                 tags={EXPERIMENT_KIND: MODEL_TRAINING})
+            return self.client.create_experiment(
+                name, artifact_location=_artifact_root(self.tracking_uri, name), tags={EXPERIMENT_KIND: MODEL_TRAINING}
+            )
         if experiment.tags.get(EXPERIMENT_KIND) != MODEL_TRAINING:
             self.client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
         return experiment.experiment_id
@@ -266,8 +271,11 @@ class Tracker:
             self._unreachable(err)
             return 0
         if self._said:
-            print(f"MLflow tracking at {self.tracking_uri} is reachable again: {sent} kept write(s) sent",
-                  file=sys.stderr, flush=True)
+            print(
+                f"MLflow tracking at {self.tracking_uri} is reachable again: {sent} kept write(s) sent",
+                file=sys.stderr,
+                flush=True,
+            )
         self._next_probe, self._said = 0.0, False
         return sent
 
@@ -282,8 +290,12 @@ class Tracker:
             print(f"sent {sent} MLflow write(s) kept while {self.tracking_uri} was unreachable", flush=True)
         left = self.journal.waiting()
         if left and left_for:
-            print(f"MLflow tracking at {self.tracking_uri} is still unreachable: {left} write(s) kept in "
-                  f"{self.journal.folder}; {left_for} sends them", file=sys.stderr, flush=True)
+            print(
+                f"MLflow tracking at {self.tracking_uri} is still unreachable: {left} write(s) kept in "
+                f"{self.journal.folder}; {left_for} sends them",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def attempt(self, call: Callable[[], T], absent: tuple[type[Exception], ...] = ()) -> T | None:
         """``call()``, a request of its own to the server (a read, logging a model), unless the
@@ -306,9 +318,12 @@ class Tracker:
     def _unreachable(self, err: BaseException) -> None:
         if self.reachable and self.journal.first_to_say():
             self._said = True
-            print(f"MLflow tracking at {self.tracking_uri} is unreachable ({why_unreachable(err)}); "
-                  f"training goes on, and what it logs is kept in {self.journal.folder} until the server is back",
-                  file=sys.stderr, flush=True)
+            print(
+                f"MLflow tracking at {self.tracking_uri} is unreachable ({why_unreachable(err)}); "
+                f"training goes on, and what it logs is kept in {self.journal.folder} until the server is back",
+                file=sys.stderr,
+                flush=True,
+            )
         self._next_probe = time.monotonic() + PROBE_EVERY
 
     def _send(self, op: str, args: dict) -> str | None:
@@ -316,26 +331,32 @@ class Tracker:
         creation still waits elsewhere raises ``Unresolved``)."""
         if op == "create_run":
             tags = {k: self._resolve(v) for k, v in args["tags"].items()}
-            created = self.client.create_run(self.experiment_id, start_time=args["start_time"], tags=tags,
-                                             run_name=args["run_name"]).info.run_id
+            created = self.client.create_run(
+                self.experiment_id, start_time=args["start_time"], tags=tags, run_name=args["run_name"]
+            ).info.run_id
             if args["run"]:
                 self.journal.record(args["run"], created)
             return created
         run = self._resolve(args["run"])
         if op == "log_batch":
-            self.client.log_batch(run, metrics=[Metric(*m) for m in args.get("metrics", [])],
-                                  params=[Param(*p) for p in args.get("params", [])],
-                                  tags=[RunTag(k, self._resolve(v)) for k, v in args.get("tags", [])])
+            self.client.log_batch(
+                run,
+                metrics=[Metric(*m) for m in args.get("metrics", [])],
+                params=[Param(*p) for p in args.get("params", [])],
+                tags=[RunTag(k, self._resolve(v)) for k, v in args.get("tags", [])],
+            )
         elif op == "log_inputs":
-            self.client.log_inputs(run, datasets=[DatasetInput.from_proto(ParseDict(d, ProtoDatasetInput()))
-                                                  for d in args["datasets"]])
+            self.client.log_inputs(
+                run, datasets=[DatasetInput.from_proto(ParseDict(d, ProtoDatasetInput())) for d in args["datasets"]]
+            )
         elif op == "log_artifact":
             try:
                 self.client.log_artifact(run, args["path"], args["folder"])
             except OSError as err:  # a local artifact store (beside a SQLite one) that cannot take the file
                 if files.unwritable(err):
-                    raise files.WriteFailed(Path(getattr(err, "filename", None) or args["path"]),
-                                            "an MLflow artifact", err) from None
+                    raise files.WriteFailed(
+                        Path(getattr(err, "filename", None) or args["path"]), "an MLflow artifact", err
+                    ) from None
                 raise
         elif op == "update_run":
             self.client.update_run(run, status=args["status"])
@@ -369,11 +390,17 @@ class Tracker:
             for fold in folds:
                 if f"fold{fold}_{metric}" not in logged:
                     return None
-                curves = {key: {m.step: m.value for m in self.client.get_metric_history(run_id, f"fold{fold}/{key}")}
-                          for key in ("train_loss", f"val_{metric}")}
+                curves = {
+                    key: {m.step: m.value for m in self.client.get_metric_history(run_id, f"fold{fold}/{key}")}
+                    for key in ("train_loss", f"val_{metric}")
+                }
                 scores.append(logged[f"fold{fold}_{metric}"])
-                history.append([{"epoch": epoch, **{k: c[epoch] for k, c in curves.items() if epoch in c}}
-                                for epoch in sorted(curves["train_loss"])])
+                history.append(
+                    [
+                        {"epoch": epoch, **{k: c[epoch] for k, c in curves.items() if epoch in c}}
+                        for epoch in sorted(curves["train_loss"])
+                    ]
+                )
         except (MlflowException, Unresolved, requests.exceptions.RequestException):
             return None
         return CVResult(metric, scores, history, logged.get("seconds", 0.0))
@@ -385,17 +412,23 @@ class Tracker:
     def download_artifact(self, run_id: str, path: str, folder: Path) -> Path | None:
         """A run's artifact ``path``, downloaded into ``folder``; None where the run, the file or
         the server is not there."""
+
         def download() -> Path:
             folder.mkdir(parents=True, exist_ok=True)
             return Path(self.client.download_artifacts(self._resolve(run_id), path, str(folder)))
+
         return self.attempt(download, absent=(MlflowException, OSError))
 
     def running_runs(self, **tags: str) -> list:
         """This experiment's RUNNING runs with these tags (none while the server cannot be asked)."""
         if self.experiment_id is None:
             return []
-        runs = self.attempt(lambda: self.client.search_runs([self.experiment_id], "attributes.status = 'RUNNING'",
-                                                            max_results=5000)) or []
+        runs = (
+            self.attempt(
+                lambda: self.client.search_runs([self.experiment_id], "attributes.status = 'RUNNING'", max_results=5000)
+            )
+            or []
+        )
         return [r for r in runs if all(r.data.tags.get(k) == v for k, v in tags.items())]
 
     def has_run(self, run_id: str) -> bool:
@@ -408,5 +441,7 @@ class Tracker:
     def ui_command(self) -> str:
         """The command that serves this store, and the experiment's page in the model-training view
         (MLflow 3's UI opens on its GenAI view unless the address asks for the other)."""
-        return (f"mlflow ui --backend-store-uri {self.tracking_uri} --host 127.0.0.1\n  then open "
-                f"http://127.0.0.1:5000/#/experiments/{self.experiment_id}/runs?workflowType=machine_learning")
+        return (
+            f"mlflow ui --backend-store-uri {self.tracking_uri} --host 127.0.0.1\n  then open "
+            f"http://127.0.0.1:5000/#/experiments/{self.experiment_id}/runs?workflowType=machine_learning"
+        )
