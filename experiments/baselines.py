@@ -22,9 +22,9 @@ import numpy as np
 from project.cli import folds_int
 from project.data import DataError
 from project.estimators import EstimatorFailed, cross_fit
-from project.paths import REPO_ROOT
 from project.tasks import get_task
 from project.tuning.tracking import Tracker, environment_tags
+from project.utils.paths import REPO_ROOT
 
 PARTIAL_SALES = (1299, 524)
 

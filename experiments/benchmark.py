@@ -23,13 +23,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from project import files
 from project.cli import positive_int
 from project.cv import cross_validate
 from project.data import DataError
 from project.models import create_model
-from project.paths import REPO_ROOT
 from project.tasks import TrainConfig, get_task
+from project.utils import files
+from project.utils.paths import REPO_ROOT
 
 EVAL_ROWS = 4096  # validation rows per forward pass of the plain loop
 DEVICE = torch.device("cpu")  # where both sides train: --device

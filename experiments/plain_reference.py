@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from project import files
 from project.cli import positive_int
 from project.data import DataError
-from project.paths import REPO_ROOT
 from project.tasks import get_task
+from project.utils import files
+from project.utils.paths import REPO_ROOT
 
 # name: (task, hidden sizes, batch size, epochs, learning rate, weight decay, folds), as in benchmark.py
 CASES = {

@@ -19,13 +19,13 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from project import files
 from project.cli import output_dir
 from project.cv import TrainingDiverged, cross_validate
-from project.paths import REPO_ROOT
 from project.tuning.pruning import StepsFn, make_pruner, replay
 from project.tuning.space import config_from_params
 from project.tuning.study import PRESET_ATTR, SweepSettings, default_storage, make_storage
+from project.utils import files
+from project.utils.paths import REPO_ROOT
 
 TOP = 5  # "among the best": the trials with the five best final scores
 

@@ -19,7 +19,7 @@ import uuid
 from optuna.trial import TrialState
 from tqdm import tqdm
 
-from project import files, presets, stopping
+from project import presets
 from project.cli import (
     add_common_arguments,
     fixed_params,
@@ -30,10 +30,6 @@ from project.cli import (
     run_name,
 )
 from project.data import DataError
-from project.devices import default_workers, visible_gpus
-from project.files import WriteFailed
-from project.output import quiet_libraries
-from project.stopping import Interrupted
 from project.tuning.export import ENSEMBLES, export_best, study_summary
 from project.tuning.pending import PENDING_PREFIX
 from project.tuning.recovery import recover_stale_trials
@@ -50,6 +46,11 @@ from project.tuning.study import (
     run_workers,
 )
 from project.tuning.tracking import Tracker, dataset_inputs, environment_tags, resolve_tracking_uri
+from project.utils import files, stopping
+from project.utils.devices import default_workers, visible_gpus
+from project.utils.files import WriteFailed
+from project.utils.output import quiet_libraries
+from project.utils.stopping import Interrupted
 
 PARENT_ATTR = "mlflow_parent_run_id"
 
@@ -168,7 +169,7 @@ def parent_run(study, tracker: Tracker, settings: SweepSettings, datamodule) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    with stopping.handling_signals():  # Ctrl-C or SIGTERM: a clean stop, see project/stopping.py
+    with stopping.handling_signals():  # Ctrl-C or SIGTERM: a clean stop, see project/utils/stopping.py
         return run_sweep(argv)
 
 

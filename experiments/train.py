@@ -11,18 +11,19 @@ from pathlib import Path
 
 import torch
 
-from project import files, presets
+from project import presets
 from project.cli import add_common_arguments, config_overrides, load_task, output_dir, run_name
 from project.cv import TrainingDiverged, cross_validate, init_model
 from project.data import DataError
-from project.devices import describe, training_device
-from project.files import WriteFailed
-from project.output import quiet_libraries
 from project.predictor import Predictor
 from project.refit import Refit, refit_and_test, refit_metrics
 from project.serving import log_predictor
-from project.stopping import Interrupted, handling_signals
 from project.tuning.tracking import Tracker, dataset_inputs, environment_tags
+from project.utils import files
+from project.utils.devices import describe, training_device
+from project.utils.files import WriteFailed
+from project.utils.output import quiet_libraries
+from project.utils.stopping import Interrupted, handling_signals
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
@@ -32,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argpa
 
 
 def main(argv: list[str] | None = None) -> int:
-    with handling_signals():  # Ctrl-C or SIGTERM: a clean stop, see project/stopping.py
+    with handling_signals():  # Ctrl-C or SIGTERM: a clean stop, see project/utils/stopping.py
         return train(argv)
 
 

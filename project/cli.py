@@ -10,9 +10,9 @@ from pathlib import Path
 from project import presets
 from project.models import MODELS
 from project.models.registry import model_arguments
-from project.paths import REPO_ROOT
 from project.presets import PresetError
 from project.tasks import Task
+from project.utils.paths import REPO_ROOT
 
 
 def _number(kind: type, check, expected: str):

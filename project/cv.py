@@ -23,14 +23,14 @@ from torch import nn
 
 from project.data import FoldDataModule
 from project.data.base import Members
-from project.devices import deterministic_algorithms, training_device
 from project.engine import FirstLayer, Layout, build_stack, choose_first_layer, choose_layout, chunked
 from project.engine.stacked_mlp import stack_tricks
 from project.models import FoldModule, create_model
-from project.progress import EpochProgress
-from project.seeds import derive_seed
-from project.stopping import Interrupted, StopOnRequest
 from project.tasks import Task, TrainConfig
+from project.utils.devices import deterministic_algorithms, training_device
+from project.utils.progress import EpochProgress
+from project.utils.seeds import derive_seed
+from project.utils.stopping import Interrupted, StopOnRequest
 
 for _name in ("lightning.pytorch", "lightning.fabric", "lightning"):
     logging.getLogger(_name).setLevel(logging.WARNING)  # one fit per fold: the banners would drown the output

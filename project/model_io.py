@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from project import files
 from project.models import create_model
 from project.tasks import TrainConfig
+from project.utils import files
 
 
 def model_record(

@@ -27,7 +27,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
-from project import files, presets
+from project import presets
 from project.cv import Fit
 from project.data import FoldDataModule
 from project.data.base import Members
@@ -37,6 +37,7 @@ from project.engine import build_stack
 from project.model_io import load_model, save_model
 from project.submission import SubmissionFormat, prediction_frame, write_submission
 from project.tasks import Task, TrainConfig
+from project.utils import files
 
 # what a saved member's preprocessing may be made of (anything else is refused when it is loaded)
 TRUSTED = [

@@ -21,7 +21,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from project.data.tabular import SCALERS, PreprocessOptions
-from project.paths import REPO_ROOT
+from project.utils.paths import REPO_ROOT
 
 PRESET_DIR = REPO_ROOT / "experiments" / "configs"
 KINDS = ("regression", "classification")

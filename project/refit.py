@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 
 from project.cv import Fit, fit, fold_layout, make_trainer
-from project.devices import training_device
 from project.ensemble import scores as ensemble_scores
 from project.predictor import Ensemble, Predictor, Predicts
 from project.tasks import Task, TrainConfig
+from project.utils.devices import training_device
 
 REPORTED = {"acc": "accuracy"}  # the name a metric is reported under, where it is not its own
 

@@ -11,9 +11,9 @@ import numpy as np
 import pandas as pd
 from torch import Tensor
 
-from project import files
 from project.data import TARGET_TRANSFORMS
 from project.tasks import Task
+from project.utils import files
 
 
 class SubmissionError(ValueError):

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from project import devices
+from project.utils import devices
 
 
 def test_workers_are_two_per_gpu_each_pinned_round_robin_and_one_per_core_without_gpus():

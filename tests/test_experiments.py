@@ -15,10 +15,10 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from project.devices import describe, training_device
 from project.submission import SubmissionFormat, check_submission
 from project.tuning.study import Objective, SweepSettings
 from project.tuning.tracking import Tracker
+from project.utils.devices import describe, training_device
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))

@@ -20,9 +20,9 @@ import sqlalchemy
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from project import files
 from project.ensemble import Predictions, blend
 from project.predictor import ModelUnreadable, load_predictor
+from project.utils import files
 from tests.test_reliability import REPO, SWEEP, sweep_args, trials
 
 EXPORT = [sys.executable, str(REPO / "experiments" / "export_submission.py")]

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 from project.data.sources import DATASETS, DataError, fetch_dataset
-from project.paths import REPO_ROOT
+from project.utils.paths import REPO_ROOT
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from project.seeds import derive_seed
+from project.utils.seeds import derive_seed
 
 DENSE_LIMIT_BYTES = 2 * 1024**3
 # rows at most this dense also travel as their nonzero entries (see MemberFeatures.nonzero)

@@ -19,8 +19,8 @@ import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from project import files
-from project.paths import REPO_ROOT
+from project.utils import files
+from project.utils.paths import REPO_ROOT
 
 MANIFEST = REPO_ROOT / "data" / "checksums.json"
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from project.devices import training_device
+from project.utils.devices import training_device
 
 
 def accumulator_dtype() -> torch.dtype:

@@ -12,8 +12,6 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from project import files
-from project.devices import training_device
 from project.ensemble import Predictions, blend, cv_score, held_out_score, scores, select
 from project.estimators import EstimatorFailed, FittedEstimator, cross_fit
 from project.predictor import Ensemble, EstimatorPredictor
@@ -26,6 +24,8 @@ from project.tuning.recovery import RUN_ID_ATTR
 from project.tuning.space import config_from_params
 from project.tuning.study import SweepSettings
 from project.tuning.tracking import Tracker, dataset_inputs, source_tags
+from project.utils import files
+from project.utils.devices import training_device
 
 # greedy: selected from the trials and the preset's estimators; trials: from the trials alone;
 # none: the best trial alone

@@ -4,7 +4,7 @@ A completed trial keeps its out-of-fold (and test) predictions, from which the s
 selected (``project/ensemble.py``), and, where the submission is made of fold models (a task that
 does not refit), its fold models: the stacked weights of its K members, their head, and its
 curves. Both go to the output folder (``predictions/trial-<n>.npz``, ``models/trial-<n>.pt``),
-written whole or not at all (``project/files.py``), and to the trial's MLflow run as artifacts;
+written whole or not at all (``project/utils/files.py``), and to the trial's MLflow run as artifacts;
 the trial records each file's path and SHA-256.
 
 The export reads them back through ``KeptTrials``: a file that is missing, truncated, of the
@@ -25,7 +25,6 @@ from typing import TypeVar
 import numpy as np
 import optuna
 
-from project import files
 from project.cv import CVResult, TrainingDiverged, cross_validate
 from project.data import FoldDataModule
 from project.ensemble import Predictions, out_of_fold
@@ -34,6 +33,7 @@ from project.predictor import Predictor, fits_state
 from project.tasks import Task, TrainConfig
 from project.tuning.recovery import RUN_ID_ATTR
 from project.tuning.tracking import Tracker
+from project.utils import files
 
 T = TypeVar("T")
 

@@ -29,7 +29,7 @@ from typing import IO
 import requests
 from mlflow.exceptions import MlflowException, RestException
 
-from project import files
+from project.utils import files
 
 PENDING_PREFIX = "pending-"
 PROBE_EVERY = 20.0  # seconds between attempts to reach a server that was unreachable

@@ -12,8 +12,8 @@ import matplotlib.pyplot as plt
 import optuna
 from optuna.visualization import matplotlib as optuna_plots
 
-from project import files
 from project.cv import CVResult
+from project.utils import files
 
 
 def _save(axes, path: Path) -> Path:

@@ -21,20 +21,21 @@ import sqlalchemy
 import torch
 from optuna.storages import RDBStorage
 
-from project import presets, stopping
+from project import presets
 from project.cv import TrainingDiverged, cross_validate
-from project.devices import describe, pin_to, training_device, visible_gpus, worker_gpus
-from project.files import WriteFailed
-from project.output import quiet_libraries
-from project.seeds import derive_seed
-from project.stopping import Interrupted
 from project.tasks import Task
 from project.tuning.kept import keep_trial
-from project.tuning.locks import sqlite_creation_lock
 from project.tuning.pruning import FoldPruningCallback, make_pruner
 from project.tuning.recovery import RUN_ID_ATTR, claim, fail_trials_of, recover_stale_trials
 from project.tuning.space import suggest_config
 from project.tuning.tracking import Tracker, dataset_inputs, source_tags
+from project.utils import stopping
+from project.utils.devices import describe, pin_to, training_device, visible_gpus, worker_gpus
+from project.utils.files import WriteFailed
+from project.utils.locks import sqlite_creation_lock
+from project.utils.output import quiet_libraries
+from project.utils.seeds import derive_seed
+from project.utils.stopping import Interrupted
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
 # settings a resumed study must share with the one that created it: its trials would not compare
@@ -69,7 +70,7 @@ class SweepSettings:
     output_dir: str | None = None
     command: str = ""  # this command's id: its processes say an outage once between them
     ensemble: str = "greedy"  # what export makes of the study: see export.py
-    verbose: bool = False  # the libraries' INFO lines too (project/output.py)
+    verbose: bool = False  # the libraries' INFO lines too (project/utils/output.py)
 
     @classmethod
     def of_study(cls, study: optuna.Study, storage: str, data_dir: str, output_dir: str, **kwargs) -> SweepSettings:

@@ -34,11 +34,11 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.service_pb2 import DatasetInput as ProtoDatasetInput
 from mlflow.tracking import MlflowClient
 
-from project import files
 from project.cv import CVResult
-from project.paths import REPO_ROOT
-from project.tuning.locks import sqlite_creation_lock
 from project.tuning.pending import PENDING_PREFIX, PROBE_EVERY, Journal, Unresolved, is_unreachable, why_unreachable
+from project.utils import files
+from project.utils.locks import sqlite_creation_lock
+from project.utils.paths import REPO_ROOT
 
 PARENT_TAG = "mlflow.parentRunId"
 PACKAGES = ("torch", "lightning", "torchmetrics", "optuna", "mlflow", "pandas", "scikit-learn", "numpy")
