@@ -23,9 +23,9 @@ from torch import nn
 
 from project.data import FoldDataModule
 from project.data.base import Members
-from project.engine import FirstLayer, Layout, build_stack, choose_first_layer, choose_layout, chunked
+from project.engine import FirstLayer, FoldModule, Layout, build_stack, choose_first_layer, choose_layout, chunked
 from project.engine.stacked_mlp import stack_tricks
-from project.models import FoldModule, create_model
+from project.models import create_model
 from project.tasks import Task, TrainConfig
 from project.utils.devices import deterministic_algorithms, training_device
 from project.utils.progress import EpochProgress

@@ -21,8 +21,8 @@ from project.data import (
     TabularSpec,
 )
 from project.data.tabular import check_frame
+from project.engine import ClassificationHead, RegressionHead
 from project.engine.optim import OPTIMIZERS, SCHEDULERS
-from project.models import ClassificationHead, RegressionHead
 from project.models.registry import check_model_kwargs, model_class
 from project.presets import Preset
 

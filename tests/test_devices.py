@@ -52,7 +52,7 @@ def test_the_training_device_follows_the_accelerator(monkeypatch):
 
 def test_on_apples_mps_the_scores_accumulate_in_float32(monkeypatch):
     """MPS has no float64: where the fit trains there, the metrics' states and sums are float32."""
-    from project.models.metrics import StackedAccuracy, StackedRMSE
+    from project.engine.metrics import StackedAccuracy, StackedRMSE
 
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     assert StackedRMSE(2).total.dtype == torch.float64

@@ -12,11 +12,11 @@ from torch import nn
 from project.cv import build_module, cross_validate, fit, make_trainer
 from project.data import batches
 from project.data.batches import MemberFeatures, SparseRows
-from project.engine import MemberStack, StackingError, build_stack, choose_layout, layout
+from project.engine import FoldModule, MemberStack, RegressionHead, StackingError, build_stack, choose_layout, layout
 from project.engine.optim import FusedAdamW
 from project.engine.stacked_mlp import StackedLinear, StackedMLP, row_offsets
 from project.engine.stacking import clip_member_grad_norm_
-from project.models import MLP, FoldModule, RegressionHead, register_model
+from project.models import MLP, register_model
 from project.tasks import TrainConfig, get_task
 from tests.conftest import house_task_dm, write_idx_set
 

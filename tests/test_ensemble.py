@@ -270,7 +270,7 @@ def _distributions(task, params: dict) -> dict:
 def test_out_of_fold_predictions_run_on_the_device_each_fit_trained_on(house_dir, monkeypatch):
     """Lightning hands a module back on the CPU after fit; the out-of-fold and test predictions move
     it, and cut their batches, to the device the fit recorded (here the CPU, on a GPU its cuda:0)."""
-    from project.models import FoldModule
+    from project.engine import FoldModule
     from project.utils.devices import training_device
 
     task, dm = house_task_dm(house_dir)

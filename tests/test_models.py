@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from project.cv import cross_validate
+from project.engine import ClassificationHead, RegressionHead
+from project.engine.metrics import StackedAccuracy
 from project.model_io import load_model
-from project.models import CNN, MLP, ClassificationHead, RegressionHead, create_model
-from project.models.metrics import StackedAccuracy
+from project.models import CNN, MLP, create_model
 from project.models.registry import MODELS, register_model
 from project.predictor import Predictor
 from project.tasks import TrainConfig, get_task

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from project.models.metrics import StackedAccuracy, StackedAUROC, StackedLogLoss, StackedMAE, StackedRMSE
+from project.engine.metrics import StackedAccuracy, StackedAUROC, StackedLogLoss, StackedMAE, StackedRMSE
 
 
 def member_mean(per_row: Tensor, weight: Tensor, rows: Tensor) -> Tensor:

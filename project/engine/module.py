@@ -18,9 +18,9 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from project.engine.metrics import MemberMean
 from project.engine.optim import create_optimizer, create_scheduler
 from project.engine.stacking import clip_member_grad_norm_
-from project.models.metrics import MemberMean
 
 
 class FoldModule(L.LightningModule):
