@@ -24,10 +24,11 @@ import torch
 from torch import nn
 
 from project.cli import positive_int
+from project.config import TrainConfig
 from project.cv import cross_validate
 from project.data import DataError
 from project.models import create_model
-from project.tasks import TrainConfig, get_task
+from project.tasks import get_task
 from project.utils import files
 from project.utils.paths import REPO_ROOT
 

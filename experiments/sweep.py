@@ -19,7 +19,6 @@ import uuid
 from optuna.trial import TrialState
 from tqdm import tqdm
 
-from project import presets
 from project.cli import (
     add_common_arguments,
     fixed_params,
@@ -29,6 +28,7 @@ from project.cli import (
     positive_int,
     run_name,
 )
+from project.config import to_yaml
 from project.data import DataError
 from project.tuning.export import ENSEMBLES, export_best, study_summary
 from project.tuning.pending import PENDING_PREFIX
@@ -150,7 +150,7 @@ def parent_run(study, tracker: Tracker, settings: SweepSettings, datamodule) -> 
         f"study-{settings.study_name}", tags={**environment_tags(settings.entry_point), "kind": "study"}
     )
     tracker.log_inputs(run_id, dataset_inputs(datamodule))
-    tracker.log_text(run_id, presets.to_yaml(settings.preset), "preset.yaml")
+    tracker.log_text(run_id, to_yaml(settings.preset), "preset.yaml")
     tracker.log_params(
         run_id,
         {

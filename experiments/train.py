@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from project import presets
 from project.cli import add_common_arguments, config_overrides, load_task, output_dir, run_name
+from project.config import to_yaml
 from project.cv import TrainingDiverged, cross_validate, init_model
 from project.data import DataError
 from project.predictor import Predictor
@@ -66,7 +66,7 @@ def train(argv: list[str] | None) -> int:
     status = "FAILED"
     try:
         tracker.log_params(run_id, {**config.flat(), "task": task.name, "folds": task.folds, "seed": args.seed})
-        tracker.log_text(run_id, presets.to_yaml(task.preset.resolved()), "preset.yaml")
+        tracker.log_text(run_id, to_yaml(task.preset.resolved()), "preset.yaml")
         tracker.log_inputs(run_id, dataset_inputs(datamodule))
         stacking = "sequential" if args.sequential_folds else "auto"
         result = cross_validate(task, config, seed=args.seed, stacking=stacking, datamodule=datamodule)

@@ -7,12 +7,12 @@ import math
 import tempfile
 from pathlib import Path
 
-from project import presets
+from project.config import PresetError, available, preset_path
 from project.models import MODELS
 from project.models.registry import model_arguments
-from project.presets import PresetError
 from project.tasks import Task
 from project.utils.paths import REPO_ROOT
+from project.validate import check_data, load_preset
 
 
 def _number(kind: type, check, expected: str):
@@ -53,7 +53,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--task",
         default="house-prices",
-        help=f"a preset in experiments/configs/ ({', '.join(presets.available())}; default: %(default)s)",
+        help=f"a preset in experiments/configs/ ({', '.join(available())}; default: %(default)s)",
     )
     parser.add_argument("--config", type=Path, default=None, help="a preset file of your own (instead of --task)")
     parser.add_argument(
@@ -138,12 +138,12 @@ def load_task(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tupl
     """The task of ``--task`` or ``--config`` with ``--set`` and ``--folds`` applied, and the model
     of ``--model``; a bad preset, or one whose data files or columns are not there, exits 2."""
     try:
-        path = args.config or presets.preset_path(args.task)
+        path = args.config or preset_path(args.task)
         values = {"folds": args.folds} if args.folds is not None else {}
         if args.deterministic is not None:
             values["deterministic"] = {"true": True, "false": False}.get(args.deterministic, args.deterministic)
-        task = Task(presets.load(path, args.overrides, values))
-        presets.check_data(task.preset, args.data_dir)
+        task = Task(load_preset(path, args.overrides, values))
+        check_data(task.preset, args.data_dir)
     except PresetError as err:
         parser.error(f"argument {'--config' if args.config else '--task'}: {err}")
     model = args.model or task.default_model

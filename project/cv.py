@@ -21,12 +21,13 @@ import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 
+from project.config import TrainConfig
 from project.data import FoldDataModule
 from project.data.base import Members
 from project.engine import FirstLayer, FoldModule, Layout, build_stack, choose_first_layer, choose_layout, chunked
 from project.engine.stacked_mlp import stack_tricks
 from project.models import create_model
-from project.tasks import Task, TrainConfig
+from project.tasks import Task
 from project.utils.devices import deterministic_algorithms, training_device
 from project.utils.progress import EpochProgress
 from project.utils.seeds import derive_seed

@@ -26,9 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from project.config import TrainConfig
 from project.cv import CVResult, predict_members
 from project.data import FoldDataModule
-from project.tasks import Task, TrainConfig
+from project.tasks import Task
 from project.utils import files
 
 ROUNDS = 50  # auto-sklearn's ensemble_size

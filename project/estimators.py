@@ -19,19 +19,14 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 
+from project.config import instantiate
 from project.data import FoldDataModule
 from project.ensemble import Predictions, cv_score
-from project.presets import imported
 from project.tasks import Task
 
 
 class EstimatorFailed(RuntimeError):
     """An estimator the preset lists could not be fitted; the message names its key."""
-
-
-def build_estimator(reference: str, args: dict):
-    """A fresh, unfitted estimator: the class ``reference`` (``module:Class``) names, called with ``args``."""
-    return imported(reference)(**args)
 
 
 @dataclass
@@ -70,7 +65,7 @@ def cross_fit(task: Task, name: str, datamodule: FoldDataModule) -> FittedEstima
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)  # a Lasso's last digits, not its use
-                model = build_estimator(spec.estimator, spec.args).fit(x[train.numpy()], y[train.numpy()])
+                model = instantiate(spec.estimator, spec.args).fit(x[train.numpy()], y[train.numpy()])
         except (TypeError, ValueError) as err:  # scikit-learn checks its arguments' values when it fits
             raise EstimatorFailed(
                 f"{task.preset.source or task.name}: key 'sweep.estimators.{name}': "

@@ -12,9 +12,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from project.config import TrainConfig
 from project.models import create_model
-from project.tasks import TrainConfig
 from project.utils import files
+from project.validate import check_config
 
 
 def model_record(
@@ -63,7 +64,7 @@ def read_record(data: bytes | Path) -> dict:
 
 def members_of(saved: dict) -> tuple[list[nn.Module], TrainConfig]:
     """The record's members as plain modules (in eval mode), and their configuration."""
-    config = TrainConfig(**saved["config"])
+    config = check_config(TrainConfig(**saved["config"]))
     members = []
     for m in range(len(saved["folds"])):
         net = create_model(config.model, tuple(saved["sample_shape"]), saved["out_features"], **config.model_kwargs)

@@ -27,7 +27,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
-from project import presets
+from project.config import TrainConfig, from_resolved, to_yaml
 from project.cv import Fit
 from project.data import FoldDataModule
 from project.data.base import Members
@@ -36,7 +36,7 @@ from project.data.tabular import FoldPreprocessor, stack_members
 from project.engine import build_stack
 from project.model_io import load_model, save_model
 from project.submission import SubmissionFormat, prediction_frame, write_submission
-from project.tasks import Task, TrainConfig
+from project.tasks import Task
 from project.utils import files
 
 # what a saved member's preprocessing may be made of (anything else is refused when it is loaded)
@@ -348,14 +348,14 @@ def class_labels(datamodule: FoldDataModule) -> list | None:
 
 def save_task(folder: Path, task: Task, inputs: dict) -> None:
     """What every saved predictor holds: the resolved preset and what its inputs look like."""
-    (folder / "task.yaml").write_text(presets.to_yaml(task.preset.resolved()))
+    (folder / "task.yaml").write_text(to_yaml(task.preset.resolved()))
     (folder / "inputs.json").write_text(json.dumps(inputs, indent=2))
 
 
 def load_task(folder: Path) -> tuple[Task, dict]:
     """The task and inputs ``save_task`` wrote."""
     with reading(folder / "task.yaml"):
-        task = Task(presets.from_resolved(OmegaConf.to_container(OmegaConf.load(folder / "task.yaml"))))
+        task = Task(from_resolved(OmegaConf.to_container(OmegaConf.load(folder / "task.yaml"))))
     with reading(folder / "inputs.json"):
         return task, json.loads((folder / "inputs.json").read_text())
 

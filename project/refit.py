@@ -9,10 +9,11 @@ from pathlib import Path
 
 import torch
 
+from project.config import TrainConfig
 from project.cv import Fit, fit, fold_layout, make_trainer
 from project.ensemble import scores as ensemble_scores
 from project.predictor import Ensemble, Predictor, Predicts
-from project.tasks import Task, TrainConfig
+from project.tasks import Task
 from project.utils.devices import training_device
 
 REPORTED = {"acc": "accuracy"}  # the name a metric is reported under, where it is not its own

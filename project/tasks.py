@@ -1,17 +1,16 @@
-"""A task is a preset made usable (its DataModule, the head of its kind, a training configuration
-per model), and one training configuration."""
+"""A task is a preset made usable: its DataModule, the head of its kind, a training configuration
+per model."""
 
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from project import presets
+from project.config import Preset, TrainConfig, derive_function, preset_path
 from project.data import (
     TARGET_TRANSFORMS,
     FoldDataModule,
@@ -22,61 +21,7 @@ from project.data import (
 )
 from project.data.tabular import check_frame
 from project.engine import ClassificationHead, RegressionHead
-from project.engine.optim import OPTIMIZERS, SCHEDULERS
-from project.models.registry import check_model_kwargs, model_class
-from project.presets import Preset
-
-PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
-
-
-@dataclass
-class TrainConfig:
-    """One point of the search space: the model and everything that defines its fit, the data split
-    excepted. ``model_kwargs`` are the registered model's own arguments (``project.models``)."""
-
-    model: str = "mlp"
-    model_kwargs: dict = field(default_factory=dict)
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    optimizer: str = "adamw"
-    momentum: float = 0.9  # SGD only
-    scheduler: str = "none"
-    batch_size: int = 64
-    max_epochs: int = 100
-    loss: str = "mse"  # regression only: "mse" or "huber"
-    label_smoothing: float = 0.0  # classification only
-    translate: int = 0  # images only: random shift of each training image by up to this many pixels
-    gradient_clip_val: float | None = None  # each fold's gradient norm is clipped to this
-    precision: str = "32-true"
-
-    def __post_init__(self) -> None:
-        self.model_kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in self.model_kwargs.items()}
-        checks = [
-            (self.lr > 0, "lr", "a positive number"),
-            (self.weight_decay >= 0, "weight_decay", "a non-negative number"),
-            (self.optimizer in OPTIMIZERS, "optimizer", f"one of {', '.join(OPTIMIZERS)}"),
-            (self.scheduler in SCHEDULERS, "scheduler", f"one of {', '.join(SCHEDULERS)}"),
-            (self.batch_size >= 1, "batch_size", "at least 1"),
-            (self.max_epochs >= 1, "max_epochs", "at least 1"),
-            (0 <= self.label_smoothing < 1, "label_smoothing", "a value in [0, 1)"),
-            (0 <= self.translate <= 8, "translate", "0 to 8 pixels"),
-            (self.gradient_clip_val is None or self.gradient_clip_val > 0, "gradient_clip_val", "a positive number"),
-            (self.precision in PRECISIONS, "precision", f"one of {', '.join(PRECISIONS)}"),
-        ]
-        for ok, name, expected in checks:
-            if not ok:
-                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: expected {expected}")
-        model_class(self.model)
-        check_model_kwargs(self.model, self.model_kwargs)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def flat(self) -> dict:
-        """One level of keys (``model_kwargs`` as ``model.<name>``), as MLflow parameters."""
-        values = self.to_dict()
-        kwargs = values.pop("model_kwargs")
-        return {**values, **{f"model.{k}": v for k, v in kwargs.items()}}
+from project.validate import check_config, load_preset
 
 
 class Task:
@@ -128,7 +73,7 @@ class Task:
         model = model or self.default_model
         settings = self.preset.model_preset(model)
         kwargs = {**settings.args, **overrides.pop("model_kwargs", {})}
-        return TrainConfig(**{**settings.train, **overrides, "model": model, "model_kwargs": kwargs})
+        return check_config(TrainConfig(**{**settings.train, **overrides, "model": model, "model_kwargs": kwargs}))
 
     def datamodule(
         self,
@@ -176,7 +121,7 @@ class Task:
             numeric=None if data.numeric is None else tuple(data.numeric),
             categorical=tuple(data.categorical),
             ordinal=dict(data.ordinal),
-            derive=presets.derive_function(data.derive, self.preset.source),
+            derive=derive_function(data.derive, self.preset.source),
         )
 
     def prepare_rows(self, frame: pd.DataFrame) -> pd.DataFrame:
@@ -199,4 +144,4 @@ class Task:
 @functools.cache
 def get_task(name: str) -> Task:
     """The task of ``experiments/configs/<name>.yaml``."""
-    return Task(presets.load(presets.preset_path(name)))
+    return Task(load_preset(preset_path(name)))

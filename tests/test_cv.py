@@ -7,14 +7,15 @@ import pytest
 import torch
 from torch import nn
 
-from project import presets
+from project.config import PresetError, TrainConfig, preset_path
 from project.cv import TrainingDiverged, build_module, cross_validate
 from project.data import IdxDataModule
 from project.data.base import EVAL_ELEMENTS
 from project.models import register_model
 from project.predictor import Ensemble, Predictor, load_predictor
 from project.refit import Refit, refit_and_test, refit_metrics
-from project.tasks import Task, TrainConfig, get_task
+from project.tasks import Task, get_task
+from project.validate import load_preset
 from tests.conftest import house_task_dm, write_idx_set
 
 SMALL_MLP = {"hidden_sizes": (8,)}
@@ -94,7 +95,7 @@ def test_refit_ensemble_scores_averaged_probabilities(tmp_path):
     """The final refit trains the task's ensemble of seeds and scores their average once."""
     assert get_task("fashion-mnist").ensemble == 3
     write_idx_set(tmp_path / "tiny-images")
-    task = Task(presets.load(presets.preset_path("fashion-mnist"), ["data.dataset=tiny-images"]))  # no pinned checksums
+    task = Task(load_preset(preset_path("fashion-mnist"), ["data.dataset=tiny-images"]))  # no pinned checksums
     config = TrainConfig(model_kwargs={"hidden_sizes": (16,)}, max_epochs=2, batch_size=32)
     predictor, scores = refit_and_test(
         task, [Refit(config, seeds=3)], tmp_path, seed=0, predictions_path=tmp_path / "p.csv"
@@ -172,7 +173,7 @@ def test_a_refit_of_several_configurations_scores_their_weighted_average(tmp_pat
     """The study's ensemble on a task that refits: each selected configuration refitted once, the test
     split scored with their weighted probabilities."""
     write_idx_set(tmp_path / "tiny-images")
-    task = Task(presets.load(presets.preset_path("fashion-mnist"), ["data.dataset=tiny-images"]))
+    task = Task(load_preset(preset_path("fashion-mnist"), ["data.dataset=tiny-images"]))
     narrow = TrainConfig(model_kwargs={"hidden_sizes": (16,)}, max_epochs=2, batch_size=32)
     wide = TrainConfig(model_kwargs={"hidden_sizes": (32, 32)}, max_epochs=3, batch_size=64, lr=3e-3)
     refits = [Refit(narrow, weight=0.6, trial=4), Refit(wide, weight=0.2, trial=1)]
@@ -247,5 +248,5 @@ def test_the_deterministic_setting_reaches_the_trainer_from_the_flag_or_the_pres
 
 
 def test_a_deterministic_setting_that_is_not_one_is_refused_naming_the_key(tmp_path):
-    with pytest.raises(presets.PresetError, match=r"key 'deterministic': 'sometimes', expected true, warn or false"):
-        presets.load(presets.preset_path("house-prices"), ["deterministic=sometimes"])
+    with pytest.raises(PresetError, match=r"key 'deterministic': 'sometimes', expected true, warn or false"):
+        load_preset(preset_path("house-prices"), ["deterministic=sometimes"])

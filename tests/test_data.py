@@ -11,12 +11,13 @@ import pandas as pd
 import pytest
 import torch
 
-from project import presets
+from project.config import PresetError, preset_path
 from project.data import DataError, PreprocessOptions, TableDataModule, sources
 from project.data.batches import MemberFeatures, StackedBatches, random_translate
 from project.data.idx import mnist_pickle_to_idx, read_idx
 from project.data.tabular import FoldPreprocessor, QuantileClipper
 from project.tasks import get_task
+from project.validate import load_preset
 
 from .conftest import make_house_frames
 
@@ -440,16 +441,17 @@ def test_quantile_scaling_maps_training_rows_to_a_normal_and_held_out_extremes_t
     extreme = train.iloc[val].copy()
     extreme["GrLivArea"] = 1e7
     assert np.allclose(quantile.transform(extreme)[:, area], column.max())  # the edge its training rows reach
-    with pytest.raises(presets.PresetError, match=r"key 'data.preprocess.scaler': 'minmax'"):
-        presets.load(presets.preset_path("house-prices"), ["data.preprocess.scaler=minmax"])
+    with pytest.raises(PresetError, match=r"key 'data.preprocess.scaler': 'minmax'"):
+        load_preset(preset_path("house-prices"), ["data.preprocess.scaler=minmax"])
 
 
 def test_a_quantile_scaled_model_saves_and_reloads(house_dir, tmp_path):
+    from project.config import TrainConfig
     from project.cv import cross_validate
     from project.predictor import Predictor, load_predictor
-    from project.tasks import Task, TrainConfig
+    from project.tasks import Task
 
-    task = Task(presets.load(presets.preset_path("house-prices"), ["data.preprocess.scaler=quantile"]))
+    task = Task(load_preset(preset_path("house-prices"), ["data.preprocess.scaler=quantile"]))
     dm = task.datamodule(data_dir=house_dir, n_folds=3, fold=[0, 1, 2])
     dm.setup()
     config = TrainConfig(model_kwargs={"hidden_sizes": (8,)}, max_epochs=2)

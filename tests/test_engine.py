@@ -9,6 +9,7 @@ import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch import nn
 
+from project.config import TrainConfig
 from project.cv import build_module, cross_validate, fit, make_trainer
 from project.data import batches
 from project.data.batches import MemberFeatures, SparseRows
@@ -17,7 +18,7 @@ from project.engine.optim import FusedAdamW
 from project.engine.stacked_mlp import StackedLinear, StackedMLP, row_offsets
 from project.engine.stacking import clip_member_grad_norm_
 from project.models import MLP, register_model
-from project.tasks import TrainConfig, get_task
+from project.tasks import get_task
 from tests.conftest import house_task_dm, write_idx_set
 
 NO_DROPOUT_MLP = {"hidden_sizes": (16,), "dropout": 0.0, "linear_skip": True}

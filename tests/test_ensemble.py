@@ -15,14 +15,15 @@ import pandas as pd
 import pytest
 import torch
 
-from project import presets
+from project.config import TrainConfig, preset_path
 from project.cv import cross_validate
 from project.ensemble import Predictions, blend, cv_score, held_out_score, out_of_fold, scores, select
 from project.estimators import cross_fit, predict
 from project.predictor import Ensemble, EstimatorPredictor, Predictor, load_predictor
-from project.tasks import Task, TrainConfig, get_task
+from project.tasks import Task, get_task
 from project.tuning.export import fit_estimators, selected_refits
 from project.tuning.space import suggest_config
+from project.validate import load_preset
 from tests.conftest import house_task_dm
 from tests.test_reliability import REPO, SWEEP, sweep_args, trials
 
@@ -112,7 +113,7 @@ def test_an_estimators_kept_predictions_are_its_fold_models_on_raw_rows(house_di
 
 def test_an_estimator_that_does_not_fit_is_named_and_left_out(house_dir):
     task, dm = house_task_dm(house_dir)
-    task = Task(presets.load(presets.preset_path("house-prices"), ["sweep.estimators.lasso.args.alpha=-1.0"]))
+    task = Task(load_preset(preset_path("house-prices"), ["sweep.estimators.lasso.args.alpha=-1.0"]))
     fitted, failed = fit_estimators(
         optuna.create_study(), SimpleNamespace(task=task), dm, None, house_dir, parent_run_id=None
     )

@@ -33,9 +33,10 @@ KAGGLE = SubmissionFormat("Id", ("SalePrice",), np.arange(1461, 2920), (1461, 29
 
 
 def two_fold_preset() -> dict:
-    from project import presets
+    from project.config import preset_path
+    from project.validate import load_preset
 
-    return presets.load(presets.preset_path("house-prices"), ["folds=2"]).resolved()
+    return load_preset(preset_path("house-prices"), ["folds=2"]).resolved()
 
 
 def common(tmp_path: Path) -> list[str]:

@@ -17,12 +17,13 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from project import presets
+from project.config import TrainConfig, preset_path
 from project.cv import cross_validate
 from project.predictor import load_predictor
 from project.refit import Refit, refit_and_test
-from project.tasks import Task, TrainConfig
+from project.tasks import Task
 from project.tuning.recovery import WORKER_ATTR
+from project.validate import load_preset
 from tests.conftest import house_task_dm, write_idx_set
 from tests.test_reliability import REPO, SWEEP, sweep_args, trials
 
@@ -62,7 +63,7 @@ def test_mixed_precision_trains_on_the_gpu(real_data, precision):
 def test_the_cnn_measures_its_layout_on_the_gpu_and_refits_and_reloads(tmp_path):
     write_idx_set(tmp_path / "tiny-images", n_train=600, n_test=100)
     # adaptive pooling's CUDA backward has no deterministic kernel: warn, not fail
-    task = Task(presets.load(presets.preset_path("fashion-mnist"), ["data.dataset=tiny-images", "deterministic=warn"]))
+    task = Task(load_preset(preset_path("fashion-mnist"), ["data.dataset=tiny-images", "deterministic=warn"]))
     dm = task.datamodule(data_dir=tmp_path, n_folds=3, fold=[0, 1, 2])
     dm.setup()
     config = task.config("cnn", max_epochs=1)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from project.config import TrainConfig
 from project.cv import cross_validate
 from project.engine import ClassificationHead, RegressionHead
 from project.engine.metrics import StackedAccuracy
@@ -15,7 +16,8 @@ from project.model_io import load_model
 from project.models import CNN, MLP, create_model
 from project.models.registry import MODELS, register_model
 from project.predictor import Predictor
-from project.tasks import TrainConfig, get_task
+from project.tasks import get_task
+from project.validate import check_config
 from tests.conftest import house_task_dm
 
 
@@ -63,7 +65,7 @@ def test_registry_creates_by_name_and_names_bad_arguments():
     with pytest.raises(ValueError, match=r"model 'nope' is unknown: expected one of .*cnn.*mlp"):
         create_model("nope", (4,), 1)
     with pytest.raises(ValueError, match=r"model 'mlp' takes no argument 'channels': expected some of hidden_sizes"):
-        TrainConfig(model="mlp", model_kwargs={"channels": (8,)})
+        check_config(TrainConfig(model="mlp", model_kwargs={"channels": (8,)}))
     with pytest.raises(ValueError, match="registered already"):
         register_model("mlp")(CNN)
 

@@ -13,8 +13,9 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from project import presets
+from project.config import PresetError, from_resolved, preset_path
 from project.tasks import Task
+from project.validate import load_preset
 from tests.conftest import write_sklearn_csvs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -267,12 +268,12 @@ def test_duplicate_ids_are_refused_when_the_file_is_read(tmp_path, capsys):
 
 
 def test_shipped_presets_load_and_extend():
-    fashion, digits = (Task(presets.load(presets.preset_path(n))) for n in ("fashion-mnist", "mnist"))
+    fashion, digits = (Task(load_preset(preset_path(n))) for n in ("fashion-mnist", "mnist"))
     assert digits.preset.data.dataset == "mnist" and digits.preset.models == fashion.preset.models
     assert fashion.refits and fashion.ensemble == 3 and fashion.preset.sweep.validation_folds == 1
-    house = Task(presets.load(presets.preset_path("house-prices"), ["folds=3"], {"model": "mlp"}))
+    house = Task(load_preset(preset_path("house-prices"), ["folds=3"], {"model": "mlp"}))
     assert house.folds == 3 and house.preset.submission.id_range == [1461, 2919]
-    assert presets.from_resolved(house.preset.resolved()) == house.preset
+    assert from_resolved(house.preset.resolved()) == house.preset
 
 
 SHAPES = """\
@@ -337,12 +338,12 @@ def test_an_image_folder_task_from_a_preset_alone(tmp_path, labelled_test):
 
 def test_image_folder_reads_colour_and_the_images_own_size(tmp_path):
     write_image_folders(tmp_path / "shapes", size=10)
-    task = Task(presets.load(write_preset(tmp_path, SHAPES)))
+    task = Task(load_preset(write_preset(tmp_path, SHAPES)))
     dm = task.datamodule(tmp_path, fold=[0, 1])
     dm.setup()
     assert dm.sample_shape == (3, 10, 10) and dm.out_features == 3 and dm.classes == ["blue", "green", "red"]
     assert len(dm.members.train_rows[0]) + len(dm.members.val_rows[0]) == 72 and dm.test_size == 18
-    resized = Task(presets.load(write_preset(tmp_path, SHAPES), ["data.image_size=[8, 6]"])).datamodule(tmp_path)
+    resized = Task(load_preset(write_preset(tmp_path, SHAPES), ["data.image_size=[8, 6]"])).datamodule(tmp_path)
     resized.setup()
     assert resized.sample_shape == (3, 8, 6)
 
@@ -350,11 +351,11 @@ def test_image_folder_reads_colour_and_the_images_own_size(tmp_path):
 @pytest.mark.slow
 def test_estimators_are_refused_where_no_fold_models_predict_the_test_rows():
     with pytest.raises(
-        presets.PresetError,
+        PresetError,
         match=r"fashion-mnist\.yaml: key 'sweep.estimators': estimators join the "
         r"ensemble of a CSV task .* \(data.kind 'idx', final.refit True\)",
     ):
-        presets.load(presets.preset_path("fashion-mnist"), ["sweep.estimators.lr.estimator=sklearn.linear_model:Lasso"])
+        load_preset(preset_path("fashion-mnist"), ["sweep.estimators.lr.estimator=sklearn.linear_model:Lasso"])
 
 
 def test_an_estimator_joins_the_sweeps_ensemble_and_its_submission(tmp_path, capsys):
@@ -466,7 +467,7 @@ def test_the_readmes_preset_sweeps_to_its_submission(tmp_path):
     readme = (REPO / "README.md").read_text()
     section = readme[readme.index("## Your own task: one preset file") :]
     example = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
-    preset = presets.load(write_preset(tmp_path, example))
+    preset = load_preset(write_preset(tmp_path, example))
     held_out = write_sklearn_csvs(tmp_path / "data" / preset.data.dataset, "iris")
     summary = run_sweep(tmp_path, write_preset(tmp_path, example), "--n-trials", "2")
     submission = pd.read_csv(summary["submission"])

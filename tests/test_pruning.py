@@ -3,8 +3,8 @@
 import optuna
 import pytest
 
+from project.config import TrainConfig
 from project.cv import cross_validate
-from project.tasks import TrainConfig
 from project.tuning.pruning import GRID, FoldPruningCallback, grid_steps, make_pruner, replay
 from tests.conftest import house_task_dm
 

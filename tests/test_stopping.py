@@ -18,8 +18,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from project.config import TrainConfig
 from project.cv import cross_validate
-from project.tasks import TrainConfig
 from project.utils import stopping
 from tests.conftest import house_task_dm
 from tests.test_reliability import SWEEP, sweep_args, trials, wait_for

@@ -20,6 +20,7 @@ from sklearn.preprocessing import (
     StandardScaler,
 )
 
+from project.config import PreprocessOptions
 from project.data.sources import DataError
 
 MISSING = "__missing__"
@@ -102,17 +103,6 @@ def check_same_columns(train: pd.DataFrame, test: pd.DataFrame, spec: TabularSpe
             f"{test_path}: columns differ from the training file: missing {missing or 'none'}, "
             f"unexpected {extra or 'none'}; expected the training columns without {spec.target!r}"
         )
-
-
-@dataclass
-class PreprocessOptions:
-    """Knobs of the per-fold preprocessing (every statistic is fitted on the training rows)."""
-
-    skew_threshold: float | None = 0.75  # log1p numeric columns whose training skewness exceeds this
-    min_frequency: int = 1  # categories rarer than this in the training rows share one level
-    scaler: str = "standard"  # "robust", or "quantile": each column mapped to a standard normal through its quantiles
-    missing_indicators: bool = True
-    clip_quantile: float | None = None  # clip numeric columns to the training rows' [q, 1 - q] quantiles
 
 
 class SkewedLog1p(TransformerMixin, BaseEstimator):

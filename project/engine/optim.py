@@ -16,6 +16,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from project.config.schema import OPTIMIZERS, SCHEDULERS
+
 # one bucket per (param group, device, dtype): the kernel takes tensors of one device and dtype
 Bucket = tuple[dict, list[Tensor], list[Tensor], list[Tensor], list[Tensor]]
 
@@ -124,15 +126,15 @@ def _adamw(groups: list[dict], lr: float, momentum: float) -> torch.optim.Optimi
 
 
 # fused kernels (CPU and CUDA): on a small model, torch's per-tensor loops cost more than the update
-OPTIMIZERS = {"adamw": _adamw, "sgd": _sgd}
-SCHEDULERS = ("none", "cosine", "onecycle")
+BUILDERS = {"adamw": _adamw, "sgd": _sgd}
+assert set(BUILDERS) == set(OPTIMIZERS), "project.config.schema.OPTIMIZERS names the builders here"
 
 
 def create_optimizer(name: str, groups: list[dict], lr: float, momentum: float = 0.9) -> torch.optim.Optimizer:
     """An optimiser by name over parameter groups that carry their own weight decay."""
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer {name!r} is unknown: expected one of {', '.join(OPTIMIZERS)}")
-    return OPTIMIZERS[name](groups, lr, momentum)
+    return BUILDERS[name](groups, lr, momentum)
 
 
 def create_scheduler(

@@ -25,12 +25,13 @@ from typing import TypeVar
 import numpy as np
 import optuna
 
+from project.config import TrainConfig
 from project.cv import CVResult, TrainingDiverged, cross_validate
 from project.data import FoldDataModule
 from project.ensemble import Predictions, out_of_fold
 from project.model_io import members_of, model_record, read_record
 from project.predictor import Predictor, fits_state
-from project.tasks import Task, TrainConfig
+from project.tasks import Task
 from project.tuning.recovery import RUN_ID_ATTR
 from project.tuning.tracking import Tracker
 from project.utils import files

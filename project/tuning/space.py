@@ -12,8 +12,9 @@ from typing import Any
 
 import optuna
 
-from project.presets import SearchParam, search_names
-from project.tasks import Task, TrainConfig
+from project.config import SearchParam, TrainConfig, search_names
+from project.tasks import Task
+from project.validate import check_config
 
 
 def sample(trial: optuna.Trial, key: str, param: SearchParam) -> Any:
@@ -58,7 +59,7 @@ def suggest_config(trial: optuna.Trial, task: Task, model: str, fixed: dict) -> 
             values["model_kwargs"][key.removeprefix("model.")] = value
         else:
             values[key] = value
-    return TrainConfig(**values)
+    return check_config(TrainConfig(**values))
 
 
 def _current(values: dict, chosen: dict, key: str) -> Any:

@@ -21,7 +21,7 @@ import sqlalchemy
 import torch
 from optuna.storages import RDBStorage
 
-from project import presets
+from project.config import from_resolved
 from project.cv import TrainingDiverged, cross_validate
 from project.tasks import Task
 from project.tuning.kept import keep_trial
@@ -99,7 +99,7 @@ class SweepSettings:
 
     @property
     def task(self) -> Task:
-        return Task(presets.from_resolved(self.preset))
+        return Task(from_resolved(self.preset))
 
     @property
     def folds(self) -> int:

@@ -1,0 +1,163 @@
+"""The one place a configuration is checked against the rest of the project: the models it names
+and their arguments, its search space, its estimators, its data files and columns. A preset that
+fails is refused before any work, naming the file, the key and what was expected."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from project.config import PresetError, TrainConfig, instantiate, read, search_names
+from project.config.imports import derive_function
+from project.config.schema import DATA_KINDS, DETERMINISTIC, KINDS, METRICS, TRANSFORMS, Preset
+from project.data.sources import DATASETS
+from project.data.tabular import SCALERS
+from project.models.registry import check_model_kwargs, model_arguments, model_class
+
+
+def load_preset(path: str | Path, overrides: Sequence[str] = (), values: dict | None = None) -> Preset:
+    """Read, merge and check a preset: ``overrides`` are ``key=value`` strings (``--set``), ``values``
+    a nested dict of settings from flags; both win over the file."""
+    preset = read(path, overrides, values)
+    check(preset, Path(path))
+    return preset
+
+
+def check_config(config: TrainConfig) -> TrainConfig:
+    """The configuration's model is registered and takes its ``model_kwargs`` (ValueError if not)."""
+    model_class(config.model)
+    check_model_kwargs(config.model, config.model_kwargs)
+    return config
+
+
+def _one_of(path: Path, key: str, value: Any, allowed: Sequence) -> None:
+    if value not in allowed:
+        raise PresetError(
+            f"{path}: key {key!r}: {value!r} is not allowed; expected one of {', '.join(map(str, allowed))}"
+        )
+
+
+def check(preset: Preset, path: Path) -> None:
+    """What OmegaConf's types do not say: allowed values, and settings that must name real things."""
+    _one_of(path, "kind", preset.kind, KINDS)
+    _one_of(path, "metric", preset.metric, METRICS[preset.kind])
+    _one_of(path, "metric_scale", preset.metric_scale, ("transformed", "original"))
+    _one_of(path, "data.kind", preset.data.kind, DATA_KINDS)
+    _one_of(path, "data.target_transform", preset.data.target_transform, TRANSFORMS)
+    _one_of(path, "data.preprocess.scaler", preset.data.preprocess.scaler, SCALERS)
+    if preset.kind == "classification" and preset.data.target_transform != "none":
+        raise PresetError(
+            f"{path}: key 'data.target_transform': {preset.data.target_transform!r} is for regression; "
+            "expected 'none' for a classification task"
+        )
+    if preset.deterministic not in DETERMINISTIC:
+        raise PresetError(f"{path}: key 'deterministic': {preset.deterministic!r}, expected true, warn or false")
+    if preset.folds < 2:
+        raise PresetError(f"{path}: key 'folds': {preset.folds}, expected at least 2 (K-fold needs two folds)")
+    if preset.data.kind == "csv":
+        for key in ("id", "target"):
+            if not getattr(preset.data, key):
+                raise PresetError(f"{path}: key 'data.{key}': missing; a CSV task names its {key} column")
+    if preset.data.derive:
+        derive_function(preset.data.derive, path)
+    if preset.model not in preset.models:
+        raise PresetError(
+            f"{path}: key 'model': {preset.model!r} has no entry under 'models'; "
+            f"expected one of {', '.join(preset.models) or '(none)'}"
+        )
+    for name, model in preset.models.items():
+        where = f"models.{name}"
+        try:
+            check_model_kwargs(name, model.args)
+            check_config(TrainConfig(**{**model.train, "model": name, "model_kwargs": model.args}))
+        except (TypeError, ValueError) as err:
+            raise PresetError(f"{path}: key {where!r}: {err}") from None
+        settings = {f.name for f in dataclasses.fields(TrainConfig)} - {"model", "model_kwargs"}
+        arguments = set(model_arguments(name))
+        names = set()
+        for key, param in model.search.items():
+            target, _, argument = key.partition(".")
+            known = argument in arguments if target == "model" else key in settings
+            if not known:
+                raise PresetError(
+                    f"{path}: key '{where}.search.{key}': names no setting; expected a training setting "
+                    f"({', '.join(sorted(settings))}) or model.<argument> ({', '.join(sorted(arguments))})"
+                )
+            if sum(x is not None for x in (param.low, param.choices, param.depth)) != 1:
+                raise PresetError(
+                    f"{path}: key '{where}.search.{key}': expected one of low/high, choices, or depth/width"
+                )
+            if (
+                param.when is not None
+                and param.when not in model.search
+                and param.when not in ("model." + a for a in arguments)
+            ):
+                raise PresetError(f"{path}: key '{where}.search.{key}.when': {param.when!r} is not a searched setting")
+            names.update(search_names(key, param))
+        unknown = sorted(set(model.start) - names)
+        if unknown:
+            raise PresetError(
+                f"{path}: key '{where}.start': {', '.join(unknown)} are not searched; expected some of "
+                f"{', '.join(sorted(names))}"
+            )
+    check_estimators(preset, path)
+
+
+def check_estimators(preset: Preset, path: Path) -> None:
+    """Each of ``sweep.estimators`` names a class that takes its arguments and predicts what the
+    task needs, on a task whose test rows its fold models predict (a refit has no folds to fit on)."""
+    if preset.sweep.estimators and (preset.data.kind != "csv" or preset.final.refit):
+        raise PresetError(
+            f"{path}: key 'sweep.estimators': estimators join the ensemble of a CSV task whose fold "
+            "models predict its test rows; expected none for this task (data.kind "
+            f"{preset.data.kind!r}, final.refit {preset.final.refit})"
+        )
+    method = "predict" if preset.kind == "regression" else "predict_proba"
+    for name, spec in preset.sweep.estimators.items():
+        where = f"sweep.estimators.{name}"
+        try:
+            estimator = instantiate(spec.estimator, spec.args)
+        except ImportError:
+            raise PresetError(
+                f"{path}: key '{where}.estimator': {spec.estimator!r} is not importable; expected "
+                "'module:Class', e.g. 'sklearn.linear_model:Lasso'"
+            ) from None
+        except (TypeError, ValueError) as err:
+            raise PresetError(f"{path}: key '{where}.args': {err}") from None
+        if not (hasattr(estimator, "fit") and hasattr(estimator, method)):
+            raise PresetError(
+                f"{path}: key '{where}.estimator': {spec.estimator!r} has no fit and {method} "
+                f"methods; expected a scikit-learn {preset.kind} estimator"
+            )
+
+
+def check_data(preset: Preset, data_dir: str | Path) -> None:
+    """The data files the preset names are there, with the columns it names (only headers are
+    read). A data set with pinned sources (data/checksums.json) may be missing: it is fetched."""
+    data, source = preset.data, preset.source
+    folder = Path(data_dir) / data.dataset
+    if data.kind != "csv":
+        if data.dataset not in DATASETS and not folder.is_dir():
+            raise PresetError(f"{source}: key 'data.dataset': {folder} is not a folder; expected the data set there")
+        return
+    for key, default in (("train", "train.csv"), ("test", "test.csv")):
+        path = folder / (getattr(data, key) or default)
+        if not path.is_file():
+            if data.dataset in DATASETS:
+                continue  # fetched from its sources before it is read
+            raise PresetError(f"{source}: key 'data.{key}': {path} not found; expected the {key} file there")
+        try:
+            header = list(pd.read_csv(path, nrows=0).columns)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
+            continue  # reading the data itself names what is wrong with the file
+        for name in ("id", "target") if key == "train" else ("id",):
+            column = getattr(data, name)
+            if column not in header:
+                raise PresetError(
+                    f"{source}: key 'data.{name}': {path} has no column {column!r}; "
+                    f"its header has {len(header)} columns"
+                )
