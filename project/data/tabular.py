@@ -21,7 +21,7 @@ from sklearn.preprocessing import (
 )
 
 from project.config import PreprocessOptions
-from project.data.sources import DataError
+from project.data.errors import DataError
 
 MISSING = "__missing__"
 
