@@ -5,7 +5,7 @@
 
 The sweep fits the estimators its preset lists under ``sweep.estimators`` (a Lasso and gradient
 boosting, from scikit-learn) on each fold's training part, with the same per-fold preprocessing
-and outlier handling as its trials, and weighs them in the study's ensemble (``project/estimators.py``).
+and outlier handling as its trials, and weighs them in the study's ensemble (``project/ensemble/estimators.py``).
 This prints what each scores alone: besides the CV mean of fold RMSEs, the pooled RMSE without the
 two partial sales (Id 1299 and 524) and the error on each of them: how much of a score is those two
 rows. Each model is one MLflow run in the experiment ``house-prices-baselines``.
@@ -21,9 +21,9 @@ import numpy as np
 
 from project.cli import folds_int
 from project.data import DataError
-from project.estimators import EstimatorFailed, cross_fit
+from project.ensemble.estimators import EstimatorFailed, cross_fit
 from project.tasks import get_task
-from project.tuning.tracking import Tracker, environment_tags
+from project.tracking.tracker import Tracker, environment_tags
 from project.utils.paths import REPO_ROOT
 
 PARTIAL_SALES = (1299, 524)

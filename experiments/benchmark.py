@@ -130,9 +130,9 @@ def case_sweep(data_dir: Path, n_trials: int) -> dict:
     """Trials per minute: a plain sequential loop over configurations vs the sweep's workers."""
     import optuna
 
-    from project.tuning.space import config_from_params, suggest_config
-    from project.tuning.study import SweepSettings, open_study, run_workers
-    from project.tuning.tracking import Tracker
+    from project.sweep.space import config_from_params, suggest_config
+    from project.sweep.study import SweepSettings, open_study, run_workers
+    from project.tracking.tracker import Tracker
 
     task = get_task("house-prices")
     fixed = {"max_epochs": 60}

@@ -16,9 +16,9 @@ import optuna
 
 from project.cli import output_dir
 from project.data.sources import KAGGLE_COMPETITION, _kaggle_credentials
-from project.tuning.export import ENSEMBLES, export_best
-from project.tuning.study import PRESET_ATTR, SweepSettings, default_storage, make_storage
-from project.tuning.tracking import resolve_tracking_uri
+from project.sweep.export import ENSEMBLES, export_best
+from project.sweep.study import PRESET_ATTR, SweepSettings, default_storage, make_storage
+from project.tracking.tracker import resolve_tracking_uri
 from project.utils.files import WriteFailed
 from project.utils.output import quiet_libraries
 from project.utils.paths import REPO_ROOT

@@ -21,9 +21,9 @@ from optuna.trial import TrialState
 
 from project.cli import output_dir
 from project.cv import TrainingDiverged, cross_validate
-from project.tuning.pruning import StepsFn, make_pruner, replay
-from project.tuning.space import config_from_params
-from project.tuning.study import PRESET_ATTR, SweepSettings, default_storage, make_storage
+from project.sweep.pruning import StepsFn, make_pruner, replay
+from project.sweep.space import config_from_params
+from project.sweep.study import PRESET_ATTR, SweepSettings, default_storage, make_storage
 from project.utils import files
 from project.utils.paths import REPO_ROOT
 

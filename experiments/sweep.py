@@ -30,11 +30,10 @@ from project.cli import (
 )
 from project.config import to_yaml
 from project.data import DataError
-from project.tuning.export import ENSEMBLES, export_best, study_summary
-from project.tuning.pending import PENDING_PREFIX
-from project.tuning.recovery import recover_stale_trials
-from project.tuning.space import start_point
-from project.tuning.study import (
+from project.sweep.export import ENSEMBLES, export_best, study_summary
+from project.sweep.recovery import recover_stale_trials
+from project.sweep.space import start_point
+from project.sweep.study import (
     STORAGE_ERRORS,
     STORAGE_SCHEMES,
     StorageUnreachable,
@@ -45,7 +44,8 @@ from project.tuning.study import (
     open_study,
     run_workers,
 )
-from project.tuning.tracking import Tracker, dataset_inputs, environment_tags, resolve_tracking_uri
+from project.tracking.journal import PENDING_PREFIX
+from project.tracking.tracker import Tracker, dataset_inputs, environment_tags, resolve_tracking_uri
 from project.utils import files, stopping
 from project.utils.devices import default_workers, visible_gpus
 from project.utils.files import WriteFailed

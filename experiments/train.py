@@ -11,14 +11,14 @@ from pathlib import Path
 
 import torch
 
+from project.artifacts.predictor import Predictor
+from project.artifacts.refit import Refit, refit_and_test, refit_metrics
+from project.artifacts.serving import log_predictor
 from project.cli import add_common_arguments, config_overrides, load_task, output_dir, run_name
 from project.config import to_yaml
 from project.cv import TrainingDiverged, cross_validate, init_model
 from project.data import DataError
-from project.predictor import Predictor
-from project.refit import Refit, refit_and_test, refit_metrics
-from project.serving import log_predictor
-from project.tuning.tracking import Tracker, dataset_inputs, environment_tags
+from project.tracking.tracker import Tracker, dataset_inputs, environment_tags
 from project.utils import files
 from project.utils.devices import describe, training_device
 from project.utils.files import WriteFailed

@@ -17,7 +17,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
 
-from project.tuning import pruning, study, tracking  # noqa: E402
+from project.sweep import pruning, study  # noqa: E402
+from project.tracking.tracker import Tracker  # noqa: E402
 
 POINT, FIRST = os.environ.get("FAULT", ""), int(os.environ.get("FAULT_TRIAL", "4"))
 current: list[int] = [-1]  # the trial this process is running
@@ -72,9 +73,9 @@ if POINT == "created":  # the trial exists in the storage, and its worker has no
 elif POINT == "mid-fold":  # some epochs into training the folds
     patch(pruning.FoldPruningCallback, "on_validation_end", after=mid_fold)
 elif POINT == "logging":  # the trial's MLflow run holds some of its metrics
-    patch(tracking.Tracker, "log_cv", before=while_logging)
+    patch(Tracker, "log_cv", before=while_logging)
 elif POINT == "run-ended":  # MLflow says FINISHED; Optuna has not recorded the trial's end
-    patch(tracking.Tracker, "end_run", after=after_run_ended)
+    patch(Tracker, "end_run", after=after_run_ended)
 elif POINT:
     raise SystemExit(f"FAULT={POINT!r}: unknown point")
 

@@ -7,13 +7,13 @@ import pytest
 import torch
 from torch import nn
 
+from project.artifacts.predictor import Ensemble, Predictor, load_predictor
+from project.artifacts.refit import Refit, refit_and_test, refit_metrics
 from project.config import PresetError, TrainConfig, preset_path
 from project.cv import TrainingDiverged, build_module, cross_validate
 from project.data import IdxDataModule
 from project.data.base import EVAL_ELEMENTS
 from project.models import register_model
-from project.predictor import Ensemble, Predictor, load_predictor
-from project.refit import Refit, refit_and_test, refit_metrics
 from project.tasks import Task, get_task
 from project.validate import load_preset
 from tests.conftest import house_task_dm, write_idx_set

@@ -446,9 +446,9 @@ def test_quantile_scaling_maps_training_rows_to_a_normal_and_held_out_extremes_t
 
 
 def test_a_quantile_scaled_model_saves_and_reloads(house_dir, tmp_path):
+    from project.artifacts.predictor import Predictor, load_predictor
     from project.config import TrainConfig
     from project.cv import cross_validate
-    from project.predictor import Predictor, load_predictor
     from project.tasks import Task
 
     task = Task(load_preset(preset_path("house-prices"), ["data.preprocess.scaler=quantile"]))

@@ -15,14 +15,14 @@ import pandas as pd
 import pytest
 import torch
 
+from project.artifacts.predictor import Ensemble, EstimatorPredictor, Predictor, load_predictor
 from project.config import TrainConfig, preset_path
 from project.cv import cross_validate
-from project.ensemble import Predictions, blend, cv_score, held_out_score, out_of_fold, scores, select
-from project.estimators import cross_fit, predict
-from project.predictor import Ensemble, EstimatorPredictor, Predictor, load_predictor
+from project.ensemble.estimators import cross_fit, predict
+from project.ensemble.selection import Predictions, blend, cv_score, held_out_score, out_of_fold, scores, select
+from project.sweep.export import fit_estimators, selected_refits
+from project.sweep.space import suggest_config
 from project.tasks import Task, get_task
-from project.tuning.export import fit_estimators, selected_refits
-from project.tuning.space import suggest_config
 from project.validate import load_preset
 from tests.conftest import house_task_dm
 from tests.test_reliability import REPO, SWEEP, sweep_args, trials

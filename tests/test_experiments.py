@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from project.submission import SubmissionFormat, check_submission
-from project.tuning.study import Objective, SweepSettings
-from project.tuning.tracking import Tracker
+from project.artifacts.submission import SubmissionFormat, check_submission
+from project.sweep.study import Objective, SweepSettings
+from project.tracking.tracker import Tracker
 from project.utils.devices import describe, training_device
 
 REPO = Path(__file__).resolve().parents[1]
@@ -203,7 +203,7 @@ def test_mlflow_server_serves_the_runs(tmp_path):
 @pytest.mark.slow
 def test_diverged_trial_is_failed_with_its_reason_and_the_sweep_goes_on(real_data, tmp_path, monkeypatch):
     from project.cv import TrainingDiverged
-    from project.tuning import study as study_module
+    from project.sweep import study as study_module
 
     real_cv, calls = study_module.cross_validate, []
 
@@ -253,8 +253,8 @@ def test_kaggle_credentials_never_reach_mlflow(real_data, tmp_path, monkeypatch)
 
 
 def test_start_point_drops_what_flags_fix():
+    from project.sweep.space import config_from_params, start_point
     from project.tasks import get_task
-    from project.tuning.space import config_from_params, start_point
 
     task = get_task("fashion-mnist")
     assert start_point(task, "mlp", {}) == task.preset.models["mlp"].start

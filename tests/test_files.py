@@ -20,8 +20,8 @@ import sqlalchemy
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from project.ensemble import Predictions, blend
-from project.predictor import ModelUnreadable, load_predictor
+from project.artifacts.predictor import ModelUnreadable, load_predictor
+from project.ensemble.selection import Predictions, blend
 from project.utils import files
 from tests.test_reliability import REPO, SWEEP, sweep_args, trials
 
@@ -62,7 +62,7 @@ def test_a_full_disk_is_named_with_the_path_and_what_was_written(tmp_path, monke
 SLOW_WRITER = """
 import pathlib, sys, time
 import numpy as np
-from project.ensemble import Predictions
+from project.ensemble.selection import Predictions
 
 def slow(self, data):  # the disk takes its time: half of the file, then a long pause
     with open(self, "wb") as handle:
@@ -107,7 +107,7 @@ def test_a_kill_9_during_a_kept_files_write_leaves_no_file_under_its_name(tmp_pa
 
 
 def test_a_torn_last_line_of_the_mlflow_journal_is_dropped(tmp_path):
-    from project.tuning.pending import _entries
+    from project.tracking.journal import _entries
 
     journal = tmp_path / "1-abc.jsonl"
     journal.write_text('{"op": "update_run", "args": {"run": "r1"}}\n{"op": "set_termi')
@@ -163,7 +163,7 @@ def test_the_export_loads_the_trials_fold_models_and_recovers_damaged_files(real
     sys.path.insert(0, str(REPO / "experiments"))
     import export_submission
 
-    from project.tuning import kept
+    from project.sweep import kept
 
     def no_training(*args, **kwargs):
         raise AssertionError("the export trained a trial again")

@@ -17,12 +17,12 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from project.artifacts.predictor import load_predictor
+from project.artifacts.refit import Refit, refit_and_test
 from project.config import TrainConfig, preset_path
 from project.cv import cross_validate
-from project.predictor import load_predictor
-from project.refit import Refit, refit_and_test
+from project.sweep.recovery import WORKER_ATTR
 from project.tasks import Task
-from project.tuning.recovery import WORKER_ATTR
 from project.validate import load_preset
 from tests.conftest import house_task_dm, write_idx_set
 from tests.test_reliability import REPO, SWEEP, sweep_args, trials

@@ -8,14 +8,14 @@ import pytest
 import torch
 from torch import nn
 
+from project.artifacts.model_io import load_model
+from project.artifacts.predictor import Predictor
 from project.config import TrainConfig
 from project.cv import cross_validate
 from project.engine import ClassificationHead, RegressionHead
 from project.engine.metrics import StackedAccuracy
-from project.model_io import load_model
 from project.models import CNN, MLP, create_model
 from project.models.registry import MODELS, register_model
-from project.predictor import Predictor
 from project.tasks import get_task
 from project.validate import check_config
 from tests.conftest import house_task_dm

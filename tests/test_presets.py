@@ -103,7 +103,7 @@ def test_classification_with_string_labels_from_a_preset_alone(tmp_path):
     assert {"preset.yaml", "submission.csv"} <= artifacts
     import optuna
 
-    from project.tuning.study import make_storage
+    from project.sweep.study import make_storage
 
     study = optuna.load_study(study_name="iris", storage=make_storage(summary["study"]["storage"]))
     assert study.user_attrs["preset"]["data"]["target"] == "species"
@@ -362,8 +362,8 @@ def test_an_estimator_joins_the_sweeps_ensemble_and_its_submission(tmp_path, cap
     """A classifier of scikit-learn's beside the trials: fitted on their folds, weighed by the
     selection, saved in the model that wrote the submission, tracked as a child run of the study's;
     one that cannot fit is named, left out, and the sweep says so in its exit code."""
-    from project.ensemble import Predictions, blend
-    from project.predictor import load_predictor
+    from project.artifacts.predictor import load_predictor
+    from project.ensemble.selection import Predictions, blend
 
     write_sklearn_csvs(tmp_path / "data" / "iris", "iris")
     estimators = (

@@ -5,7 +5,7 @@ import pytest
 
 from project.config import TrainConfig
 from project.cv import cross_validate
-from project.tuning.pruning import GRID, FoldPruningCallback, grid_steps, make_pruner, replay
+from project.sweep.pruning import GRID, FoldPruningCallback, grid_steps, make_pruner, replay
 from tests.conftest import house_task_dm
 
 

@@ -16,9 +16,9 @@ import sqlalchemy
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from project.tuning.recovery import WORKER_ATTR, recover_stale_trials
-from project.tuning.study import make_storage
-from project.tuning.tracking import Tracker
+from project.sweep.recovery import WORKER_ATTR, recover_stale_trials
+from project.sweep.study import make_storage
+from project.tracking.tracker import Tracker
 from tests.servers import PostgresCluster
 
 REPO = Path(__file__).resolve().parents[1]

@@ -23,12 +23,12 @@ from optuna.storages import RDBStorage
 
 from project.config import from_resolved
 from project.cv import TrainingDiverged, cross_validate
+from project.sweep.kept import keep_trial
+from project.sweep.pruning import FoldPruningCallback, make_pruner
+from project.sweep.recovery import RUN_ID_ATTR, claim, fail_trials_of, recover_stale_trials
+from project.sweep.space import suggest_config
 from project.tasks import Task
-from project.tuning.kept import keep_trial
-from project.tuning.pruning import FoldPruningCallback, make_pruner
-from project.tuning.recovery import RUN_ID_ATTR, claim, fail_trials_of, recover_stale_trials
-from project.tuning.space import suggest_config
-from project.tuning.tracking import Tracker, dataset_inputs, source_tags
+from project.tracking.tracker import Tracker, dataset_inputs, source_tags
 from project.utils import stopping
 from project.utils.devices import describe, pin_to, training_device, visible_gpus, worker_gpus
 from project.utils.files import WriteFailed

@@ -18,7 +18,7 @@ from datetime import datetime
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from project.tuning.tracking import Tracker
+from project.tracking.tracker import Tracker
 
 WORKER_ATTR = "worker"
 RUN_ID_ATTR = "mlflow_run_id"

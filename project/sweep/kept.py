@@ -1,7 +1,7 @@
 """What each completed trial keeps, and how the export reads it back.
 
 A completed trial keeps its out-of-fold (and test) predictions, from which the study's ensemble is
-selected (``project/ensemble.py``), and, where the submission is made of fold models (a task that
+selected (``project/ensemble/selection.py``), and, where the submission is made of fold models (a task that
 does not refit), its fold models: the stacked weights of its K members, their head, and its
 curves. Both go to the output folder (``predictions/trial-<n>.npz``, ``models/trial-<n>.pt``),
 written whole or not at all (``project/utils/files.py``), and to the trial's MLflow run as artifacts;
@@ -25,15 +25,15 @@ from typing import TypeVar
 import numpy as np
 import optuna
 
+from project.artifacts.model_io import members_of, model_record, read_record
+from project.artifacts.predictor import Predictor, fits_state
 from project.config import TrainConfig
 from project.cv import CVResult, TrainingDiverged, cross_validate
 from project.data import FoldDataModule
-from project.ensemble import Predictions, out_of_fold
-from project.model_io import members_of, model_record, read_record
-from project.predictor import Predictor, fits_state
+from project.ensemble.selection import Predictions, out_of_fold
+from project.sweep.recovery import RUN_ID_ATTR
 from project.tasks import Task
-from project.tuning.recovery import RUN_ID_ATTR
-from project.tuning.tracking import Tracker
+from project.tracking.tracker import Tracker
 from project.utils import files
 
 T = TypeVar("T")
@@ -86,7 +86,7 @@ def keep_trial(
 
 
 def fold_models(config: TrainConfig, result: CVResult, datamodule: FoldDataModule) -> bytes:
-    """The kept fold models' file: the members' weights and head (``project/model_io.py``), with
+    """The kept fold models' file: the members' weights and head (``project/artifacts/model_io.py``), with
     the curves and fold scores of the fit."""
     net_state, head_state = fits_state(result.fits)
     return model_record(

@@ -3,10 +3,10 @@
 A ``Predictor`` holds the members (the K fold models, or a refit's seeds) as plain modules in one
 stack, their head, what turned raw inputs into their features (each member's fitted table
 preprocessing, or its pixel normalisation) and the task's preset. It writes the submission, and
-the MLflow Model wraps it (``project/serving.py``), so both give the same predictions.
+the MLflow Model wraps it (``project/artifacts/serving.py``), so both give the same predictions.
 
 Saved as a folder of plain files, none of them a pickle: ``task.yaml`` (the resolved preset),
-``model.pt`` (``project.model_io``: weights, loaded with ``weights_only=True``), ``inputs.json``
+``model.pt`` (``project.artifacts.model_io``: weights, loaded with ``weights_only=True``), ``inputs.json``
 (class labels, pixel statistics) and ``preprocessing/member<m>.skops`` (each member's fitted
 scikit-learn transformer, loaded by skops with only the scikit-learn and project types listed in
 ``TRUSTED`` allowed). An ``EstimatorPredictor`` is the same for a preset's scikit-learn estimator
@@ -27,6 +27,8 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
+from project.artifacts.model_io import load_model, save_model
+from project.artifacts.submission import SubmissionFormat, prediction_frame, write_submission
 from project.config import TrainConfig, from_resolved, to_yaml
 from project.cv import Fit
 from project.data import FoldDataModule
@@ -34,8 +36,8 @@ from project.data.base import Members
 from project.data.batches import MemberFeatures, StackedBatches
 from project.data.tabular import FoldPreprocessor, stack_members
 from project.engine import build_stack
-from project.model_io import load_model, save_model
-from project.submission import SubmissionFormat, prediction_frame, write_submission
+from project.ensemble import estimators
+from project.models import create_model
 from project.tasks import Task
 from project.utils import files
 
@@ -229,7 +231,7 @@ class Predictor(Predicts):
 
 
 class EstimatorPredictor(Predicts):
-    """A preset's scikit-learn estimator fitted on each fold (``project/estimators.py``): the fold
+    """A preset's scikit-learn estimator fitted on each fold (``project/ensemble/estimators.py``): the fold
     models' average, each model seeing its fold's own preprocessing of the raw rows. Saved as
     ``estimator.json`` (its name, class and arguments), ``task.yaml``, ``inputs.json`` and one
     skops file per fold under ``preprocessing/`` and ``models/``; loading trusts the types of
@@ -259,11 +261,12 @@ class EstimatorPredictor(Predicts):
         )
 
     def averaged(self, raw: pd.DataFrame) -> Tensor:
-        from project.estimators import predict
-
         frame = self.task.prepare_rows(raw)
         classes = len(self.inputs["classes"] or [None])
-        outputs = [predict(self.task, m, p.transform(frame), classes) for m, p in zip(self.models, self.preprocessors)]
+        outputs = [
+            estimators.predict(self.task, model, preprocessor.transform(frame), classes)
+            for model, preprocessor in zip(self.models, self.preprocessors)
+        ]
         return torch.from_numpy(np.mean(outputs, axis=0))
 
     def write(self, folder: Path) -> None:
@@ -406,8 +409,6 @@ def fits_state(fits: list[Fit]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
 
 def _plain_members(fit: Fit, config: TrainConfig, datamodule: FoldDataModule) -> list[nn.Module]:
     """A fit's members as plain modules, each holding its own weights."""
-    from project.models import create_model
-
     state = fit.module.net.member_state_dict()
     members = []
     for m in range(len(fit.members)):

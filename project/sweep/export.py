@@ -12,18 +12,18 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from project.ensemble import Predictions, blend, cv_score, held_out_score, scores, select
-from project.estimators import EstimatorFailed, FittedEstimator, cross_fit
-from project.predictor import Ensemble, EstimatorPredictor
-from project.refit import Refit, refit_and_test, refit_metrics
-from project.serving import log_predictor
-from project.tuning.kept import KeptTrials
-from project.tuning.pending import PENDING_PREFIX
-from project.tuning.plots import learning_curves, study_plots
-from project.tuning.recovery import RUN_ID_ATTR
-from project.tuning.space import config_from_params
-from project.tuning.study import SweepSettings
-from project.tuning.tracking import Tracker, dataset_inputs, source_tags
+from project.artifacts.predictor import Ensemble, EstimatorPredictor
+from project.artifacts.refit import Refit, refit_and_test, refit_metrics
+from project.artifacts.serving import log_predictor
+from project.ensemble.estimators import EstimatorFailed, FittedEstimator, cross_fit
+from project.ensemble.selection import Predictions, blend, cv_score, held_out_score, scores, select
+from project.sweep.kept import KeptTrials
+from project.sweep.plots import learning_curves, study_plots
+from project.sweep.recovery import RUN_ID_ATTR
+from project.sweep.space import config_from_params
+from project.sweep.study import SweepSettings
+from project.tracking.journal import PENDING_PREFIX
+from project.tracking.tracker import Tracker, dataset_inputs, source_tags
 from project.utils import files
 from project.utils.devices import training_device
 
@@ -142,7 +142,7 @@ def select_ensemble(
     library: dict[int | str, Predictions], task, datamodule, best: optuna.trial.FrozenTrial
 ) -> tuple[dict[int | str, float], dict]:
     """The members' weights in the ensemble selected on their out-of-fold predictions
-    (project/ensemble.py), and what to report of it: its members, its scores and the best trial's
+    (project/ensemble/selection.py), and what to report of it: its members, its scores and the best trial's
     alone. ``library`` holds the trials' kept predictions by number, and estimators' by name;
     trials with no kept predictions (run before they were kept) are left out; with fewer than two
     candidates, the best trial alone."""
@@ -198,7 +198,7 @@ def export_best(
 ) -> dict:
     """Write everything from the study: the ensemble selected from the trials' kept predictions
     and, where the submission is made of fold models, the selected trials' kept fold models,
-    loaded, not trained again (``project/tuning/kept.py`` recovers a file that cannot be read). A
+    loaded, not trained again (``project/sweep/kept.py`` recovers a file that cannot be read). A
     task that refits (images) refits the selected configurations on every training row; its best
     trial's curves, for their plot, are read back from its MLflow run."""
     task = settings.task

@@ -2,6 +2,6 @@
 
 from mlflow.models import set_model
 
-from project.serving import PredictorModel
+from project.artifacts.serving import PredictorModel
 
 set_model(PredictorModel())

@@ -7,7 +7,7 @@ class probabilities. ``select`` is greedy ensemble selection with replacement on
 predictions (Caruana et al., 2004, as auto-sklearn and AutoGluon do it): start empty, and at each
 of ``rounds`` steps add (again, if it helps most) the trial whose addition gives the best score of
 the averaged predictions; a trial's weight is the share of steps that chose it. A preset's
-scikit-learn estimators keep the same predictions (``project/estimators.py``) and are chosen from
+scikit-learn estimators keep the same predictions (``project/ensemble/estimators.py``) and are chosen from
 the same library, by name.
 
 The ensemble's out-of-fold score is chosen on the same folds it is reported on, so it is

@@ -3,9 +3,9 @@
 ``mlflow.pyfunc.load_model("models:/house-prices/latest").predict(test_frame)`` returns what
 ``submission.csv`` holds, and ``mlflow models serve -m models:/house-prices/latest --env-manager
 local`` answers the same on ``/invocations``. What the model holds: this package's code (MLflow's
-``code_paths``), ``project/mlflow_model.py`` as its entry point (MLflow's models-from-code: the
+``code_paths``), ``project/artifacts/mlflow_model.py`` as its entry point (MLflow's models-from-code: the
 file is run when the model is loaded, so no ``python_model.pkl`` is written or unpickled), and the
-predictor's folder of plain files (see ``project/predictor.py``). Its requirements are pinned to
+predictor's folder of plain files (see ``project/artifacts/predictor.py``). Its requirements are pinned to
 the versions that trained it.
 """
 
@@ -23,10 +23,10 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.models import ModelSignature, infer_signature
 from mlflow.types.schema import ColSpec, Schema
 
-from project.predictor import Predicts, load_predictor
+from project.artifacts.predictor import Predicts, load_predictor
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-MODEL_CODE = PACKAGE_DIR / "mlflow_model.py"
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # all of project/, shipped with the model
+MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
 REQUIREMENTS = (
     "torch",
     "lightning",

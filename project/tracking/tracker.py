@@ -35,7 +35,7 @@ from mlflow.protos.service_pb2 import DatasetInput as ProtoDatasetInput
 from mlflow.tracking import MlflowClient
 
 from project.cv import CVResult
-from project.tuning.pending import PENDING_PREFIX, PROBE_EVERY, Journal, Unresolved, is_unreachable, why_unreachable
+from project.tracking.journal import PENDING_PREFIX, PROBE_EVERY, Journal, Unresolved, is_unreachable, why_unreachable
 from project.utils import files
 from project.utils.locks import sqlite_creation_lock
 from project.utils.paths import REPO_ROOT

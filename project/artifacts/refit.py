@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
+from project.artifacts.predictor import Ensemble, Predictor, Predicts
 from project.config import TrainConfig
 from project.cv import Fit, fit, fold_layout, make_trainer
-from project.ensemble import scores as ensemble_scores
-from project.predictor import Ensemble, Predictor, Predicts
+from project.ensemble.selection import scores as ensemble_scores
 from project.tasks import Task
 from project.utils.devices import training_device
 

@@ -5,7 +5,7 @@ Each is fitted on every fold's training part, with that fold's own preprocessing
 trials' fold models saw) and without the rows the preset leaves out of training parts, then kept as
 a trial's predictions are: every validated row by the fold model that did not train on it, every
 test row by the fold models' average (regression on the learnt scale, classification as class
-probabilities). The selection (``project/ensemble.py``) then weighs them beside the trials. They
+probabilities). The selection (``project/ensemble/selection.py``) then weighs them beside the trials. They
 are deterministic given the folds and their arguments (a ``random_state`` included), so they are
 fitted again at each export rather than stored in the study.
 """
@@ -21,7 +21,7 @@ from sklearn.exceptions import ConvergenceWarning
 
 from project.config import instantiate
 from project.data import FoldDataModule
-from project.ensemble import Predictions, cv_score
+from project.ensemble.selection import Predictions, cv_score
 from project.tasks import Task
 
 
