@@ -14,6 +14,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import lightning as L
 import numpy as np
@@ -22,14 +23,15 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 
 from project.config import TrainConfig
+from project.config.schema import Precision
 from project.data import FoldDataModule
 from project.data.base import Members
 from project.engine import FirstLayer, FoldModule, Layout, build_stack, choose_first_layer, choose_layout, chunked
+from project.engine.progress import EpochProgress
 from project.engine.stacked_mlp import stack_tricks
 from project.models import create_model
 from project.tasks import Task
 from project.utils.devices import deterministic_algorithms, training_device
-from project.utils.progress import EpochProgress
 from project.utils.seeds import derive_seed
 from project.utils.stopping import Interrupted, StopOnRequest
 
@@ -83,8 +85,8 @@ def make_trainer(
     callbacks: Sequence[L.Callback] = (),
     validate: bool = True,
     accelerator: str = "auto",
-    precision: str = "32-true",
-    deterministic: bool | str = True,
+    precision: Precision = "32-true",
+    deterministic: bool | Literal["warn"] = True,
 ) -> L.Trainer:
     """A Trainer stripped for many small fits: no logger, checkpoints, progress bar or summary.
 
@@ -95,7 +97,7 @@ def make_trainer(
     Denormal floats are flushed to zero on the CPU: weights and gradients that a strong weight
     decay drives towards zero pass through them, and x86 CPUs compute on them many times slower
     (docs/speed.md)."""
-    torch.utils.deterministic.fill_uninitialized_memory = False
+    torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]  # public, not in the stubs
     torch.set_flush_denormal(True)
     return L.Trainer(
         max_epochs=max_epochs,
@@ -203,7 +205,7 @@ def describe(members: Members) -> str:
     """``fold 2``, ``folds 0-4`` or ``refit, 3 seeds``."""
     if not members.validates:
         return f"refit, {len(members)} seed{'s' * (len(members) > 1)}"
-    folds = members.folds
+    folds = [f for f in members.folds if f is not None]
     if len(folds) == 1:
         return f"fold {folds[0]}"
     return f"folds {folds[0]}-{folds[-1]}" if folds == list(range(folds[0], folds[-1] + 1)) else f"folds {folds}"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from project.config import Preset, TrainConfig, derive_function, preset_path
 from project.data import (
@@ -21,6 +21,7 @@ from project.data import (
 )
 from project.data.tabular import check_frame
 from project.engine import ClassificationHead, RegressionHead
+from project.engine.heads import Head
 from project.validate import check_config, load_preset
 
 
@@ -115,6 +116,7 @@ class Task:
     def table_spec(self) -> TabularSpec:
         """How a CSV task's columns are read."""
         data = self.preset.data
+        assert data.id is not None and data.target is not None, "validate.check_preset requires both of a CSV task"
         return TabularSpec(
             id_column=data.id,
             target=data.target,
@@ -129,7 +131,7 @@ class Task:
         whether they come from a file or a request."""
         return check_frame(frame.copy(), self.table_spec(), Path("input rows"), with_target=False)
 
-    def head(self, config: TrainConfig, member_targets: list[Tensor]) -> nn.Module:
+    def head(self, config: TrainConfig, member_targets: list[Tensor]) -> Head:
         """The head of a stack whose members train on ``member_targets``: regression predicts
         relative to each member's training mean."""
         members = len(member_targets)

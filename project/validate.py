@@ -23,7 +23,7 @@ def load_preset(path: str | Path, overrides: Sequence[str] = (), values: dict | 
     """Read, merge and check a preset: ``overrides`` are ``key=value`` strings (``--set``), ``values``
     a nested dict of settings from flags; both win over the file."""
     preset = read(path, overrides, values)
-    check(preset, Path(path))
+    check_preset(preset, Path(path))
     return preset
 
 
@@ -41,7 +41,7 @@ def _one_of(path: Path, key: str, value: Any, allowed: Sequence) -> None:
         )
 
 
-def check(preset: Preset, path: Path) -> None:
+def check_preset(preset: Preset, path: Path) -> None:
     """What OmegaConf's types do not say: allowed values, and settings that must name real things."""
     _one_of(path, "kind", preset.kind, KINDS)
     _one_of(path, "metric", preset.metric, METRICS[preset.kind])

@@ -369,8 +369,8 @@ def test_sparse_rows_travel_as_their_nonzero_entries():
         nonzero=True,
     )
     x = next(iter(batches))["x"]
-    assert x.index.shape[:-1] == x.dense.shape[:-1]
-    rebuilt = torch.zeros_like(x.dense).scatter_add_(-1, x.index.long(), x.value)
+    assert x.columns.shape[:-1] == x.dense.shape[:-1]
+    rebuilt = torch.zeros_like(x.dense).scatter_add_(-1, x.columns.long(), x.value)
     torch.testing.assert_close(rebuilt, x.dense, rtol=0, atol=0)
 
     assert MemberFeatures(torch.randn(2, 30, 12)).nonzero is None

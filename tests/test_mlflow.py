@@ -183,7 +183,7 @@ def test_optuna_dashboard_serves_the_study(finished_sweep):
 def test_a_long_fit_shows_a_line_per_epoch_at_most_every_few_seconds(house_dir):
     from project.config import TrainConfig
     from project.cv import cross_validate
-    from project.utils.progress import EpochProgress
+    from project.engine.progress import EpochProgress
     from tests.conftest import house_task_dm
 
     task, dm = house_task_dm(house_dir)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 from omegaconf import MISSING
 
@@ -21,7 +21,8 @@ DATA_KINDS = ("csv", "idx", "image-folder")
 DETERMINISTIC = (True, False, "warn")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("none", "cosine", "onecycle")
-PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+Precision = Literal["32-true", "bf16-mixed", "16-mixed"]
+PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 
 
 @dataclass
@@ -181,7 +182,7 @@ class TrainConfig:
     label_smoothing: float = 0.0  # classification only
     translate: int = 0  # images only: random shift of each training image by up to this many pixels
     gradient_clip_val: float | None = None  # each fold's gradient norm is clipped to this
-    precision: str = "32-true"
+    precision: Precision = "32-true"
 
     def __post_init__(self) -> None:
         self.model_kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in self.model_kwargs.items()}

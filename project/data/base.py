@@ -107,9 +107,16 @@ class FoldDataModule(L.LightningDataModule):
         if bad:
             raise ValueError(f"fold {bad[0]} is out of range: expected 0..{n_folds - 1} for n_folds={n_folds}")
         self.data_dir, self.n_folds, self.seed = Path(data_dir), n_folds, seed
-        self.folds: list[int | None] = folds or [None] * replicas
+        self.folds: list[int | None] = list(folds) or [None] * replicas
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.members: Members | None = None
+        self._members: Members | None = None
+
+    @property
+    def members(self) -> Members:
+        """What each member trains and is scored on (after ``setup()``)."""
+        if self._members is None:
+            raise RuntimeError(f"{type(self).__name__} is not set up: call prepare_data() and setup() first")
+        return self._members
 
     @property
     def validates(self) -> bool:
@@ -118,11 +125,11 @@ class FoldDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         # Trainer.fit calls this on every fit: once the data is loaded it has nothing to do. A data set
         # of your own, without pinned checksums, is read from data_dir as it is.
-        if self.members is None and self.dataset in DATASETS:
+        if self._members is None and self.dataset in DATASETS:
             fetch_dataset(self.dataset, self.data_dir)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.members is not None:
+        if self._members is not None:
             return
         targets = self.load()
         if not self.validates:
@@ -130,12 +137,12 @@ class FoldDataModule(L.LightningDataModule):
             splits = [(all_rows, all_rows[:0])] * len(self.folds)
         else:
             every_fold = kfold_indices(self.n_folds, self.seed, targets, self.stratified)
-            splits = [every_fold[f] for f in self.folds]
+            splits = [every_fold[f] for f in self.folds if f is not None]
         train_parts = [self.training_part(tr) for tr, _ in splits]
         features, test_features, preprocessors = self.fit_features(train_parts)
         # what seeds a member: its fold, or for refit replica r, n_folds + r
         seed_ids = [self.n_folds + r if f is None else f for r, f in enumerate(self.folds)]
-        self.members = Members(
+        self._members = Members(
             list(self.folds),
             seed_ids,
             [torch.from_numpy(tr) for tr in train_parts],

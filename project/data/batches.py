@@ -24,13 +24,13 @@ SPARSE_DENSITY = 0.5
 
 
 class SparseRows(NamedTuple):
-    """Table rows ``dense`` ``[..., M, B, F]`` with their nonzero entries: column ``index`` and
+    """Table rows ``dense`` ``[..., M, B, F]`` with their nonzero entries: ``columns`` and
     ``value`` ``[..., M, B, K]``, padded with (column 0, value 0). The input of a member stack
     that can use them (``accepts_nonzero``: the hand-stacked MLP's first layer sums K weight rows
     per sample instead of multiplying all F columns)."""
 
     dense: Tensor
-    index: Tensor
+    columns: Tensor
     value: Tensor
 
 
@@ -72,7 +72,7 @@ class MemberFeatures:
 
     @property
     def n_members(self) -> int:
-        return self.shift.shape[0] if self.shared else self.x.shape[0]
+        return self.shift.shape[0] if self.shift is not None else self.x.shape[0]
 
     @property
     def n_features(self) -> int:
@@ -84,15 +84,17 @@ class MemberFeatures:
         return self._gather_flat(rows, translate, generator).view(*rows.shape, *self.sample_shape)
 
     def _gather_flat(self, rows: Tensor, translate: int, generator: torch.Generator | None) -> Tensor:
-        if self.shared and not translate and self._normalised() is not None:
-            return self._dense._gather_flat(rows, 0, None)
-        if not self.shared:
+        shift, scale = self.shift, self.scale
+        if shift is None or scale is None:
             return member_rows(self.x, rows)
+        dense = None if translate else self._normalised()
+        if dense is not None:
+            return dense._gather_flat(rows, 0, None)
         x = self.x[rows]
         if translate and len(self.sample_shape) == 3:
             x = random_translate(x.reshape(-1, *self.sample_shape), translate, generator)
         x = x.reshape(*rows.shape, -1).float()
-        return (x - self.shift[:, None, None]) / self.scale[:, None, None]
+        return (x - shift[:, None, None]) / scale[:, None, None]
 
     def gather_nonzero(self, rows: Tensor) -> tuple[Tensor, Tensor] | None:
         """The nonzero entries of the rows ``gather`` returns, as column indices and values
@@ -121,9 +123,12 @@ class MemberFeatures:
     def _normalised(self) -> MemberFeatures | None:
         """The normalised float features of every member, computed once when they fit in
         ``DENSE_LIMIT_BYTES``: cutting batches is then a row copy instead of a conversion per epoch."""
+        shift, scale = self.shift, self.scale
+        if shift is None or scale is None:
+            return None
         if self._dense is None and self.n_members * self.x.numel() * 4 <= DENSE_LIMIT_BYTES:
             flat = self.x.reshape(self.x.shape[0], -1).float()
-            normalised = torch.stack([(flat - shift) / scale for shift, scale in zip(self.shift, self.scale)])
+            normalised = torch.stack([(flat - s) / c for s, c in zip(shift, scale)])
             self._dense = MemberFeatures(normalised)
         return self._dense
 
@@ -132,7 +137,7 @@ class MemberFeatures:
         return self.x.shape[0] if self.shared else self.x.shape[1]
 
     def select(self, members: Sequence[int]) -> MemberFeatures:
-        if self.shared:
+        if self.shift is not None and self.scale is not None:
             return MemberFeatures(self.x, self.shift[list(members)], self.scale[list(members)], self.sample_shape)
         return MemberFeatures(self.x[list(members)], sample_shape=self.sample_shape)
 
@@ -218,9 +223,9 @@ class StackedBatches:
 
     def _batch(self, rows: Tensor, weight: Tensor) -> dict:
         rows, weight = rows.to(self.device, non_blocking=True), weight.to(self.device, non_blocking=True)
-        x = self.features.gather(rows, self.translate, self.augment_generator)
-        if self.nonzero:
-            x = SparseRows(x, *self.features.gather_nonzero(rows))
+        dense = self.features.gather(rows, self.translate, self.augment_generator)
+        nonzero = self.features.gather_nonzero(rows) if self.nonzero else None
+        x = dense if nonzero is None else SparseRows(dense, *nonzero)
         batch = {"x": x, "w": weight, "rows": weight.sum(dim=-1)}
         if self.targets is not None:
             batch["y"] = self.targets[rows]

@@ -7,6 +7,7 @@ uint8 in memory and are normalised per member when a batch is cut.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ class ImageDataModule(FoldDataModule):
     ``(C, H, W)``, integer targets, and ``classes`` naming them."""
 
     stratified = True
+    classes: list  # the class names (or numbers), set by load()
 
     @property
     def out_features(self) -> int:
@@ -85,7 +87,7 @@ class ImageFolderDataModule(ImageDataModule):
     image must have the size of the first."""
 
     def __init__(
-        self, train_dir: str = "train", test_dir: str = "test", image_size: tuple[int, int] | None = None, **kwargs
+        self, train_dir: str = "train", test_dir: str = "test", image_size: Sequence[int] | None = None, **kwargs
     ) -> None:
         super().__init__(**kwargs)
         self.train_dir, self.test_dir = train_dir, test_dir
@@ -153,7 +155,7 @@ def _size(path: Path, image_module) -> tuple[int, int]:
         return image.size
 
 
-def _read_all(paths: list[Path], grey: bool, size: tuple[int, int], resize: bool, image_module) -> np.ndarray:
+def _read_all(paths: list[Path], grey: bool, size: tuple[int, ...], resize: bool, image_module) -> np.ndarray:
     """``[N, C, H, W]`` uint8; ``size`` is (height, width): images of another size are resized to it,
     or refused."""
     height, width = size

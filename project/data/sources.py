@@ -205,8 +205,8 @@ def fetch_dataset(dataset: str, data_dir: str | Path = "data") -> dict[str, Path
                 continue
             target.mkdir(parents=True, exist_ok=True)
             for name in missing:
-                with files.atomic_path(paths[name], f"{dataset}'s {name}") as tmp:
-                    shutil.copyfile(workdir / name, tmp)
+                with files.atomic_path(paths[name], f"{dataset}'s {name}") as partial:
+                    shutil.copyfile(workdir / name, partial)
             _say(f"{dataset}: {', '.join(missing)} from {label} -> {target}")
             return paths
     raise DataError(

@@ -92,7 +92,11 @@ class TableDataModule(FoldDataModule):
 
     @property
     def out_features(self) -> int:
-        return 1 if self.kind == "regression" else len(self.classes)
+        if self.kind == "regression":
+            return 1
+        if self.classes is None:
+            raise RuntimeError(f"{type(self).__name__} is not set up: call prepare_data() and setup() first")
+        return len(self.classes)
 
     def load(self) -> np.ndarray:
         self.train_frame = read_csv(self.train_path, self.spec, with_target=True)

@@ -13,12 +13,17 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
+from typing import TypeVar, cast
 
 import lightning as L
 from torch import Tensor
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+
+Module = TypeVar("Module", bound=L.LightningModule)
 
 
-class ChunkedSteps:
+class ChunkedSteps(L.LightningModule):
     """Mixed in before a LightningModule class whose ``training_step`` returns the loss."""
 
     def __init__(self, *args, **kwargs) -> None:
@@ -37,12 +42,16 @@ class ChunkedSteps:
     def optimizer_steps(self) -> int:
         """Optimiser steps in the whole fit: one per mini-batch, not one per chunk."""
         self.trainer.fit_loop.setup_data()
-        return self.trainer.max_epochs * self.trainer.train_dataloader.steps_per_epoch
+        loader = self.trainer.train_dataloader
+        assert loader is not None and self.trainer.max_epochs is not None, "set up by fit_loop.setup_data()"
+        return self.trainer.max_epochs * loader.steps_per_epoch
 
     def training_step(self, chunk: dict, batch_idx: int) -> None:
-        optimizer, scheduler = self.optimizers(use_pl_optimizer=False), self.lr_schedulers()
+        # one optimiser and at most one schedule: FoldModule.configure_optimizers
+        optimizer = cast(Optimizer, self.optimizers(use_pl_optimizer=False))
+        scheduler = cast(LRScheduler | None, self.lr_schedulers())
         for batch in mini_batches(chunk):
-            loss = super().training_step(batch, batch_idx)
+            loss = cast(Tensor, super().training_step(batch, batch_idx))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.configure_gradient_clipping(optimizer)
@@ -68,6 +77,6 @@ def _cut(part: Tensor | tuple, step: int, width: int, full: int) -> Tensor | tup
 
 
 @functools.cache
-def chunked(cls: type[L.LightningModule]) -> type[L.LightningModule]:
+def chunked(cls: type[Module]) -> type[Module]:
     """``cls`` training on chunks of mini-batches (one class per ``cls``)."""
     return type(f"Chunked{cls.__name__}", (ChunkedSteps, cls), {"__module__": cls.__module__})

@@ -24,12 +24,26 @@ def member_mean(per_row: Tensor, weight: Tensor, rows: Tensor) -> Tensor:
     return (per_row * weight).sum(dim=1) / rows.clamp(min=1)
 
 
-class RegressionHead(nn.Module):
+class Head(nn.Module):
+    """What a stack's outputs become: predictions, each member's loss and a metric per member."""
+
+    members: int
+    metric_name: str
+
+    def loss(self, preds: Tensor, target: Tensor, weight: Tensor, rows: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def metric(self) -> Metric:
+        raise NotImplementedError
+
+
+class RegressionHead(Head):
     """One output per row, predicted relative to each member's training mean (``offset``), so
     training starts at the mean target instead of walking there; MSE or Huber loss; RMSE or MAE,
     on the learnt scale or, with ``inverse``, on the original scale of a transformed target."""
 
     METRICS: ClassVar[dict[str, type]] = {"rmse": StackedRMSE, "mae": StackedMAE}
+    offset: Tensor
 
     def __init__(
         self,
@@ -66,7 +80,7 @@ class RegressionHead(nn.Module):
         return self.METRICS[self.metric_name](self.members, inverse=self.inverse)
 
 
-class ClassificationHead(nn.Module):
+class ClassificationHead(Head):
     """Class logits; cross-entropy (optionally label-smoothed) loss; accuracy, log-loss or ROC AUC."""
 
     METRICS: ClassVar[dict[str, type]] = {"acc": StackedAccuracy, "logloss": StackedLogLoss, "auc": StackedAUROC}

@@ -126,7 +126,7 @@ def choose_first_layer(stack: nn.Module, batch, key: tuple) -> FirstLayer:
     cache_key = (
         key,
         tuple(batch.dense.shape),
-        tuple(batch.index.shape),
+        tuple(batch.columns.shape),
         device.type,
         torch.get_num_threads(),
         torch.are_deterministic_algorithms_enabled(),

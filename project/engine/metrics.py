@@ -25,6 +25,8 @@ class _WeightedMean(Metric):
     """The weighted mean of a per-row quantity, per member; subclasses say what the quantity is."""
 
     full_state_update = False
+    total: Tensor
+    count: Tensor
 
     def __init__(self, n_members: int, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -90,6 +92,9 @@ class StackedAUROC(Metric):
     """Area under the ROC curve of a two-class task, per member (scores: class 1's probability)."""
 
     full_state_update = False
+    scores: list[Tensor]
+    targets: list[Tensor]
+    weights: list[Tensor]
     higher_is_better = True
 
     def __init__(self, n_members: int, **kwargs) -> None:
@@ -120,6 +125,8 @@ class MemberMean(Metric):
     weighted by its rows)."""
 
     full_state_update = False
+    total: Tensor
+    weight: Tensor
 
     def __init__(self, n_members: int, **kwargs) -> None:
         super().__init__(**kwargs)

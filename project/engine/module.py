@@ -16,11 +16,12 @@ import math
 
 import lightning as L
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from project.engine.heads import Head
 from project.engine.metrics import MemberMean
 from project.engine.optim import create_optimizer, create_scheduler
-from project.engine.stacking import clip_member_grad_norm_
+from project.engine.stacking import Stack, clip_member_grad_norm_
 
 
 class FoldModule(L.LightningModule):
@@ -29,8 +30,8 @@ class FoldModule(L.LightningModule):
 
     def __init__(
         self,
-        net: nn.Module,
-        head: nn.Module,
+        net: Stack,
+        head: Head,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         optimizer: str = "adamw",
@@ -141,7 +142,7 @@ class FoldModule(L.LightningModule):
     ) -> None:
         """Clip each member's gradients alone (the Trainer's ``gradient_clip_val``, else this
         module's): one norm over all folds would let one fold's gradients shrink another's."""
-        clip = gradient_clip_val if gradient_clip_val is not None else self.hparams.gradient_clip_val
+        clip = gradient_clip_val if gradient_clip_val is not None else self.hparams["gradient_clip_val"]
         if not clip:
             return
         if gradient_clip_algorithm == "value":  # element-wise: each member is clipped alone anyway

@@ -112,7 +112,7 @@ def unscaled_by_the_scaler(optimizer: torch.optim.Optimizer) -> None:
     (``_step_supports_amp_scaling``, torch's own protocol between the two), which ``FusedAdamW``'s
     step does not, and Lightning then clips gradients still scaled; torch 2.13's fused SGD on the
     CPU also took a step of about 1e29 after a skipped one. So the scaler is told to do it."""
-    optimizer._step_supports_amp_scaling = False
+    optimizer._step_supports_amp_scaling = False  # type: ignore[attr-defined]  # the one private use, see above
 
 
 def _sgd(groups: list[dict], lr: float, momentum: float) -> torch.optim.Optimizer:

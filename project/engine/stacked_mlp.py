@@ -12,15 +12,17 @@ device). ``tests/test_engine.py`` checks it gives the fold scores of ``MemberSta
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from project.data.batches import SparseRows
-from project.engine.stacking import HAND_STACKED
+from project.engine.stacking import HAND_STACKED, Stack
 from project.engine.timing import best_seconds
 from project.models.mlp import MLP
 
@@ -84,16 +86,12 @@ def one_output_by_multiply_sum(x: Tensor, weight: Tensor) -> bool:
             xs = torch.full(x.shape, 0.5, device=x.device, requires_grad=True)
             ws = torch.full(weight.shape, 0.5, device=x.device, requires_grad=True)
             bias = torch.zeros(weight.shape[0], 1, 1, device=x.device, requires_grad=True)
-            seconds = {
-                flag: best_seconds(
-                    lambda flag=flag: (
-                        (_multiply_sum(xs, ws, bias) if flag else torch.baddbmm(bias, xs, ws)).sum().backward()
-                    ),
-                    x.device,
-                    5,
-                )
-                for flag in (True, False)
-            }
+
+            def one_pass(multiply_sum: bool) -> None:
+                out = _multiply_sum(xs, ws, bias) if multiply_sum else torch.baddbmm(bias, xs, ws)
+                out.sum().backward()
+
+            seconds = {flag: best_seconds(functools.partial(one_pass, flag), x.device, 5) for flag in (True, False)}
         _ONE_OUTPUT[key] = OneOutput(
             seconds[True] <= seconds[False],
             f"measured on {x.device.type}: {seconds[True] * 1e6:.0f} us a pass as a "
@@ -133,7 +131,7 @@ class _NonzeroLinear(torch.autograd.Function):
         return grad_x, None, None, grad_weight, grad_bias
 
 
-class StackedMLP(nn.Module):
+class StackedMLP(Stack):
     """The members' ``MLP`` layers, index for index, with every ``nn.Linear`` a ``StackedLinear``."""
 
     kind = "hand-stacked MLP"
@@ -145,25 +143,25 @@ class StackedMLP(nn.Module):
         layers: list[nn.Module] = []
         for i, layer in enumerate(first.layers):
             if isinstance(layer, nn.Linear):
-                layers.append(StackedLinear([m.layers[i] for m in modules]))
+                layers.append(StackedLinear([cast(nn.Linear, m.layers[i]) for m in modules]))
             elif isinstance(layer, nn.Flatten):
                 layers.append(nn.Flatten(2))  # behind the member and batch dimensions
             else:
                 layers.append(copy.deepcopy(layer))  # activations and dropout: no parameters
         self.layers = nn.Sequential(*layers)
-        self.skip = StackedLinear([m.skip for m in modules]) if first.skip is not None else None
+        self.skip = StackedLinear([cast(nn.Linear, m.skip) for m in modules]) if first.skip is not None else None
         # the first layer sums the weight rows of the nonzero entries where it is a hidden layer (a
         # one-output layer multiplies and sums), and not behind input dropout, which drops features
-        first = self.layers[1]
-        self.accepts_nonzero = isinstance(first, StackedLinear) and first.out_features > 1
+        first_layer = self.layers[1]
+        self.accepts_nonzero = isinstance(first_layer, StackedLinear) and first_layer.out_features > 1
         self._offsets: Tensor | None = None  # row_offsets, made once for the features' width and device
 
     def forward(self, x: Tensor | SparseRows) -> Tensor:
         nonzero = None
         if isinstance(x, SparseRows):
-            if self._offsets is None or self._offsets.device != x.index.device:
-                self._offsets = row_offsets(self.members, x.dense.shape[-1], x.index)
-            nonzero = x.index + self._offsets, x.value
+            if self._offsets is None or self._offsets.device != x.columns.device:
+                self._offsets = row_offsets(self.members, x.dense.shape[-1], x.columns)
+            nonzero = x.columns + self._offsets, x.value
             x = x.dense
         # samples flattened behind the member and batch dimensions (table rows already are), which
         # the linear path also takes

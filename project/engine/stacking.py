@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state
 
 # module class -> the faster stack built from a list of its instances
-HAND_STACKED: dict[type[nn.Module], Callable[[Sequence[nn.Module]], nn.Module]] = {}
+HAND_STACKED: dict[type[nn.Module], Callable[..., Stack]] = {}
 
 
 class StackingError(ValueError):
@@ -40,7 +40,23 @@ def refuse_running_statistics(module: nn.Module, name: str) -> None:
             )
 
 
-class MemberStack(nn.Module):
+class Stack(nn.Module):
+    """What the engine asks of a stack of M members: ``[M, B, ...] -> [M, B, out]``, each member's
+    weights, and parameter groups for weight decay."""
+
+    members: int
+    kind: str
+    accepts_nonzero: bool = False  # its first layer can sum the weight rows of a row's nonzero entries
+
+    def member_state_dict(self) -> dict[str, Tensor]:
+        """The plain module's state_dict, each tensor with a leading member dimension."""
+        raise NotImplementedError
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        raise NotImplementedError
+
+
+class MemberStack(Stack):
     """M copies of one module, stacked with ``torch.func``.
 
     ``self.module`` is a copy of the first member whose parameters and buffers are replaced by the
@@ -49,7 +65,6 @@ class MemberStack(nn.Module):
     """
 
     kind = "torch.func vmap"
-    accepts_nonzero = False
 
     def __init__(self, modules: Sequence[nn.Module]) -> None:
         super().__init__()
@@ -67,7 +82,8 @@ class MemberStack(nn.Module):
         return functional_call(self.module, (params, buffers), (x,))
 
     def forward(self, x: Tensor) -> Tensor:
-        params, buffers = dict(self.module.named_parameters()), dict(self.module.named_buffers())
+        params: dict[str, Tensor] = dict(self.module.named_parameters())
+        buffers: dict[str, Tensor] = dict(self.module.named_buffers())
         if self.members == 1:
             only = ({k: v[0] for k, v in params.items()}, {k: v[0] for k, v in buffers.items()})
             return functional_call(self.module, only, (x[0],)).unsqueeze(0)
@@ -80,7 +96,8 @@ class MemberStack(nn.Module):
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Weight decay on the weights of linear and convolution layers (two or more dimensions
         per member), none on biases and normalisation parameters."""
-        decay, no_decay = [], []
+        decay: list[Tensor] = []
+        no_decay: list[Tensor] = []
         for p in self.module.parameters():
             (decay if p.dim() > 2 else no_decay).append(p)
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -91,7 +108,7 @@ def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
     return module.get_submodule(path), leaf
 
 
-def build_stack(modules: Sequence[nn.Module], name: str, hand_stacked: bool = True) -> nn.Module:
+def build_stack(modules: Sequence[nn.Module], name: str, hand_stacked: bool = True) -> Stack:
     """The member stack of ``modules`` (instances of one class, each initialised from its own seed):
     a hand-stacked implementation where one is registered and wanted, else ``MemberStack``."""
     kinds = {type(m) for m in modules}

@@ -41,7 +41,7 @@ def is_unreachable(err: BaseException) -> bool:
     (not that it answered with an error, such as a run that does not exist)."""
     if isinstance(err, RestException):
         return False
-    seen = err
+    seen: BaseException | None = err
     while seen is not None:
         if isinstance(seen, (requests.exceptions.RequestException, ConnectionError, TimeoutError)):
             return True
@@ -182,7 +182,7 @@ class Journal:
             files.write_text(path, "".join(json.dumps(e) + "\n" for e in entries), "the MLflow journal")
         else:
             path.unlink()
-        if own:
+        if own and self._handle is not None:
             self._handle.close()
             self._handle = self._open_own() if entries else None
 

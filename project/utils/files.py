@@ -20,6 +20,7 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypeGuard
 
 # what a folder that cannot take a file raises; any other OSError is a bug and keeps its traceback
 UNWRITABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG, errno.ENOENT}
@@ -33,10 +34,10 @@ class WriteFailed(OSError):
         self.path, self.what = Path(path), what
 
     def __str__(self) -> str:
-        return self.strerror
+        return str(self.strerror)
 
 
-def unwritable(err: BaseException) -> bool:
+def unwritable(err: BaseException) -> TypeGuard[OSError]:
     """Whether ``err`` says a file could not be written for want of space or permission."""
     return isinstance(err, OSError) and not isinstance(err, WriteFailed) and err.errno in UNWRITABLE
 

@@ -9,25 +9,29 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from typing import TextIO, cast
 
 import lightning as L
 from tqdm import tqdm
+
+from project.engine.module import FoldModule
 
 
 class EpochProgress(L.Callback):
     def __init__(self, label: str, after: float = 10.0, every: float = 5.0, stream: TextIO | None = None) -> None:
         self.label, self.after, self.every, self.stream = label, after, every, stream or sys.stderr
-        self.started, self.printed, self.bar = 0.0, 0.0, None
+        self.started, self.printed = 0.0, 0.0
+        self.bar: tqdm | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.started, self.printed, self.bar = time.monotonic(), 0.0, None
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         elapsed = time.monotonic() - self.started
-        if elapsed < self.after or not pl_module.history:
+        history = cast(FoldModule, pl_module).history
+        if elapsed < self.after or not history:
             return
-        record, epoch = pl_module.history[-1], trainer.current_epoch + 1
+        record, epoch = history[-1], trainer.current_epoch + 1
         figures = ", ".join(f"{key} {sum(value) / len(value):.4f}" for key, value in record.items() if key != "epoch")
         if self.stream.isatty():
             if self.bar is None:
