@@ -15,7 +15,7 @@ from pathlib import Path
 import optuna
 
 from project.cli import output_dir
-from project.data.sources import KAGGLE_COMPETITION, _kaggle_credentials
+from project.data.sources import KAGGLE_COMPETITION, kaggle_credentials
 from project.sweep.export import ENSEMBLES, export_best
 from project.sweep.study import PRESET_ATTR, SweepSettings, default_storage, make_storage
 from project.tracking.tracker import resolve_tracking_uri
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if not args.submit:
         return 0
-    if not _kaggle_credentials():
+    if not kaggle_credentials():
         print(
             "error: --submit needs Kaggle credentials: create an API token on kaggle.com (Account -> API), "
             "save it as ~/.kaggle/kaggle.json (chmod 600), and `pip install kaggle`",

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from project.config import Preset, TrainConfig, derive_function, preset_path
+from project.config.schema import Direction
 from project.data import (
     TARGET_TRANSFORMS,
     FoldDataModule,
@@ -46,7 +47,7 @@ class Task:
         return self.preset.metric
 
     @property
-    def direction(self) -> str:
+    def direction(self) -> Direction:
         """ "minimize" or "maximize"."""
         return self.preset.direction
 

@@ -192,7 +192,7 @@ def test_a_run_whose_id_never_reached_its_trial_is_failed_with_it(tmp_path):
     study = optuna.create_study(study_name="s", storage=make_storage(f"sqlite:///{tmp_path / 'optuna.db'}"))
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "e")
     trial = study.ask()
-    study._storage.set_trial_user_attr(trial._trial_id, WORKER_ATTR, {"host": socket.gethostname(), "pid": 2**22 + 1})
+    trial.set_user_attr(WORKER_ATTR, {"host": socket.gethostname(), "pid": 2**22 + 1})
     orphan = tracker.start_run("trial-0", tags={"trial_number": "0", "study": "s"})
     other = tracker.start_run("trial-0", tags={"trial_number": "0", "study": "another study"})
     assert recover_stale_trials(study, tracker) == [0]

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import cast
 from zipfile import ZIP_DEFLATED
 
 import numpy as np
@@ -150,7 +151,7 @@ class Predictor(Predicts):
         preprocessing they were trained on) in that order."""
         head = task.head(config, [torch.zeros(1)] * len(members))
         head.load_state_dict(head_state)
-        preprocessors = None if sets[0].preprocessors is None else [p for s in sets for p in s.preprocessors]
+        preprocessors = None if sets[0].preprocessors is None else [p for s in sets for p in s.preprocessors or []]
         inputs = {
             "sample_shape": list(datamodule.sample_shape),
             "out_features": datamodule.out_features,
@@ -158,8 +159,8 @@ class Predictor(Predicts):
             "classes": class_labels(datamodule),
         }
         if sets[0].features.shared:  # images: each member's pixel statistics
-            inputs["shift"] = torch.cat([s.features.shift for s in sets]).tolist()
-            inputs["scale"] = torch.cat([s.features.scale for s in sets]).tolist()
+            inputs["shift"] = torch.cat([cast(Tensor, s.features.shift) for s in sets]).tolist()
+            inputs["scale"] = torch.cat([cast(Tensor, s.features.scale) for s in sets]).tolist()
         return cls(task, config, members, head, preprocessors, inputs)
 
     def member_outputs(self, raw: pd.DataFrame | np.ndarray) -> Tensor:
@@ -256,7 +257,7 @@ class EstimatorPredictor(Predicts):
             task,
             {"name": fitted.name, "estimator": fitted.reference, "args": fitted.args},
             fitted.models,
-            list(members.preprocessors),
+            list(members.preprocessors or []),
             {"folds": list(members.folds), "classes": class_labels(datamodule)},
         )
 
@@ -308,12 +309,14 @@ class Ensemble(Predicts):
     probabilities). Saved as ``ensemble.json`` (the weights and the members they belong to: a
     trial's number or an estimator's name) and one predictor folder per member."""
 
-    def __init__(self, weights: list[float], predictors: list[Predicts], members: list[int | str]) -> None:
+    def __init__(
+        self, weights: list[float], predictors: Sequence[Predicts], members: Sequence[int | str | None]
+    ) -> None:
         self.weights, self.predictors, self.members = weights, predictors, members
         self.task, self.inputs = predictors[0].task, predictors[0].inputs
 
     def averaged(self, raw: pd.DataFrame | np.ndarray) -> Tensor:
-        return sum(w * p.averaged(raw) for w, p in zip(self.weights, self.predictors))
+        return cast(Tensor, sum(w * p.averaged(raw) for w, p in zip(self.weights, self.predictors)))
 
     def to(self, device: torch.device) -> Ensemble:
         super().to(device)
@@ -358,7 +361,7 @@ def save_task(folder: Path, task: Task, inputs: dict) -> None:
 def load_task(folder: Path) -> tuple[Task, dict]:
     """The task and inputs ``save_task`` wrote."""
     with reading(folder / "task.yaml"):
-        task = Task(from_resolved(OmegaConf.to_container(OmegaConf.load(folder / "task.yaml"))))
+        task = Task(from_resolved(cast(dict, OmegaConf.to_container(OmegaConf.load(folder / "task.yaml")))))
     with reading(folder / "inputs.json"):
         return task, json.loads((folder / "inputs.json").read_text())
 

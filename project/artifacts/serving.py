@@ -21,7 +21,8 @@ import numpy as np
 import pandas as pd
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.models import ModelSignature, infer_signature
-from mlflow.types.schema import ColSpec, Schema
+from mlflow.pyfunc import PythonModel
+from mlflow.types.schema import ColSpec, Schema, TensorSpec
 
 from project.artifacts.predictor import Predicts, load_predictor
 
@@ -41,7 +42,7 @@ REQUIREMENTS = (
 )
 
 
-class PredictorModel(mlflow.pyfunc.PythonModel):
+class PredictorModel(PythonModel):
     """``predict`` takes raw rows (a DataFrame with the test file's columns) or images
     (``[N, C, H, W]`` uint8) and returns the submission's rows for them."""
 
@@ -70,7 +71,7 @@ def signature(predictor: Predicts, test_inputs: pd.DataFrame | np.ndarray) -> Mo
         inferred = infer_signature(test_inputs, predictor.predict(test_inputs))
     if not isinstance(test_inputs, pd.DataFrame):
         return inferred
-    columns = [ColSpec(c.type, c.name, required=False) for c in inferred.inputs.inputs]
+    columns: list[ColSpec | TensorSpec] = [ColSpec(c.type, c.name, required=False) for c in inferred.inputs.inputs]
     return ModelSignature(Schema(columns), inferred.outputs)
 
 

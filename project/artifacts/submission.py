@@ -39,12 +39,12 @@ class SubmissionFormat:
         sub, data = task.preset.submission, task.preset.data
         id_column = sub.id or data.id or "id"
         target = sub.target or data.target or "label"
-        columns = tuple(str(c) for c in classes) if sub.probabilities else (target,)
+        columns = tuple(str(c) for c in classes or ()) if sub.probabilities else (target,)
         return cls(
             id_column,
             columns,
             np.asarray(ids),
-            tuple(sub.id_range) if sub.id_range else None,
+            (sub.id_range[0], sub.id_range[1]) if sub.id_range else None,
             numeric=task.kind == "regression" or sub.probabilities,
             positive=task.kind == "regression" and data.target_transform == "log",
             probabilities=sub.probabilities,

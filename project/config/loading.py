@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from project.config.schema import Preset, PresetError
@@ -35,7 +36,7 @@ def read(path: str | Path, overrides: Sequence[str] = (), values: dict | None = 
         merged = OmegaConf.merge(
             OmegaConf.structured(Preset), *_layers(path), OmegaConf.from_dotlist(list(overrides)), values or {}
         )
-        preset = OmegaConf.to_object(merged)
+        preset = cast(Preset, OmegaConf.to_object(merged))
     except OmegaConfBaseException as err:
         key = f"key {err.full_key!r}: " if getattr(err, "full_key", None) else ""
         raise PresetError(f"{path}: {key}{str(err).splitlines()[0]}") from None
@@ -53,13 +54,13 @@ def _layers(path: Path, seen: tuple[Path, ...] = ()) -> list:
         raise PresetError(f"{path}: file not found") from None
     except Exception as err:  # noqa: BLE001 - the YAML parser's own error types
         raise PresetError(f"{path}: not a readable YAML preset: {str(err).splitlines()[0]}") from None
-    parent = text.get("extends") if hasattr(text, "get") else None
+    parent = text.get("extends") if isinstance(text, DictConfig) else None
     return [*(_layers(preset_path(parent), (*seen, path)) if parent else []), text]
 
 
 def from_resolved(values: dict) -> Preset:
     """The preset ``Preset.resolved()`` gave (no file, no checks again)."""
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Preset), OmegaConf.create(values)))
+    return cast(Preset, OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Preset), OmegaConf.create(values))))
 
 
 def to_yaml(values: dict) -> str:

@@ -21,6 +21,7 @@ DATA_KINDS = ("csv", "idx", "image-folder")
 DETERMINISTIC = (True, False, "warn")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("none", "cosine", "onecycle")
+Direction = Literal["minimize", "maximize"]
 Precision = Literal["32-true", "bf16-mixed", "16-mixed"]
 PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 
@@ -148,7 +149,7 @@ class Preset:
     source: str = ""  # the file it was read from (set when loaded)
 
     @property
-    def direction(self) -> str:
+    def direction(self) -> Direction:
         return "maximize" if HIGHER_IS_BETTER[self.metric] else "minimize"
 
     @property

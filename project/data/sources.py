@@ -75,7 +75,7 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _kaggle_credentials() -> bool:
+def kaggle_credentials() -> bool:
     config_dir = Path(os.environ.get("KAGGLE_CONFIG_DIR", Path.home() / ".kaggle"))
     return bool(
         (config_dir / "kaggle.json").is_file()
@@ -85,7 +85,7 @@ def _kaggle_credentials() -> bool:
 
 
 def _from_kaggle(names: Iterable[str], workdir: Path) -> None:
-    if not _kaggle_credentials():
+    if not kaggle_credentials():
         raise OSError("no Kaggle credentials (~/.kaggle/kaggle.json or KAGGLE_USERNAME/KAGGLE_KEY)")
     try:
         from kaggle.api.kaggle_api_extended import KaggleApi

@@ -15,12 +15,13 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 
 from project.config import instantiate
-from project.data import FoldDataModule
+from project.data import TableDataModule
 from project.ensemble.selection import Predictions, cv_score
 from project.tasks import Task
 
@@ -53,13 +54,14 @@ def predict(task: Task, model, x: np.ndarray, classes: int) -> np.ndarray:
     return probabilities
 
 
-def cross_fit(task: Task, name: str, datamodule: FoldDataModule) -> FittedEstimator:
+def cross_fit(task: Task, name: str, datamodule: TableDataModule) -> FittedEstimator:
     """Fit the preset's estimator ``name`` on each of the data module's folds (set up, a CSV task)."""
     spec = task.preset.sweep.estimators[name]
     members, started = datamodule.members, time.perf_counter()
     y = datamodule.targets.numpy()
     classes = datamodule.out_features
     models, oof, test = [], np.zeros((len(y),) if task.kind == "regression" else (len(y), classes)), []
+    assert members.preprocessors is not None, "a table's members each have their preprocessing"
     for preprocessor, train, val in zip(members.preprocessors, members.train_rows, members.val_rows):
         x = preprocessor.transform(datamodule.train_frame)
         try:
@@ -77,7 +79,7 @@ def cross_fit(task: Task, name: str, datamodule: FoldDataModule) -> FittedEstima
     rows = np.sort(np.concatenate([v.numpy() for v in members.val_rows]))
     folds = np.zeros(len(y), dtype=np.int64)
     for fold, val in zip(members.folds, members.val_rows):
-        folds[val.numpy()] = fold
+        folds[val.numpy()] = cast(int, fold)  # every member validates one fold
     predictions = Predictions(rows, folds[rows], oof[rows], np.mean(test, axis=0))
     fold_scores = [cv_score(task, oof[val.numpy()], y[val.numpy()], np.zeros(len(val))) for val in members.val_rows]
     return FittedEstimator(

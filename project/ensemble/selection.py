@@ -22,6 +22,7 @@ import io
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,6 +33,7 @@ from project.data import FoldDataModule
 from project.tasks import Task
 from project.utils import files
 
+Member = int | str  # a library member: a trial's number or an estimator's name
 ROUNDS = 50  # auto-sklearn's ensemble_size
 
 
@@ -47,7 +49,7 @@ class Predictions:
 
     def to_bytes(self) -> bytes:
         """The ``.npz`` file's contents."""
-        arrays = {"rows": self.rows, "folds": self.folds, "oof": self.oof}
+        arrays: dict[str, Any] = {"rows": self.rows, "folds": self.folds, "oof": self.oof}
         if self.test is not None:
             arrays["test"] = self.test
         buffer = io.BytesIO()
@@ -86,10 +88,13 @@ def out_of_fold(task: Task, result: CVResult, datamodule: FoldDataModule, with_t
         if with_test:
             test.append(_scale(task, predict_members(module, datamodule, fit.members, fit.device)))
         module.cpu()
-    rows, folds, oof = np.concatenate(rows), np.concatenate(folds), np.concatenate(oof)
-    order = np.argsort(rows, kind="stable")
+    every_row, every_fold, every_oof = np.concatenate(rows), np.concatenate(folds), np.concatenate(oof)
+    order = np.argsort(every_row, kind="stable")
     return Predictions(
-        rows[order], folds[order], oof[order], torch.cat(test).mean(dim=0).numpy() if with_test else None
+        every_row[order],
+        every_fold[order],
+        every_oof[order],
+        torch.cat(test).mean(dim=0).numpy() if with_test else None,
     )
 
 
@@ -115,8 +120,8 @@ def cv_score(task: Task, predictions: np.ndarray, targets: np.ndarray, folds: np
 
 
 def select(
-    task: Task, library: dict[int | str, Predictions], targets: np.ndarray, rounds: int = ROUNDS
-) -> dict[int | str, float]:
+    task: Task, library: dict[Member, Predictions], targets: np.ndarray, rounds: int = ROUNDS
+) -> dict[Member, float]:
     """Greedy ensemble selection with replacement over ``library`` (a trial's number, or an
     estimator's name -> its predictions, all of the same rows; ``targets`` are those rows'
     targets): each member's weight, summing to 1. A tie goes to the first in ``library``."""
@@ -126,7 +131,7 @@ def select(
         raise ValueError("the trials' out-of-fold predictions cover different rows; they come from different folds")
     stack = np.stack([library[n].oof for n in numbers])
     better = np.argmin if task.direction == "minimize" else np.argmax
-    current, chosen = np.zeros_like(stack[0]), Counter()
+    current, chosen = np.zeros_like(stack[0]), Counter[Member]()
     for step in range(1, rounds + 1):
         candidates = (current * (step - 1) + stack) / step
         best = int(better(scores(task, candidates, targets)))
@@ -136,7 +141,7 @@ def select(
 
 
 def held_out_score(
-    task: Task, library: dict[int | str, Predictions], targets: np.ndarray, folds: np.ndarray
+    task: Task, library: dict[Member, Predictions], targets: np.ndarray, folds: np.ndarray
 ) -> float | None:
     """The selection's own cross-validation: each fold scored by the ensemble selected on the other
     folds' out-of-fold rows, the mean over folds. Unlike the score of the ensemble selected on every
@@ -154,6 +159,6 @@ def held_out_score(
     return float(np.mean(fold_scores))
 
 
-def blend(library: dict[int | str, Predictions], weights: dict[int | str, float], part: str = "oof") -> np.ndarray:
+def blend(library: dict[Member, Predictions], weights: dict[Member, float], part: str = "oof") -> np.ndarray:
     """The weighted average of the members' ``part`` ("oof" or "test") predictions."""
     return sum(w * getattr(library[n], part) for n, w in weights.items())

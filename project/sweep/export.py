@@ -12,11 +12,11 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from project.artifacts.predictor import Ensemble, EstimatorPredictor
+from project.artifacts.predictor import Ensemble, EstimatorPredictor, Predicts
 from project.artifacts.refit import Refit, refit_and_test, refit_metrics
 from project.artifacts.serving import log_predictor
 from project.ensemble.estimators import EstimatorFailed, FittedEstimator, cross_fit
-from project.ensemble.selection import Predictions, blend, cv_score, held_out_score, scores, select
+from project.ensemble.selection import Member, Predictions, blend, cv_score, held_out_score, scores, select
 from project.sweep.kept import KeptTrials
 from project.sweep.plots import learning_curves, study_plots
 from project.sweep.recovery import RUN_ID_ATTR
@@ -139,8 +139,8 @@ def estimator_run(
 
 
 def select_ensemble(
-    library: dict[int | str, Predictions], task, datamodule, best: optuna.trial.FrozenTrial
-) -> tuple[dict[int | str, float], dict]:
+    library: dict[Member, Predictions], task, datamodule, best: optuna.trial.FrozenTrial
+) -> tuple[dict[Member, float], dict]:
     """The members' weights in the ensemble selected on their out-of-fold predictions
     (project/ensemble/selection.py), and what to report of it: its members, its scores and the best trial's
     alone. ``library`` holds the trials' kept predictions by number, and estimators' by name;
@@ -173,7 +173,7 @@ def selected_refits(
     study: optuna.Study,
     settings: SweepSettings,
     summary: dict,
-    library: dict[int, Predictions],
+    library: dict[Member, Predictions],
     datamodule,
     best: optuna.trial.FrozenTrial,
 ) -> list[Refit]:
@@ -190,6 +190,7 @@ def selected_refits(
     return [
         Refit(config_from_params(task, settings.model, study.trials[n].params, settings.fixed), weight=w, trial=n)
         for n, w in top
+        if isinstance(n, int)  # a refit's library holds trials alone
     ]
 
 
@@ -232,10 +233,11 @@ def export_best(
         predictor, scores = refit_and_test(task, refits, settings.data_dir, settings.seed, submission)
         summary.update(scores)
     else:
-        weights, estimators = {best.number: 1.0}, {}
+        weights: dict[Member, float] = {best.number: 1.0}
+        estimators: dict[str, FittedEstimator] = {}
         if settings.ensemble != "none":
             library = kept.predictions(list(complete.values()))
-            failed = {}
+            failed: dict[str, str] = {}
             if settings.ensemble == "greedy":
                 estimators, failed = fit_estimators(study, settings, datamodule, tracker, out_dir, parent_run_id)
             library.update({name: e.predictions for name, e in estimators.items()})
@@ -251,7 +253,7 @@ def export_best(
             }
             if failed:
                 summary["estimator_errors"] = failed
-        predictors = []
+        predictors: list[Predicts] = []
         for number in weights:  # each member's fold models, as its trial kept them
             if isinstance(number, str):
                 predictors.append(EstimatorPredictor.from_fitted(task, estimators[number], datamodule))
@@ -283,7 +285,7 @@ def export_best(
     if parent_run_id:
         if best_run and tracker.has_run(best_run):  # a worker may have logged to another MLflow store
             tracker.set_tags(best_run, {"best_trial": "true"})
-        tracker.set_tags(parent_run_id, {"best_trial_number": best.number, "best_trial_run_id": best_run or ""})
+        tracker.set_tags(parent_run_id, {"best_trial_number": str(best.number), "best_trial_run_id": best_run or ""})
         metrics = {"best_cv_mean": best.value, "n_complete": summary["n_complete"]}
         ensemble = summary.get("ensemble", {})
         if f"oof_{task.metric}" in ensemble:

@@ -30,7 +30,7 @@ from project.artifacts.predictor import Predictor, fits_state
 from project.config import TrainConfig
 from project.cv import CVResult, TrainingDiverged, cross_validate
 from project.data import FoldDataModule
-from project.ensemble.selection import Predictions, out_of_fold
+from project.ensemble.selection import Member, Predictions, out_of_fold
 from project.sweep.recovery import RUN_ID_ATTR
 from project.tasks import Task
 from project.tracking.tracker import Tracker
@@ -129,10 +129,10 @@ class KeptTrials:
             )
         return self.retrained[trial.number]
 
-    def predictions(self, trials: list[optuna.trial.FrozenTrial]) -> dict[int, Predictions]:
+    def predictions(self, trials: list[optuna.trial.FrozenTrial]) -> dict[Member, Predictions]:
         """The kept predictions of ``trials`` (those run before predictions were kept are skipped);
         a trial whose predictions cannot be had at all is left out, its reason in ``left_out``."""
-        library = {}
+        library: dict[Member, Predictions] = {}
         for trial in trials:
             if PREDICTIONS.attr not in trial.user_attrs:
                 continue

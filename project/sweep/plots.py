@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -32,7 +34,7 @@ def _write(figure, path: Path) -> Path:
 
 def study_plots(study: optuna.Study, out_dir: Path) -> list[Path]:
     """Every plot the study has enough trials for; one that cannot be drawn is skipped."""
-    plots = {
+    plots: dict[str, Callable[[optuna.Study], Any]] = {
         "optimization_history.png": optuna_plots.plot_optimization_history,
         "param_importances.png": optuna_plots.plot_param_importances,
         "parallel_coordinate.png": optuna_plots.plot_parallel_coordinate,

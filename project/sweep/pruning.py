@@ -9,9 +9,13 @@ such trials although they would have ended among the best; the README has the me
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 import lightning as L
 import optuna
+
+from project.config.schema import Direction
+from project.engine import FoldModule
 
 GRID = 20  # a trial reports at every twentieth of its schedule
 WARMUP = GRID // 2  # none is pruned before half its schedule
@@ -46,13 +50,14 @@ class FoldPruningCallback(L.Callback):
         self.trial, self.stopped, self.step_offset, self.reported = trial, False, 0, 0
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or not pl_module.history:
+        module = cast(FoldModule, pl_module)
+        if trainer.sanity_checking or not module.history:
             return
-        record = pl_module.history[-1]
-        steps = grid_steps(record["epoch"], trainer.max_epochs, self.reported)
+        record = module.history[-1]
+        steps = grid_steps(record["epoch"], cast(int, trainer.max_epochs), self.reported)
         if not steps:
             return
-        scores = record[f"val_{pl_module.metric_name}"]
+        scores = record[f"val_{module.metric_name}"]
         for step in steps:
             self.trial.report(sum(scores) / len(scores), self.step_offset + step)
         self.reported = steps[-1]
@@ -70,14 +75,14 @@ StepsFn = Callable[[int, int, int], range]  # (epoch, max_epochs, last step repo
 def replay(
     pruner: optuna.pruners.BasePruner,
     curves: dict[int, list[float]],
-    direction: str = "minimize",
+    direction: Direction = "minimize",
     steps: StepsFn = grid_steps,
 ) -> dict[int, int | None]:
     """What ``pruner`` makes of trials whose every epoch's score is known (``curves``: trial number ->
     mean validation score after each epoch, run to the end), taken in number order as one worker
     would: for each trial, the epoch (from 0) after which it is pruned, or None where it completes."""
     study = optuna.create_study(direction=direction, pruner=pruner)
-    verdicts = {}
+    verdicts: dict[int, int | None] = {}
     for number, curve in sorted(curves.items()):
         trial, reported, verdicts[number] = study.ask(), 0, None
         for epoch, value in enumerate(curve):

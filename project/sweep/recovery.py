@@ -16,6 +16,7 @@ import time
 from datetime import datetime
 
 import optuna
+from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from project.tracking.tracker import Tracker
@@ -29,10 +30,19 @@ def this_worker() -> dict[str, str | int]:
     return {"host": socket.gethostname(), "pid": os.getpid()}
 
 
+def trial_record(study: optuna.Study, trial: FrozenTrial) -> tuple[BaseStorage, int]:
+    """The study's storage and the trial's id in it, to write to a trial this process is not running.
+
+    Optuna's public writes to a trial go through a ``Trial``, which exists only in the process that
+    runs it and only once ``before_trial`` has returned; the storage API (public on the storage
+    classes) does the rest, reached through the two private attributes here and nowhere else."""
+    return study._storage, trial._trial_id
+
+
 def claim(study: optuna.Study, trial: FrozenTrial) -> None:
     """Record this process as the trial's worker (one write, so it is never half-recorded)."""
-    # Optuna's public set_user_attr needs a Trial, which does not exist yet inside before_trial
-    study._storage.set_trial_user_attr(trial._trial_id, WORKER_ATTR, this_worker())
+    storage, trial_id = trial_record(study, trial)
+    storage.set_trial_user_attr(trial_id, WORKER_ATTR, this_worker())
 
 
 def _alive(pid: int) -> bool:
@@ -59,10 +69,10 @@ def _why_dead(trial: FrozenTrial, host: str, now: datetime) -> str | None:
 
 
 def _fail(study: optuna.Study, trial: FrozenTrial, reason: str) -> bool:
-    # Optuna has no public call to fail another process's trial; its storage API does it
+    storage, trial_id = trial_record(study, trial)
     try:
-        study._storage.set_trial_user_attr(trial._trial_id, "failure", reason)
-        return study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        storage.set_trial_user_attr(trial_id, "failure", reason)
+        return storage.set_trial_state_values(trial_id, TrialState.FAIL)
     except optuna.exceptions.UpdateFinishedTrialError:
         return False  # its worker was alive after all and finished it meanwhile
 

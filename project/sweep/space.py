@@ -11,19 +11,22 @@ from __future__ import annotations
 from typing import Any
 
 import optuna
+from optuna.trial import BaseTrial
 
 from project.config import SearchParam, TrainConfig, search_names
 from project.tasks import Task
 from project.validate import check_config
 
 
-def sample(trial: optuna.Trial, key: str, param: SearchParam) -> Any:
+def sample(trial: BaseTrial, key: str, param: SearchParam) -> Any:
     """One value of a search entry."""
     name = search_names(key, param)[0]
     if param.choices is not None:
         return trial.suggest_categorical(name, list(param.choices))
     if param.depth is not None:
         depth = trial.suggest_int("depth", *param.depth)
+        if param.width is None:
+            raise ValueError(f"search entry {key!r}: depth needs a width range beside it")
         width = trial.suggest_int("width", *param.width, log=True) if depth else 0
         return (width,) * depth
     if isinstance(param.low, int) and isinstance(param.high, int):
@@ -44,7 +47,7 @@ def start_point(task: Task, model: str, fixed: dict) -> dict:
     return {k: v for k, v in task.preset.model_preset(model).start.items() if k not in dropped}
 
 
-def suggest_config(trial: optuna.Trial, task: Task, model: str, fixed: dict) -> TrainConfig:
+def suggest_config(trial: BaseTrial, task: Task, model: str, fixed: dict) -> TrainConfig:
     """Sample a configuration: the preset's settings for ``model``, its search entries sampled
     in order, and ``fixed`` (search keys, e.g. ``lr`` or ``model.dropout``) as they are."""
     values = task.config(model).to_dict()

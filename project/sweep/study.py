@@ -14,7 +14,9 @@ import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from multiprocessing.process import BaseProcess
 from pathlib import Path
+from typing import cast
 
 import optuna
 import sqlalchemy
@@ -175,7 +177,7 @@ class TrialSeededTPE(optuna.samplers.TPESampler):
 
     One process gives the same sweep for the same --seed, and workers sharing a study, even
     commands started by hand with the same --seed, hold different trial numbers and so do not
-    draw the same configurations. (Reseeds TPESampler's own generators, which Optuna keeps private.)
+    draw the same configurations.
     """
 
     def __init__(self, seed: int, **kwargs) -> None:
@@ -184,10 +186,14 @@ class TrialSeededTPE(optuna.samplers.TPESampler):
 
     def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         claim(study, trial)
-        trial_seed = derive_seed(self._base_seed, "trial", trial.number)
-        self._rng.rng.seed(trial_seed)
-        self._random_sampler._rng.rng.seed(trial_seed)
+        self.reseed(derive_seed(self._base_seed, "trial", trial.number))
         super().before_trial(study, trial)
+
+    def reseed(self, seed: int) -> None:
+        """TPE's generators, and those of the random sampler it starts with, from ``seed``: Optuna's
+        public ``reseed_rng()`` draws a fresh seed, so these private ones are set here alone."""
+        self._rng.rng.seed(seed)
+        self._random_sampler._rng.rng.seed(seed)
 
 
 def open_study(settings: SweepSettings, attempts: int = 5) -> optuna.Study:
@@ -444,7 +450,7 @@ def run_workers(
         worker.start()
     lost, running = [], dict(enumerate(workers))
     try:
-        with stopping.forwarding_to([w.pid for w in workers]), _storage_loss_raised(settings.storage):
+        with stopping.forwarding_to([cast(int, w.pid) for w in workers]), _storage_loss_raised(settings.storage):
             while running:
                 multiprocessing.connection.wait([w.sentinel for w in running.values()], timeout=1.0)
                 if tracker.journal is not None and tracker.journal.holding:
@@ -496,11 +502,11 @@ def _write_failure(study: optuna.Study) -> str | None:
     return failed[-1].user_attrs["failure"] if failed else None
 
 
-def _lost(study: optuna.Study, tracker: Tracker, index: int, worker: multiprocessing.Process) -> LostWorker:
-    code = worker.exitcode
+def _lost(study: optuna.Study, tracker: Tracker, index: int, worker: BaseProcess) -> LostWorker:
+    code, pid = cast(int, worker.exitcode), cast(int, worker.pid)  # a started process that ended
     how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
-    trials = fail_trials_of(study, tracker, worker.pid, f"worker process {how}")
-    return LostWorker(index, worker.pid, f"was {how}" if code < 0 else how, trials)
+    trials = fail_trials_of(study, tracker, pid, f"worker process {how}")
+    return LostWorker(index, pid, f"was {how}" if code < 0 else how, trials)
 
 
 def default_storage(output_dir: Path) -> str:

@@ -21,14 +21,16 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeVar, cast
 
-import mlflow.data
 import pandas as pd
 import requests
 from google.protobuf.json_format import MessageToDict, ParseDict
+from mlflow.data.dataset import Dataset
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
+from mlflow.data.pandas_dataset import from_pandas
+from mlflow.entities import Dataset as DatasetEntity
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.protos.service_pb2 import DatasetInput as ProtoDatasetInput
@@ -100,6 +102,19 @@ def environment_tags(entry_point: str | None = None) -> dict[str, str]:
     return tags
 
 
+def dataset_entity(dataset: Dataset) -> DatasetEntity:
+    """The tracking record of a dataset, from its public ``to_dict()``."""
+    fields = dataset.to_dict()
+    return DatasetEntity(
+        name=fields["name"],
+        digest=fields["digest"],
+        source_type=fields["source_type"],
+        source=fields["source"],
+        schema=fields.get("schema"),
+        profile=fields.get("profile"),
+    )
+
+
 def dataset_inputs(datamodule) -> list[DatasetInput]:
     """A task's train and test data as MLflow dataset inputs: tables with their schema, row count
     and a digest of their content, image files with the sha256 of their bytes; each with its
@@ -112,14 +127,17 @@ def dataset_inputs(datamodule) -> list[DatasetInput]:
         warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
         for context, (path, content) in datamodule.data_files().items():
             name = f"{datamodule.dataset}/{path.name}"
+            dataset: Dataset
             if isinstance(content, pd.DataFrame):
-                dataset = mlflow.data.from_pandas(content, source=str(path), name=name)
+                dataset = from_pandas(content, source=str(path), name=name)
             else:
                 digest = hashlib.sha256()
                 for file in content:
                     digest.update(file.read_bytes())
-                dataset = MetaDataset(resolve_dataset_source(str(path)), name=name, digest=digest.hexdigest()[:8])
-            inputs.append(DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", context)]))
+                source = resolve_dataset_source(str(path))
+                # concrete in MLflow; its base class only declares ``profile`` abstract to the type checker
+                dataset = MetaDataset(source, name=name, digest=digest.hexdigest()[:8])  # type: ignore[abstract]
+            inputs.append(DatasetInput(dataset_entity(dataset), [InputTag("mlflow.data.context", context)]))
     return inputs
 
 
@@ -185,7 +203,7 @@ class Tracker:
         if parent_run_id:
             tags[PARENT_TAG] = parent_run_id
         args = {"run": None, "run_name": name, "tags": tags, "start_time": _now()}
-        return self._write("create_run", args)
+        return cast(str, self._write("create_run", args))  # a created run has an id, sent or kept
 
     def log_inputs(self, run_id: str, inputs: list[DatasetInput]) -> None:
         self._write("log_inputs", {"run": run_id, "datasets": [MessageToDict(d.to_proto()) for d in inputs]})
@@ -316,7 +334,7 @@ class Tracker:
             raise
 
     def _unreachable(self, err: BaseException) -> None:
-        if self.reachable and self.journal.first_to_say():
+        if self.reachable and self.journal is not None and self.journal.first_to_say():
             self._said = True
             print(
                 f"MLflow tracking at {self.tracking_uri} is unreachable ({why_unreachable(err)}); "
@@ -332,9 +350,9 @@ class Tracker:
         if op == "create_run":
             tags = {k: self._resolve(v) for k, v in args["tags"].items()}
             created = self.client.create_run(
-                self.experiment_id, start_time=args["start_time"], tags=tags, run_name=args["run_name"]
+                cast(str, self.experiment_id), start_time=args["start_time"], tags=tags, run_name=args["run_name"]
             ).info.run_id
-            if args["run"]:
+            if args["run"] and self.journal is not None:  # a run created while it was kept
                 self.journal.record(args["run"], created)
             return created
         run = self._resolve(args["run"])
@@ -421,11 +439,12 @@ class Tracker:
 
     def running_runs(self, **tags: str) -> list:
         """This experiment's RUNNING runs with these tags (none while the server cannot be asked)."""
-        if self.experiment_id is None:
+        experiment_id = self.experiment_id
+        if experiment_id is None:
             return []
-        runs = (
+        runs: list = (
             self.attempt(
-                lambda: self.client.search_runs([self.experiment_id], "attributes.status = 'RUNNING'", max_results=5000)
+                lambda: self.client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=5000)
             )
             or []
         )
