@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: install data sweep test test-fast benchmark gpu-check dashboard clean
+.PHONY: install data sweep lint test test-fast benchmark gpu-check dashboard clean
 
 install: $(STAMP)
 
@@ -27,7 +27,14 @@ data: install
 sweep: data
 	$(PY) experiments/sweep.py $(ARGS)
 
-test: data
+# the shape of the code: ruff's lint and format, mypy on project/, and the layers of pyproject.toml
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
+test: data lint
 	$(PY) -m pytest $(ARGS)
 
 test-fast: install
