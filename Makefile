@@ -41,13 +41,13 @@ test-fast: install
 	$(PY) -m pytest -m "not slow" $(ARGS)
 
 benchmark: data
-	$(PY) experiments/benchmark.py $(ARGS)
+	$(PY) experiments/tools/benchmark.py $(ARGS)
 
 # on a machine with a CUDA GPU: the GPU tests (skipped without one), then the benchmark on the GPU
 gpu-check: data
 	$(PY) -m pytest tests/test_gpu.py -v -rs $(ARGS)
 	@if $(PY) -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then \
-	    $(PY) experiments/benchmark.py --device cuda --repeats 1 --cases house-prices-5fold-mlp,house-prices-5fold-mlp-generic,fashion-mnist-cnn-5fold-epoch; \
+	    $(PY) experiments/tools/benchmark.py --device cuda --repeats 1 --cases house-prices-5fold-mlp,house-prices-5fold-mlp-generic,fashion-mnist-cnn-5fold-epoch; \
 	else echo "no CUDA GPU here: the benchmark on the GPU is skipped"; fi
 
 # Optuna's own UI on a study (default: the House Prices sweep's): STUDY=fashion-mnist make dashboard

@@ -22,6 +22,7 @@ from project.utils.devices import describe, training_device
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
+sys.path.insert(0, str(REPO / "experiments" / "tools"))
 import sweep  # noqa: E402
 import train  # noqa: E402
 

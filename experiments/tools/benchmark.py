@@ -1,6 +1,6 @@
 """Side by side in one process: the plain PyTorch loop of the d2l chapters against this project's path.
 
-    python experiments/benchmark.py --json bench.json
+    python experiments/tools/benchmark.py --json bench.json
 
 Each case trains the same model with the same optimiser, epochs, batch size, folds and data on
 both paths and reports the median of --repeats runs (imports and data loading excluded). The plain

@@ -1,6 +1,6 @@
 """The plain PyTorch reference on its own, in a process of its own: a check on the benchmark.
 
-    python experiments/plain_reference.py --json plain.json
+    python experiments/tools/plain_reference.py --json plain.json
 
 The training loop here is written out again, as the d2l chapters write it (``nn.Sequential``,
 ``torch.optim.AdamW`` with its defaults, ``randperm`` mini-batches, one fold after another), and

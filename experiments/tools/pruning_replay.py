@@ -3,8 +3,8 @@ trained again to its last epoch, then the sweep's pruner and the epoch-indexed o
 are replayed on those curves (trials in number order, as one worker takes them), and the trials
 each would cut are compared with the median of all the trials' final scores.
 
-    python experiments/pruning_replay.py                                   # the default House Prices study
-    python experiments/pruning_replay.py --output-dir experiments/outputs/house-prices --study-name house-prices
+    python experiments/tools/pruning_replay.py                                   # the default House Prices study
+    python experiments/tools/pruning_replay.py --output-dir experiments/outputs/house-prices --study-name house-prices
 
 Writes <output-dir>/pruning_replay.json.
 """

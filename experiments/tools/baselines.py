@@ -1,7 +1,7 @@
 """The House Prices preset's estimators alone, on exactly the sweep's folds and features.
 
-    python experiments/baselines.py                      # every estimator of sweep.estimators
-    python experiments/baselines.py --models lasso
+    python experiments/tools/baselines.py                      # every estimator of sweep.estimators
+    python experiments/tools/baselines.py --models lasso
 
 The sweep fits the estimators its preset lists under ``sweep.estimators`` (a Lasso and gradient
 boosting, from scikit-learn) on each fold's training part, with the same per-fold preprocessing
