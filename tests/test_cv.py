@@ -41,6 +41,37 @@ class TinyConvNet(nn.Module):
         return self.body(x)
 
 
+@register_model("test-batchnorm-convnet")
+class BatchNormConvNet(nn.Module):
+    """The most common kind of CNN: BatchNorm with running statistics, which vmap cannot stack."""
+
+    def __init__(self, in_shape, out_features, channels: int = 4) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(in_shape[0], channels, 3, padding=1),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(4),
+            nn.Flatten(),
+            nn.Linear(channels * 16, out_features),
+        )
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_a_batchnorm_cnn_cross_validates_under_auto_and_says_its_layout(idx_dir):
+    task = get_task("fashion-mnist")
+    dm = task.datamodule(data_dir=idx_dir, n_folds=2, fold=[0, 1])
+    dm.setup()
+    config = TrainConfig(model="test-batchnorm-convnet", max_epochs=2, batch_size=32, lr=1e-2)
+    result = cross_validate(task, config, datamodule=dm)
+    assert len(result.fold_scores) == 2 and all(0 <= s <= 1 for s in result.fold_scores)
+    assert result.layout == (
+        "sequential (torch.func vmap; BatchNorm2d at 'body.1' keeps running statistics, which stacking cannot batch)"
+    )
+
+
 @register_model("test-tiny-regressor")
 class TinyRegressor(nn.Module):
     def __init__(self, in_shape, out_features, width: int = 8) -> None:

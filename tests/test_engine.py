@@ -188,7 +188,9 @@ class BatchNormNet(nn.Module):
         return self.net(x)
 
 
-def test_running_statistics_are_refused_with_what_to_use_instead(house_dir):
+def test_running_statistics_train_one_fold_after_another_and_stacking_them_is_refused(house_dir):
+    """auto trains a BatchNorm model's folds one after another and says why; asking for the
+    torch.func stack is refused with what to use instead."""
     task, dm = house_task_dm(house_dir)
     config = TrainConfig(model="test-batchnorm-net", max_epochs=2, batch_size=16)
     message = (
@@ -196,11 +198,13 @@ def test_running_statistics_are_refused_with_what_to_use_instead(house_dir):
         r"\(torch.func.vmap\) cannot batch; use GroupNorm, BatchNorm1d\(..., track_running_stats=False\), "
         r"or --sequential-folds"
     )
-    for stacking in ("auto", "vmap"):
-        with pytest.raises(StackingError, match=message):
-            cross_validate(task, config, datamodule=dm, stacking=stacking)
+    with pytest.raises(StackingError, match=message):
+        cross_validate(task, config, datamodule=dm, stacking="vmap")
+    auto = cross_validate(task, config, datamodule=dm, stacking="auto")
+    assert auto.layout.startswith("sequential (") and "BatchNorm1d at 'net.1' keeps running statistics" in auto.layout
     result = cross_validate(task, config, datamodule=dm, stacking="sequential")  # one fold at a time: no vmap
     assert len(result.fold_scores) == 3 and all(s > 0 for s in result.fold_scores)
+    assert auto.fold_scores == result.fold_scores  # the same fits, in the same order
 
 
 def test_member_gradient_clipping_is_each_members_own():

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from project.engine.optim import create_optimizer
-from project.engine.stacking import HAND_STACKED, build_stack, refuse_running_statistics
+from project.engine.stacking import HAND_STACKED, build_stack, running_statistics
 from project.engine.timing import best_seconds
 
 log = logging.getLogger(__name__)
@@ -60,13 +60,16 @@ def choose_layout(
     device: torch.device,
 ) -> Layout:
     """How to train ``members`` copies of the modules ``make_modules(n)`` builds; ``key`` names the
-    model and its arguments for the cache."""
+    model and its arguments for the cache. A module that cannot be stacked trains one member after
+    another, and the layout says why."""
     if members == 1:
         return Layout(True, "one member")
     probe = make_modules(1)[0]
     if type(probe) in HAND_STACKED:
         return Layout(True, "hand-stacked")
-    refuse_running_statistics(probe, name)
+    found = running_statistics(probe)
+    if found is not None:
+        return Layout(False, f"{found[0]} at {found[1]!r} keeps running statistics, which stacking cannot batch")
     cache_key = (
         key,
         tuple(sample_shape),
@@ -79,13 +82,17 @@ def choose_layout(
     )
     if cache_key not in _MEASURED:
         x = torch.randn(members, batch_size, *sample_shape, device=device)
-        stacked = _seconds_per_step(build_stack(make_modules(members), name).to(device), x)
-        alone = _seconds_per_step(build_stack(make_modules(1), name).to(device), x[:1])
-        layout = Layout(
-            stacked <= members * alone,
-            f"measured on {device.type}: {stacked * 1e3:.0f} ms per step stacked, "
-            f"{members * alone * 1e3:.0f} ms one after another",
-        )
+        try:
+            stacked = _seconds_per_step(build_stack(make_modules(members), name).to(device), x)
+        except RuntimeError as err:  # an operation torch.func.vmap has no batching rule for
+            layout = Layout(False, f"torch.func.vmap refused it: {str(err).splitlines()[0]}")
+        else:
+            alone = _seconds_per_step(build_stack(make_modules(1), name).to(device), x[:1])
+            layout = Layout(
+                stacked <= members * alone,
+                f"measured on {device.type}: {stacked * 1e3:.0f} ms per step stacked, "
+                f"{members * alone * 1e3:.0f} ms one after another",
+            )
         log.info("folds of %s: %s", name, layout.describe("torch.func vmap"))
         _MEASURED[cache_key] = layout
     return _MEASURED[cache_key]

@@ -28,16 +28,25 @@ class StackingError(ValueError):
     """A module that vmap cannot stack; says what to use instead."""
 
 
-def refuse_running_statistics(module: nn.Module, name: str) -> None:
-    """vmap cannot batch a buffer updated in place by every forward (BatchNorm's running mean)."""
+def running_statistics(module: nn.Module) -> tuple[str, str] | None:
+    """The first layer of ``module`` that keeps running statistics (its class and path), which vmap
+    cannot batch: a buffer updated in place by every forward, as BatchNorm's running mean."""
     for path, sub in module.named_modules():
         if getattr(sub, "track_running_stats", False):
-            kind = type(sub).__name__
-            raise StackingError(
-                f"model {name!r}: {kind} at {path!r} keeps running statistics, which fold stacking "
-                f"(torch.func.vmap) cannot batch; use GroupNorm, {kind}(..., track_running_stats=False), "
-                "or --sequential-folds"
-            )
+            return type(sub).__name__, path
+    return None
+
+
+def refuse_running_statistics(module: nn.Module, name: str) -> None:
+    """Refuse to stack a module that keeps running statistics, saying what to use instead."""
+    found = running_statistics(module)
+    if found is not None:
+        kind, path = found
+        raise StackingError(
+            f"model {name!r}: {kind} at {path!r} keeps running statistics, which fold stacking "
+            f"(torch.func.vmap) cannot batch; use GroupNorm, {kind}(..., track_running_stats=False), "
+            "or --sequential-folds"
+        )
 
 
 class Stack(nn.Module):
