@@ -9,7 +9,7 @@ from pathlib import Path
 
 from project.config import PresetError, available, preset_path
 from project.models import MODELS
-from project.models.registry import model_arguments
+from project.models.registry import model_arguments, model_class
 from project.tasks import Task
 from project.utils.paths import REPO_ROOT
 from project.validate import check_data, load_preset
@@ -66,9 +66,18 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--model",
-        choices=sorted(MODELS),
         default=None,
-        help="the model, by its registered name, one the preset has settings for (default: the preset's)",
+        help="the model, by its registered name (or module:Class), one the preset has settings for "
+        "(default: the preset's)",
+    )
+    parser.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="a module of your own to import first, e.g. one that registers a model (repeatable; added to the "
+        "preset's imports)",
     )
     parser.add_argument("--data-dir", type=Path, default=REPO_ROOT / "data", help="raw data folder (default: data/)")
     parser.add_argument("--folds", type=folds_int, default=None, help="number of CV folds (default: the preset's)")
@@ -142,11 +151,18 @@ def load_task(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tupl
         values = {"folds": args.folds} if args.folds is not None else {}
         if args.deterministic is not None:
             values["deterministic"] = {"true": True, "false": False}.get(args.deterministic, args.deterministic)
-        task = Task(load_preset(path, args.overrides, values))
+        task = Task(load_preset(path, args.overrides, values, args.imports))
         check_data(task.preset, args.data_dir)
     except PresetError as err:
         parser.error(f"argument {'--config' if args.config else '--task'}: {err}")
     model = args.model or task.default_model
+    try:
+        model_class(model)
+    except ValueError:
+        parser.error(
+            f"argument --model: {model!r} is not a registered model; registered: {', '.join(sorted(MODELS))} "
+            "(a model of your own: name its module with --import or the preset's imports, or give module:Class)"
+        )
     if model not in task.preset.models:
         parser.error(
             f"argument --model: preset {task.name!r} ({task.preset.source}) has no settings for model "

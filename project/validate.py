@@ -12,17 +12,22 @@ from typing import Any
 import pandas as pd
 
 from project.config import PresetError, TrainConfig, instantiate, read, search_names
-from project.config.imports import derive_function
+from project.config.imports import derive_function, import_modules
 from project.config.schema import DATA_KINDS, DETERMINISTIC, KINDS, METRICS, TRANSFORMS, Preset
 from project.data.sources import DATASETS
 from project.data.tabular import SCALERS
 from project.models.registry import check_model_kwargs, model_arguments, model_class
 
 
-def load_preset(path: str | Path, overrides: Sequence[str] = (), values: dict | None = None) -> Preset:
+def load_preset(
+    path: str | Path, overrides: Sequence[str] = (), values: dict | None = None, imports: Sequence[str] = ()
+) -> Preset:
     """Read, merge and check a preset: ``overrides`` are ``key=value`` strings (``--set``), ``values``
-    a nested dict of settings from flags; both win over the file."""
+    a nested dict of settings from flags; both win over the file. ``imports`` (``--import``) are
+    imported after the preset's own, before anything is checked against the registries."""
     preset = read(path, overrides, values)
+    preset.imports = [*preset.imports, *(name for name in imports if name not in preset.imports)]
+    import_modules(preset)
     check_preset(preset, Path(path))
     return preset
 

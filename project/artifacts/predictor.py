@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import cast
@@ -31,6 +32,7 @@ from torch import Tensor, nn
 from project.artifacts.model_io import load_model, save_model
 from project.artifacts.submission import SubmissionFormat, prediction_frame, write_submission
 from project.config import TrainConfig, from_resolved, to_yaml
+from project.config.imports import add_to_path, own_code
 from project.cv import Fit
 from project.data import FoldDataModule
 from project.data.base import Members
@@ -353,13 +355,19 @@ def class_labels(datamodule: FoldDataModule) -> list | None:
 
 
 def save_task(folder: Path, task: Task, inputs: dict) -> None:
-    """What every saved predictor holds: the resolved preset and what its inputs look like."""
+    """What every saved predictor holds: the resolved preset, what its inputs look like, and the
+    user's own modules it needs (``code/``), so that it loads in a process started elsewhere."""
     (folder / "task.yaml").write_text(to_yaml(task.preset.resolved()))
     (folder / "inputs.json").write_text(json.dumps(inputs, indent=2))
+    for path in own_code(task.preset):
+        copy = shutil.copytree if path.is_dir() else shutil.copy2
+        (folder / "code").mkdir(exist_ok=True)
+        copy(path, folder / "code" / path.name)
 
 
 def load_task(folder: Path) -> tuple[Task, dict]:
-    """The task and inputs ``save_task`` wrote."""
+    """The task and inputs ``save_task`` wrote, its own code importable first."""
+    add_to_path(folder / "code")
     with reading(folder / "task.yaml"):
         task = Task(from_resolved(cast(dict, OmegaConf.to_container(OmegaConf.load(folder / "task.yaml")))))
     with reading(folder / "inputs.json"):

@@ -25,6 +25,7 @@ from mlflow.pyfunc import PythonModel
 from mlflow.types.schema import ColSpec, Schema, TensorSpec
 
 from project.artifacts.predictor import Predicts, load_predictor
+from project.config.imports import own_code
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # all of project/, shipped with the model
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
@@ -96,7 +97,7 @@ def log_predictor(
             name="model",
             python_model=str(MODEL_CODE),
             artifacts={"predictor": str(folder)},
-            code_paths=[str(PACKAGE_DIR)],
+            code_paths=[str(PACKAGE_DIR), *map(str, own_code(predictor.task.preset))],
             signature=signature(predictor, test_inputs),
             input_example=test_inputs[:5],
             pip_requirements=pinned_requirements(),

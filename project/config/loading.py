@@ -11,6 +11,7 @@ from typing import cast
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from project.config.imports import import_modules
 from project.config.schema import Preset, PresetError
 from project.utils.paths import REPO_ROOT
 
@@ -59,8 +60,10 @@ def _layers(path: Path, seen: tuple[Path, ...] = ()) -> list:
 
 
 def from_resolved(values: dict) -> Preset:
-    """The preset ``Preset.resolved()`` gave (no file, no checks again)."""
-    return cast(Preset, OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Preset), OmegaConf.create(values))))
+    """The preset ``Preset.resolved()`` gave (no file, no checks again), its ``imports`` imported."""
+    preset = cast(Preset, OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Preset), OmegaConf.create(values))))
+    import_modules(preset)
+    return preset
 
 
 def to_yaml(values: dict) -> str:

@@ -139,8 +139,11 @@ class Preset:
     # torch's deterministic algorithms: true (the same seed, the same scores), warn (a warning
     # where an op has no deterministic kernel, as some CUDA backward passes have not), false
     deterministic: Any = True
+    # modules of your own imported before anything else (models and data kinds register themselves),
+    # found beside this file, in the working directory or on PYTHONPATH; saved models carry them
+    imports: list[str] = field(default_factory=list)
     data: Data = field(default_factory=Data)
-    model: str = "mlp"  # the default model; --model picks another of `models`
+    model: str = "mlp"  # the default model (a registered name, or module:Class); --model picks another
     models: dict[str, ModelPreset] = field(default_factory=dict)
     sweep: Sweep = field(default_factory=Sweep)
     submission: Submission = field(default_factory=Submission)

@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 from torch import nn
 
+from project.config.imports import imported
+
 MODELS: dict[str, type[nn.Module]] = {}
 
 
@@ -27,8 +29,17 @@ def register_model(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
 
 
 def model_class(name: str) -> type[nn.Module]:
+    """The registered class, or for a ``module:Class`` name the class it imports (registered then)."""
+    if name not in MODELS and ":" in name:
+        try:
+            register_model(name)(imported(name))
+        except ImportError:
+            raise ValueError(f"model {name!r} is not importable: expected module:Class of an nn.Module") from None
     if name not in MODELS:
-        raise ValueError(f"model {name!r} is unknown: expected one of {', '.join(sorted(MODELS))}")
+        raise ValueError(
+            f"model {name!r} is unknown: expected one of {', '.join(sorted(MODELS))}, or module:Class "
+            "(a model of your own: its module under the preset's imports registers it)"
+        )
     return MODELS[name]
 
 
