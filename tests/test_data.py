@@ -44,8 +44,8 @@ def test_fold_sizes_and_features(house_dir):
     assert (len(dm.members.train_rows[0]), len(dm.members.val_rows[0]), dm.test_size) == (48, 12, 20)
     batch = next(iter(dm.train_loader(64)))  # a chunk of mini-batches: [steps, members, rows, features]
     assert batch["x"].shape == (1, 1, 64, dm.n_features) and batch["w"].sum() == 48
-    batch = next(iter(dm.train_dataloader()))  # what a Trainer given the DataModule sees: one mini-batch
-    assert batch["x"].shape == (1, 48, dm.n_features)
+    x, y = next(iter(dm.train_dataloader()))  # what a Trainer given the DataModule sees: one mini-batch
+    assert x.shape == (48, dm.n_features) and y.shape == (48,)
     assert torch.isfinite(dm.members.features.x).all() and torch.isfinite(dm.members.test_features.x).all()
     # target is log(SalePrice)
     assert torch.allclose(

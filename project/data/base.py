@@ -6,12 +6,14 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 from sklearn.model_selection import KFold, StratifiedKFold
 from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
 
 from project.data.batches import MemberFeatures, StackedBatches
 from project.data.sources import DATASETS, fetch_dataset
@@ -20,6 +22,30 @@ CHUNK_ELEMENTS = 4 * 1024 * 1024
 # input elements per member in one evaluation pass: thousands of images in one pass spill a conv
 # net's activations out of the CPU caches, and a pass of a few hundred takes less time per row
 EVAL_ELEMENTS = 256 * 1024
+
+
+class FoldRows(Dataset):
+    """One member's rows as standard samples, ``(x, y)`` or ``x``, cut a batch at a time: the
+    DataLoader hands ``__getitems__`` the batch's positions and passes its result on as it is."""
+
+    def __init__(self, features: MemberFeatures, rows: Tensor, targets: Tensor | None) -> None:
+        self.features, self.rows, self.targets = features, rows, targets
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitems__(self, positions: list[int]) -> tuple[Tensor, Tensor] | Tensor:
+        rows = self.rows[torch.as_tensor(positions)]
+        x = self.features.gather(rows[None])[0]
+        return x if self.targets is None else (x, self.targets[rows])
+
+    def __getitem__(self, position: int) -> tuple[Tensor, Tensor] | Tensor:
+        batch = self.__getitems__([position])
+        return batch[0] if isinstance(batch, Tensor) else (batch[0][0], batch[1][0])
+
+
+def _as_is(batch: Any) -> Any:
+    return batch
 
 
 def kfold_indices(
@@ -253,15 +279,39 @@ class FoldDataModule(L.LightningDataModule):
         targets = self.test_targets if with_targets else None
         return StackedBatches(members.test_features, targets, rows, self.eval_rows, nonzero=nonzero, device=device)
 
-    # the LightningDataModule hooks, for a Trainer given this DataModule itself
-    def train_dataloader(self) -> StackedBatches:
-        return self.train_loader(self.batch_size, chunked=False)
+    # The LightningDataModule hooks: the standard batches of one fold, ``(x, y)`` with ``x`` batch
+    # first (``[B, F]`` for table rows, ``[B, C, H, W]`` for images) and ``y`` ``[B]``, with the
+    # fold's own preprocessing, for any LightningModule and a plain Trainer. The engine's
+    # fold-stacked batches are its own loaders above, cut from the same prepared data.
+    def train_dataloader(self) -> DataLoader:
+        member = self._one_member()
+        return self._plain_loader(member.features, member.train_rows[0], self.targets, shuffle=True)
 
-    def val_dataloader(self) -> StackedBatches | list:
-        return self.val_loader()
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.validates:
+            return []
+        member = self._one_member()
+        return self._plain_loader(member.features, member.val_rows[0], self.targets)
 
-    def test_dataloader(self) -> StackedBatches:
-        return self.test_loader()
+    def test_dataloader(self) -> DataLoader:
+        """``(x, y)`` where the test split has labels (the images' official test set), else ``x``."""
+        return self._plain_loader(self._one_member().test_features, torch.arange(self.test_size), self.test_targets)
 
-    def predict_dataloader(self) -> StackedBatches:
-        return self.test_loader(with_targets=False)
+    def predict_dataloader(self) -> DataLoader:
+        """The test rows' ``x`` alone, in file order."""
+        return self._plain_loader(self._one_member().test_features, torch.arange(self.test_size), None)
+
+    def _one_member(self) -> Members:
+        if len(self.members) != 1:
+            raise ValueError(
+                f"the standard loaders serve one fold, and this {type(self).__name__} holds {len(self.members)} "
+                "members: build it with fold=<k> (or fold=None for every training row)"
+            )
+        return self.members
+
+    def _plain_loader(
+        self, features: MemberFeatures, rows: Tensor, targets: Tensor | None, shuffle: bool = False
+    ) -> DataLoader:
+        batch_size = self.batch_size if shuffle else self.eval_rows
+        # shuffled from torch's global generator, as any DataLoader: L.seed_everything makes it repeat
+        return DataLoader(FoldRows(features, rows, targets), batch_size, shuffle=shuffle, collate_fn=_as_is)
