@@ -6,21 +6,12 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-import pandas as pd
 import torch
 from torch import Tensor
 
-from project.config import Preset, TrainConfig, derive_function, preset_path
+from project.config import Preset, TrainConfig, preset_path
 from project.config.schema import Direction
-from project.data import (
-    TARGET_TRANSFORMS,
-    FoldDataModule,
-    IdxDataModule,
-    ImageFolderDataModule,
-    TableDataModule,
-    TabularSpec,
-)
-from project.data.tabular import check_frame
+from project.data import TARGET_TRANSFORMS, FoldDataModule, data_kind
 from project.engine import ClassificationHead, RegressionHead
 from project.engine.heads import Head
 from project.validate import check_config, load_preset
@@ -97,40 +88,7 @@ class Task:
             batch_size=batch_size,
             stratified=self.preset.is_stratified,
         )
-        if data.kind == "csv":
-            return TableDataModule(
-                self.table_spec(),
-                kind=self.kind,
-                target_transform=data.target_transform,
-                options=data.preprocess,
-                drop_train_rows=data.drop_train_rows,
-                train_file=data.train or "train.csv",
-                test_file=data.test or "test.csv",
-                **common,
-            )
-        if data.kind == "idx":
-            return IdxDataModule(**common)
-        return ImageFolderDataModule(
-            train_dir=data.train or "train", test_dir=data.test or "test", image_size=data.image_size, **common
-        )
-
-    def table_spec(self) -> TabularSpec:
-        """How a CSV task's columns are read."""
-        data = self.preset.data
-        assert data.id is not None and data.target is not None, "validate.check_preset requires both of a CSV task"
-        return TabularSpec(
-            id_column=data.id,
-            target=data.target,
-            numeric=None if data.numeric is None else tuple(data.numeric),
-            categorical=tuple(data.categorical),
-            ordinal=dict(data.ordinal),
-            derive=derive_function(data.derive, self.preset.source),
-        )
-
-    def prepare_rows(self, frame: pd.DataFrame) -> pd.DataFrame:
-        """Raw table rows as reading the test file makes them (numbers where the preset says so),
-        whether they come from a file or a request."""
-        return check_frame(frame.copy(), self.table_spec(), Path("input rows"), with_target=False)
+        return data_kind(data.kind).from_preset(self.preset, **common)
 
     def head(self, config: TrainConfig, member_targets: list[Tensor]) -> Head:
         """The head of a stack whose members train on ``member_targets``: regression predicts

@@ -9,12 +9,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from project.config import PresetError, TrainConfig, instantiate, read, search_names
 from project.config.imports import derive_function, import_modules
-from project.config.schema import DATA_KINDS, DETERMINISTIC, KINDS, METRICS, TRANSFORMS, Preset
-from project.data.sources import DATASETS
+from project.config.schema import DETERMINISTIC, KINDS, METRICS, TRANSFORMS, Preset
+from project.data import DATA_KINDS, data_kind
 from project.data.tabular import SCALERS
 from project.models.registry import check_model_kwargs, model_arguments, model_class
 
@@ -51,7 +49,7 @@ def check_preset(preset: Preset, path: Path) -> None:
     _one_of(path, "kind", preset.kind, KINDS)
     _one_of(path, "metric", preset.metric, METRICS[preset.kind])
     _one_of(path, "metric_scale", preset.metric_scale, ("transformed", "original"))
-    _one_of(path, "data.kind", preset.data.kind, DATA_KINDS)
+    _one_of(path, "data.kind", preset.data.kind, sorted(DATA_KINDS))
     _one_of(path, "data.target_transform", preset.data.target_transform, TRANSFORMS)
     _one_of(path, "data.preprocess.scaler", preset.data.preprocess.scaler, SCALERS)
     if preset.kind == "classification" and preset.data.target_transform != "none":
@@ -63,10 +61,7 @@ def check_preset(preset: Preset, path: Path) -> None:
         raise PresetError(f"{path}: key 'deterministic': {preset.deterministic!r}, expected true, warn or false")
     if preset.folds < 2:
         raise PresetError(f"{path}: key 'folds': {preset.folds}, expected at least 2 (K-fold needs two folds)")
-    if preset.data.kind == "csv":
-        for key in ("id", "target"):
-            if not getattr(preset.data, key):
-                raise PresetError(f"{path}: key 'data.{key}': missing; a CSV task names its {key} column")
+    data_kind(preset.data.kind).check_preset(preset, path)
     if preset.data.derive:
         derive_function(preset.data.derive, path)
     if preset.model not in preset.models:
@@ -115,7 +110,7 @@ def check_preset(preset: Preset, path: Path) -> None:
 def check_estimators(preset: Preset, path: Path) -> None:
     """Each of ``sweep.estimators`` names a class that takes its arguments and predicts what the
     task needs, on a task whose test rows its fold models predict (a refit has no folds to fit on)."""
-    if preset.sweep.estimators and (preset.data.kind != "csv" or preset.final.refit):
+    if preset.sweep.estimators and (not data_kind(preset.data.kind).tabular or preset.final.refit):
         raise PresetError(
             f"{path}: key 'sweep.estimators': estimators join the ensemble of a CSV task whose fold "
             "models predict its test rows; expected none for this task (data.kind "
@@ -141,28 +136,5 @@ def check_estimators(preset: Preset, path: Path) -> None:
 
 
 def check_data(preset: Preset, data_dir: str | Path) -> None:
-    """The data files the preset names are there, with the columns it names (only headers are
-    read). A data set with pinned sources (data/checksums.json) may be missing: it is fetched."""
-    data, source = preset.data, preset.source
-    folder = Path(data_dir) / data.dataset
-    if data.kind != "csv":
-        if data.dataset not in DATASETS and not folder.is_dir():
-            raise PresetError(f"{source}: key 'data.dataset': {folder} is not a folder; expected the data set there")
-        return
-    for key, default in (("train", "train.csv"), ("test", "test.csv")):
-        path = folder / (getattr(data, key) or default)
-        if not path.is_file():
-            if data.dataset in DATASETS:
-                continue  # fetched from its sources before it is read
-            raise PresetError(f"{source}: key 'data.{key}': {path} not found; expected the {key} file there")
-        try:
-            header = list(pd.read_csv(path, nrows=0).columns)
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
-            continue  # reading the data itself names what is wrong with the file
-        for name in ("id", "target") if key == "train" else ("id",):
-            column = getattr(data, name)
-            if column not in header:
-                raise PresetError(
-                    f"{source}: key 'data.{name}': {path} has no column {column!r}; "
-                    f"its header has {len(header)} columns"
-                )
+    """The data the preset names is there (a table's columns too, from its header alone)."""
+    data_kind(preset.data.kind).check_files(preset, Path(data_dir))

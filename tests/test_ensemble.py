@@ -18,6 +18,7 @@ import torch
 from project.artifacts.predictor import Ensemble, EstimatorPredictor, Predictor, load_predictor
 from project.config import TrainConfig, preset_path
 from project.cv import cross_validate
+from project.data import TableDataModule
 from project.ensemble.estimators import cross_fit, predict
 from project.ensemble.selection import Predictions, blend, cv_score, held_out_score, out_of_fold, scores, select
 from project.sweep.export import fit_estimators, selected_refits
@@ -87,7 +88,12 @@ def test_an_estimators_kept_predictions_are_its_fold_models_on_raw_rows(house_di
     predictor = EstimatorPredictor.from_fitted(task, fitted, dm)
     for m, rows in enumerate(dm.members.val_rows):
         assert (kept.folds[rows.numpy()] == dm.members.folds[m]).all()
-        alone = predict(task, predictor.models[m], predictor.preprocessors[m].transform(task.prepare_rows(train)), 1)
+        alone = predict(
+            task,
+            predictor.models[m],
+            predictor.preprocessors[m].transform(TableDataModule.rows_of(task.preset, train)),
+            1,
+        )
         np.testing.assert_allclose(kept.oof[rows.numpy()], alone[rows.numpy()], rtol=1e-9)
     assert cv_score(task, kept.oof, dm.targets.numpy(), kept.folds) == pytest.approx(fitted.cv)
     assert fitted.cv == pytest.approx(

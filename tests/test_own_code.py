@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -150,3 +151,63 @@ def test_a_model_named_as_module_and_class_needs_no_registration(tmp_path, monke
     config = task.config(model_kwargs={"width": 4})
     net = create_model(config.model, (5,), 1, **config.model_kwargs)
     assert type(net).__name__ == "OwnNet" and net(torch.zeros(2, 5)).shape == (2, 1)
+
+
+OWN_KIND = '''\
+import numpy as np
+
+from project.data import register_data_kind
+from project.data.images import ImageDataModule
+
+
+@register_data_kind("npz-images")
+class NpzImages(ImageDataModule):
+    """Images [N, C, H, W] and their labels in train.npz and test.npz (arrays x and y)."""
+
+    def data_files(self):
+        folder = self.data_dir / self.dataset
+        return {c: (folder / f, [folder / f]) for c, f in (("training", "train.npz"), ("testing", "test.npz"))}
+
+    def load(self):
+        folder = self.data_dir / self.dataset
+        train, test = np.load(folder / "train.npz"), np.load(folder / "test.npz")
+        self.classes = sorted(set(train["y"].tolist()))
+        self.test_ids = np.arange(len(test["x"]))
+        return self._keep(train["x"], train["y"], test["x"], test["y"])
+'''
+
+DIGITS = """\
+name: own-digits
+kind: classification
+metric: acc
+folds: 3
+imports: [own_kind_of_a_user]
+data: {kind: npz-images, dataset: digits}
+model: mlp
+models:
+  mlp:
+    args: {hidden_sizes: [32]}
+    train: {batch_size: 32, max_epochs: 5, lr: 1.0e-2}
+final: {refit: true}
+"""
+
+
+@pytest.mark.slow
+def test_a_data_kind_of_ones_own_is_read_through_a_preset_alone(tmp_path):
+    import train
+    from sklearn.datasets import load_digits
+
+    mine = tmp_path / "project-of-mine"
+    mine.mkdir()
+    (mine / "own_kind_of_a_user.py").write_text(OWN_KIND)
+    (mine / "preset.yaml").write_text(DIGITS)
+    digits = load_digits()
+    x, y = (digits.images * 15).astype("uint8")[:, None], digits.target
+    (tmp_path / "data" / "digits").mkdir(parents=True)
+    np.savez(tmp_path / "data" / "digits" / "train.npz", x=x[:1500], y=y[:1500])
+    np.savez(tmp_path / "data" / "digits" / "test.npz", x=x[1500:], y=y[1500:])
+    assert train.main(sweep_args(tmp_path)) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["cv_mean"] > 0.85 and summary["test_accuracy"] > 0.85, summary
+    submission = pd.read_csv(summary["submission"])
+    assert len(submission) == 297 and (submission["label"].to_numpy() == y[1500:]).mean() > 0.85

@@ -34,10 +34,10 @@ from project.artifacts.submission import SubmissionFormat, prediction_frame, wri
 from project.config import TrainConfig, from_resolved, to_yaml
 from project.config.imports import add_to_path, own_code
 from project.cv import Fit
-from project.data import FoldDataModule
+from project.data import FoldDataModule, TableDataModule, data_kind
 from project.data.base import Members
 from project.data.batches import MemberFeatures, StackedBatches
-from project.data.tabular import FoldPreprocessor, stack_members
+from project.data.tabular import FoldPreprocessor
 from project.engine import build_stack
 from project.ensemble import estimators
 from project.models import create_model
@@ -192,16 +192,8 @@ class Predictor(Predicts):
         return outputs.mean(dim=0) if self.task.kind == "regression" else outputs.softmax(dim=-1).mean(dim=0)
 
     def _features(self, raw: pd.DataFrame | np.ndarray) -> MemberFeatures:
-        if self.preprocessors is not None:
-            frame = self.task.prepare_rows(raw)
-            return MemberFeatures(torch.from_numpy(stack_members([p.transform(frame) for p in self.preprocessors])))
-        pixels = torch.as_tensor(np.asarray(raw, dtype=np.uint8)).reshape(len(raw), -1)
-        return MemberFeatures(
-            pixels,
-            torch.tensor(self.inputs["shift"]),
-            torch.tensor(self.inputs["scale"]),
-            tuple(self.inputs["sample_shape"]),
-        )
+        kind = data_kind(self.task.preset.data.kind)
+        return kind.features_of(self.task.preset, raw, self.inputs, self.preprocessors)
 
     def write(self, folder: Path) -> None:
         import skops.io
@@ -264,7 +256,7 @@ class EstimatorPredictor(Predicts):
         )
 
     def averaged(self, raw: pd.DataFrame) -> Tensor:
-        frame = self.task.prepare_rows(raw)
+        frame = TableDataModule.rows_of(self.task.preset, raw)
         classes = len(self.inputs["classes"] or [None])
         outputs = [
             estimators.predict(self.task, model, preprocessor.transform(frame), classes)
@@ -380,7 +372,7 @@ def load_preprocessor(task: Task, path: Path) -> FoldPreprocessor:
 
     with reading(path):
         columns = skops.io.load(path, trusted=TRUSTED)
-    return FoldPreprocessor(task.table_spec(), task.preset.data.preprocess).restored(columns)
+    return FoldPreprocessor(TableDataModule.spec_of(task.preset), task.preset.data.preprocess).restored(columns)
 
 
 class ModelUnreadable(Exception):

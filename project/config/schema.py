@@ -17,7 +17,6 @@ KINDS = ("regression", "classification")
 METRICS = {"regression": ("rmse", "mae"), "classification": ("acc", "logloss", "auc")}
 HIGHER_IS_BETTER = {"rmse": False, "mae": False, "acc": True, "logloss": False, "auc": True}
 TRANSFORMS = ("none", "log", "log1p")
-DATA_KINDS = ("csv", "idx", "image-folder")
 DETERMINISTIC = (True, False, "warn")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("none", "cosine", "onecycle")
@@ -43,7 +42,7 @@ class PresetError(ValueError):
 
 @dataclass
 class Data:
-    kind: str = "csv"  # csv | idx | image-folder
+    kind: str = "csv"  # a registered data kind: csv | idx | image-folder, or one of your own
     dataset: str = MISSING  # the folder under --data-dir (and its pinned checksums in data/checksums.json, if any)
     train: str | None = None  # csv: the training file (train.csv); image-folder: its folder (train/<class>/...)
     test: str | None = None  # csv: the test file (test.csv); image-folder: test/<class>/... or test/... unlabelled

@@ -6,7 +6,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import numpy as np
@@ -15,6 +15,7 @@ from sklearn.model_selection import KFold, StratifiedKFold
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from project.config import Preset, PresetError
 from project.data.batches import MemberFeatures, StackedBatches
 from project.data.sources import DATASETS, fetch_dataset
 
@@ -104,9 +105,39 @@ class FoldDataModule(L.LightningDataModule):
     set (the final refit), with ``replicas`` members that differ only in their seeds (an ensemble).
     Preprocessing is fitted per member on its training rows only. After ``setup()``, ``members``
     says what each member trains on; the loaders serve them all, or the ``Members`` given.
+
+    A subclass registered as a data kind (``project.data.kinds``) also says how a preset's ``data``
+    section builds it, what that section must hold, and how raw inputs become the features its
+    members were trained on, at prediction time.
     """
 
     stratified: bool = False
+    tabular: ClassVar[bool] = False  # rows of a table, which scikit-learn estimators can fit beside the trials
+
+    @classmethod
+    def from_preset(cls, preset: Preset, **common: Any) -> FoldDataModule:
+        """The DataModule a preset's ``data`` describes; ``common``: the folds, seed and batch size."""
+        return cls(**common)
+
+    @classmethod
+    def check_preset(cls, preset: Preset, path: Path) -> None:
+        """Refuse (``PresetError``) a ``data`` section this kind cannot read."""
+
+    @classmethod
+    def check_files(cls, preset: Preset, data_dir: Path) -> None:
+        """Refuse (``PresetError``) data that is not there, before any work; a data set with pinned
+        sources (data/checksums.json) may be missing: it is fetched."""
+        folder = Path(data_dir) / preset.data.dataset
+        if preset.data.dataset not in DATASETS and not folder.is_dir():
+            raise PresetError(
+                f"{preset.source}: key 'data.dataset': {folder} is not a folder; expected the data set there"
+            )
+
+    @classmethod
+    def features_of(cls, preset: Preset, raw: Any, inputs: dict, preprocessors: list | None) -> MemberFeatures:
+        """Raw inputs (as the test split holds them) as the features of a saved predictor's members:
+        ``inputs`` and ``preprocessors`` are what it saved of their training data."""
+        raise NotImplementedError
 
     def __init__(
         self,

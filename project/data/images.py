@@ -9,14 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from project.config import Preset
 from project.data.base import FoldDataModule
 from project.data.batches import MemberFeatures
 from project.data.errors import DataError
 from project.data.idx import load_idx_set
+from project.data.kinds import register_data_kind
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -27,6 +30,14 @@ class ImageDataModule(FoldDataModule):
 
     stratified = True
     classes: list  # the class names (or numbers), set by load()
+
+    @classmethod
+    def features_of(cls, preset: Preset, raw: Any, inputs: dict, preprocessors: list | None) -> MemberFeatures:
+        """Images ``[N, C, H, W]`` of uint8 pixels, normalised by each member's training statistics."""
+        pixels = torch.as_tensor(np.asarray(raw, dtype=np.uint8)).reshape(len(raw), -1)
+        return MemberFeatures(
+            pixels, torch.tensor(inputs["shift"]), torch.tensor(inputs["scale"]), tuple(inputs["sample_shape"])
+        )
 
     @property
     def out_features(self) -> int:
@@ -60,6 +71,7 @@ class ImageDataModule(FoldDataModule):
         return y_train
 
 
+@register_data_kind("idx")
 class IdxDataModule(ImageDataModule):
     """The official train/test split of an MNIST-format set: four IDX files under data/<dataset>/."""
 
@@ -80,6 +92,7 @@ class IdxDataModule(ImageDataModule):
         return self._keep(x_train[:, None], y_train, x_test[:, None], y_test)  # grey: one channel
 
 
+@register_data_kind("image-folder")
 class ImageFolderDataModule(ImageDataModule):
     """``train/<class>/<image>`` files, one folder per class; ``test/<class>/<image>`` (scored) or
     ``test/<image>`` (unlabelled: predictions only). Images are read with Pillow, grey when every
@@ -92,6 +105,11 @@ class ImageFolderDataModule(ImageDataModule):
         super().__init__(**kwargs)
         self.train_dir, self.test_dir = train_dir, test_dir
         self.image_size = tuple(image_size) if image_size else None
+
+    @classmethod
+    def from_preset(cls, preset: Preset, **common: Any) -> ImageFolderDataModule:
+        data = preset.data
+        return cls(train_dir=data.train or "train", test_dir=data.test or "test", image_size=data.image_size, **common)
 
     def data_files(self) -> dict:
         root = self.data_dir / self.dataset

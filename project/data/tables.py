@@ -6,20 +6,25 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
 
+from project.config import Preset, PresetError, derive_function
 from project.data.base import FoldDataModule
 from project.data.batches import MemberFeatures
 from project.data.errors import DataError
+from project.data.kinds import register_data_kind
+from project.data.sources import DATASETS
 from project.data.tabular import (
     FoldPreprocessor,
     PreprocessOptions,
     TabularSpec,
     as_numbers,
+    check_frame,
     check_same_columns,
     read_csv,
     stack_members,
@@ -56,6 +61,7 @@ def refuse_duplicate_ids(frame: pd.DataFrame, column: str, path: Path) -> None:
         )
 
 
+@register_data_kind("csv")
 class TableDataModule(FoldDataModule):
     """K-fold over the rows of a CSV task, preprocessing fitted per fold on its training part.
 
@@ -81,6 +87,77 @@ class TableDataModule(FoldDataModule):
         self.transform = TARGET_TRANSFORMS[target_transform]
         self.drop_train_rows, self.train_file, self.test_file = drop_train_rows, train_file, test_file
         self.classes: np.ndarray | None = None
+
+    tabular = True
+
+    @classmethod
+    def from_preset(cls, preset: Preset, **common: Any) -> TableDataModule:
+        data = preset.data
+        return cls(
+            cls.spec_of(preset),
+            kind=preset.kind,
+            target_transform=data.target_transform,
+            options=data.preprocess,
+            drop_train_rows=data.drop_train_rows,
+            train_file=data.train or "train.csv",
+            test_file=data.test or "test.csv",
+            **common,
+        )
+
+    @classmethod
+    def spec_of(cls, preset: Preset) -> TabularSpec:
+        """How the preset's table columns are read."""
+        data = preset.data
+        assert data.id is not None and data.target is not None, "check_preset requires both"
+        return TabularSpec(
+            id_column=data.id,
+            target=data.target,
+            numeric=None if data.numeric is None else tuple(data.numeric),
+            categorical=tuple(data.categorical),
+            ordinal=dict(data.ordinal),
+            derive=derive_function(data.derive, preset.source),
+        )
+
+    @classmethod
+    def rows_of(cls, preset: Preset, frame: pd.DataFrame) -> pd.DataFrame:
+        """Raw table rows as reading the test file makes them (numbers where the preset says so),
+        whether they come from a file or a request."""
+        return check_frame(frame.copy(), cls.spec_of(preset), Path("input rows"), with_target=False)
+
+    @classmethod
+    def check_preset(cls, preset: Preset, path: Path) -> None:
+        for key in ("id", "target"):
+            if not getattr(preset.data, key):
+                raise PresetError(f"{path}: key 'data.{key}': missing; a CSV task names its {key} column")
+
+    @classmethod
+    def check_files(cls, preset: Preset, data_dir: Path) -> None:
+        """The train and test files are there, with the columns the preset names (headers alone
+        are read); a data set with pinned sources may be missing: it is fetched."""
+        data, source = preset.data, preset.source
+        folder = Path(data_dir) / data.dataset
+        for key, default in (("train", "train.csv"), ("test", "test.csv")):
+            path = folder / (getattr(data, key) or default)
+            if not path.is_file():
+                if data.dataset in DATASETS:
+                    continue  # fetched from its sources before it is read
+                raise PresetError(f"{source}: key 'data.{key}': {path} not found; expected the {key} file there")
+            try:
+                header = list(pd.read_csv(path, nrows=0).columns)
+            except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
+                continue  # reading the data itself names what is wrong with the file
+            for name in ("id", "target") if key == "train" else ("id",):
+                column = getattr(data, name)
+                if column not in header:
+                    raise PresetError(
+                        f"{source}: key 'data.{name}': {path} has no column {column!r}; "
+                        f"its header has {len(header)} columns"
+                    )
+
+    @classmethod
+    def features_of(cls, preset: Preset, raw: Any, inputs: dict, preprocessors: list | None) -> MemberFeatures:
+        frame = cls.rows_of(preset, raw)
+        return MemberFeatures(torch.from_numpy(stack_members([p.transform(frame) for p in preprocessors or []])))
 
     @property
     def train_path(self) -> Path:
