@@ -7,23 +7,20 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
 from project.artifacts.predictor import Predictor
 from project.artifacts.refit import Refit, refit_and_test, refit_metrics
-from project.artifacts.serving import log_predictor
 from project.cli import add_common_arguments, config_overrides, load_task, output_dir, run_name
 from project.config import to_yaml
-from project.cv import TrainingDiverged, cross_validate, init_model
+from project.cv import cross_validate, init_model
 from project.data import DataError
+from project.deliverables import EndingRun, deliver
 from project.tracking.tracker import Tracker, dataset_inputs, environment_tags
-from project.utils import files
 from project.utils.devices import describe, training_device
-from project.utils.files import WriteFailed
 from project.utils.output import quiet_libraries
-from project.utils.stopping import Interrupted, handling_signals
+from project.utils.stopping import handling_signals
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
@@ -63,8 +60,7 @@ def train(argv: list[str] | None) -> int:
     tracker = Tracker(args.tracking_uri, args.experiment_name or task.name, pending=out / "mlflow-pending")
     tracker.send_kept()  # what an earlier command could not log
     run_id = tracker.start_run(f"train-{task.name}", tags={**environment_tags(__file__), "kind": "train"})
-    status = "FAILED"
-    try:
+    with EndingRun(tracker, run_id, left_for="the next train.py with this --output-dir") as run:
         tracker.log_params(run_id, {**config.flat(), "task": task.name, "folds": task.folds, "seed": args.seed})
         tracker.log_text(run_id, to_yaml(task.preset.resolved()), "preset.yaml")
         tracker.log_inputs(run_id, dataset_inputs(datamodule))
@@ -73,78 +69,27 @@ def train(argv: list[str] | None) -> int:
         tracker.log_cv(run_id, result, datamodule.folds)
         tracker.log_metrics(run_id, {"cv_seconds": result.seconds})
         tracker.set_tags(run_id, {"fold_layout": result.layout, "device": describe(training_device())})
+        scores = ", ".join(f"{s:.4f}" for s in result.fold_scores)
         print(
             f"{task.name}: CV {task.metric} {result.mean:.5f} ± {result.std:.5f} over {task.folds} folds "
-            f"({', '.join(f'{s:.4f}' for s in result.fold_scores)}) in {result.seconds:.1f}s; folds {result.layout}"
+            f"({scores}) in {result.seconds:.1f}s; folds {result.layout}"
         )
-
-        summary = {
-            "task": task.name,
-            "metric": task.metric,
-            "cv_mean": result.mean,
-            "cv_std": result.std,
-            "fold_scores": result.fold_scores,
-            "params": config.to_dict(),
-            "seconds": result.seconds,
-            "fold_layout": result.layout,
-        }
-        submission = out / task.preset.submission.file
-        test_inputs = datamodule.test_inputs()  # read once: the file for a table task
+        summary = {"task": task.name, "metric": task.metric, "cv_mean": result.mean, "cv_std": result.std}
+        summary |= {"fold_scores": result.fold_scores, "params": config.to_dict(), "seconds": result.seconds}
+        summary["fold_layout"] = result.layout
         if task.refits:
-            predictor, scores = refit_and_test(
-                task, [Refit(config, seeds=task.ensemble)], args.data_dir, args.seed, submission
-            )
-            tracker.log_metrics(run_id, refit_metrics(scores))
-            summary.update(scores)
-            print(
-                f"{task.name}: refit on all training rows ({task.ensemble} seeds averaged)"
-                + "".join(f", {k.replace('_', ' ')} {v:.4f}" for k, v in scores.items() if not isinstance(v, list))
-            )
+            refit = Refit(config, seeds=task.seeds)
+            submission = out / task.preset.submission.file
+            predictor, test = refit_and_test(task, [refit], args.data_dir, args.seed, submission)
+            tracker.log_metrics(run_id, refit_metrics(test))
+            summary.update(test)
+            figures = "".join(f", {k.replace('_', ' ')} {v:.4f}" for k, v in test.items() if not isinstance(v, list))
+            print(f"{task.name}: refit on all training rows ({task.seeds} seeds averaged){figures}")
         else:
             predictor = Predictor.from_fits(task, config, result.fits, datamodule)
-            predictor.to(training_device()).write_submission(test_inputs, submission, datamodule.test_ids)
-            predictor.to(torch.device("cpu"))
-        tracker.log_artifact(run_id, submission)
-        summary["submission"] = str(submission)
-        summary["model"] = str(predictor.save(out / "model"))
-        if not tracker.attempt(
-            lambda: (
-                log_predictor(
-                    predictor, tracker.tracking_uri, tracker.resolve(run_id), test_inputs, saved=Path(summary["model"])
-                )
-                or True
-            )
-        ):
-            print(
-                f"the MLflow Model is not logged, tracking being unreachable: it is saved in {summary['model']}",
-                file=sys.stderr,
-            )
-        summary["mlflow"] = {
-            "tracking_uri": tracker.tracking_uri,
-            "experiment_id": tracker.experiment_id,
-            "run_id": run_id,
-        }
-        files.write_json(out / "summary.json", summary, "the summary")
-        tracker.log_artifact(run_id, out / "summary.json")
-        status = "FINISHED"
+        deliver(predictor, datamodule, out, summary, tracker, run_id, submission_written=task.refits)
         print(f"wrote {out / 'summary.json'}; MLflow run {run_id}\n  {tracker.ui_command()}")
-        return 0
-    except TrainingDiverged as err:
-        tracker.set_tags(run_id, {"failure": str(err)})
-        print(f"error: {err}; try a smaller --lr", file=sys.stderr)
-        return 1
-    except (DataError, WriteFailed) as err:
-        tracker.set_tags(run_id, {"failure": str(err)})
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except Interrupted as err:
-        status = "KILLED"
-        tracker.set_tags(run_id, {"failure": "interrupted"})
-        print(f"stopped, {err}: MLflow run {run_id} KILLED", file=sys.stderr)
-        return err.exit_code
-    finally:
-        tracker.end_run(run_id, status)
-        tracker.send_kept(left_for="the next train.py with this --output-dir")
+    return run.code
 
 
 if __name__ == "__main__":

@@ -57,9 +57,9 @@ class Task:
         return self.preset.final.refit
 
     @property
-    def ensemble(self) -> int:
+    def seeds(self) -> int:
         """The refit's members, which differ only in their seeds."""
-        return self.preset.final.ensemble
+        return self.preset.final.seeds
 
     def config(self, model: str | None = None, **overrides) -> TrainConfig:
         """The preset's configuration for ``model`` (default: the preset's), with ``overrides``."""

@@ -124,7 +124,7 @@ def test_member_initialisation_does_not_depend_on_its_neighbours(house_dir):
 
 def test_refit_ensemble_scores_averaged_probabilities(tmp_path):
     """The final refit trains the task's ensemble of seeds and scores their average once."""
-    assert get_task("fashion-mnist").ensemble == 3
+    assert get_task("fashion-mnist").seeds == 3
     write_idx_set(tmp_path / "tiny-images")
     task = Task(load_preset(preset_path("fashion-mnist"), ["data.dataset=tiny-images"]))  # no pinned checksums
     config = TrainConfig(model_kwargs={"hidden_sizes": (16,)}, max_epochs=2, batch_size=32)

@@ -270,7 +270,7 @@ def test_duplicate_ids_are_refused_when_the_file_is_read(tmp_path, capsys):
 def test_shipped_presets_load_and_extend():
     fashion, digits = (Task(load_preset(preset_path(n))) for n in ("fashion-mnist", "mnist"))
     assert digits.preset.data.dataset == "mnist" and digits.preset.models == fashion.preset.models
-    assert fashion.refits and fashion.ensemble == 3 and fashion.preset.sweep.validation_folds == 1
+    assert fashion.refits and fashion.seeds == 3 and fashion.preset.sweep.validation_folds == 1
     house = Task(load_preset(preset_path("house-prices"), ["folds=3"], {"model": "mlp"}))
     assert house.folds == 3 and house.preset.submission.id_range == [1461, 2919]
     assert from_resolved(house.preset.resolved()) == house.preset
@@ -288,7 +288,7 @@ models:
     args: {channels: [8], hidden: 16, dropout: 0.0, groups: 4}
     train: {batch_size: 16, max_epochs: 8, lr: 1.0e-2}
 submission: {file: predictions.csv, id: file, target: label}
-final: {refit: true, ensemble: 2}
+final: {refit: true, seeds: 2}
 """
 
 

@@ -121,10 +121,10 @@ class Submission:
 @dataclass
 class Final:
     """How the test rows are predicted: the fold models' average (the models CV scored), or a refit
-    on every training row of ``ensemble`` members that differ only in their seeds."""
+    on every training row of ``seeds`` members that differ only in their seeds."""
 
     refit: bool = False
-    ensemble: int = 1
+    seeds: int = 1
 
 
 @dataclass

@@ -9,12 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import optuna
-import torch
 from optuna.trial import TrialState
 
 from project.artifacts.predictor import Ensemble, EstimatorPredictor, Predicts
 from project.artifacts.refit import Refit, refit_and_test, refit_metrics
-from project.artifacts.serving import log_predictor
+from project.deliverables import deliver
 from project.ensemble.estimators import EstimatorFailed, FittedEstimator, cross_fit
 from project.ensemble.selection import Member, Predictions, blend, cv_score, held_out_score, scores, select
 from project.sweep.kept import KeptTrials
@@ -24,8 +23,6 @@ from project.sweep.space import config_from_params
 from project.sweep.study import SweepSettings
 from project.tracking.journal import PENDING_PREFIX
 from project.tracking.tracker import Tracker, dataset_inputs, source_tags
-from project.utils import files
-from project.utils.devices import training_device
 
 # greedy: selected from the trials and the preset's estimators; trials: from the trials alone;
 # none: the best trial alone
@@ -178,13 +175,13 @@ def selected_refits(
     best: optuna.trial.FrozenTrial,
 ) -> list[Refit]:
     """For a task that refits: the configurations the study's ensemble weights most, as many as the
-    refit's budget of members (``final.ensemble``), one seed each, their weights renormalised; none
+    refit's budget of members (``final.seeds``), one seed each, their weights renormalised; none
     where the selection keeps the best trial alone (which is then refitted on that many seeds)."""
     task = settings.task
     weights, summary["ensemble"] = select_ensemble(library, task, datamodule, best)
-    if len(weights) < 2 or task.ensemble < 2:
+    if len(weights) < 2 or task.seeds < 2:
         return []
-    top = sorted(weights.items(), key=lambda item: -item[1])[: task.ensemble]
+    top = sorted(weights.items(), key=lambda item: -item[1])[: task.seeds]
     total = sum(w for _, w in top)
     summary["ensemble"]["refit"] = [{"trial": n, "weight": w / total} for n, w in top]
     return [
@@ -220,11 +217,10 @@ def export_best(
 
     summary = {**study_summary(study, settings), "config": config.to_dict()}
     submission = out_dir / task.preset.submission.file
-    test_inputs = datamodule.test_inputs()  # read once: the file for a table task
     if task.refits:
         curves = tracker.read_cv(best_run, datamodule.folds, task.metric) if best_run else None
         curves = curves or kept.result(best)
-        refits = [Refit(config, seeds=task.ensemble, trial=best.number)]
+        refits = [Refit(config, seeds=task.seeds, trial=best.number)]
         if settings.ensemble != "none":
             refits = (
                 selected_refits(study, settings, summary, kept.predictions(list(complete.values())), datamodule, best)
@@ -263,8 +259,6 @@ def export_best(
         predictor = (
             predictors[0] if len(predictors) == 1 else Ensemble(list(weights.values()), predictors, list(weights))
         )
-        predictor.to(training_device()).write_submission(test_inputs, submission, datamodule.test_ids)
-        predictor.to(torch.device("cpu"))
     if kept.left_out:
         summary.setdefault("ensemble", {})["left_out"] = {str(n): why for n, why in kept.left_out.items()}
     summary["cv_mean_rerun"] = kept.retrained[best.number].mean if best.number in kept.retrained else None
@@ -273,21 +267,13 @@ def export_best(
         *study_plots(study, plots_dir),
         learning_curves(curves, datamodule.folds, plots_dir / "best_learning_curves.png"),
     ]
-    summary["submission"] = str(submission)
-    summary["model"] = str(predictor.save(out_dir / "model"))
-    summary["mlflow"] = {
-        "tracking_uri": tracker.tracking_uri,
-        "experiment_id": tracker.experiment_id,
-        "run_id": parent_run_id,
-    }
-    files.write_json(out_dir / "summary.json", summary, "the summary")
-
+    ensemble = summary.get("ensemble", {})
+    used = ensemble.get("refit", ensemble.get("members", []))  # a refitting task refits the heaviest
     if parent_run_id:
         if best_run and tracker.has_run(best_run):  # a worker may have logged to another MLflow store
             tracker.set_tags(best_run, {"best_trial": "true"})
         tracker.set_tags(parent_run_id, {"best_trial_number": str(best.number), "best_trial_run_id": best_run or ""})
         metrics = {"best_cv_mean": best.value, "n_complete": summary["n_complete"]}
-        ensemble = summary.get("ensemble", {})
         if f"oof_{task.metric}" in ensemble:
             metrics.update(
                 {
@@ -298,37 +284,23 @@ def export_best(
             )
             if ensemble[f"held_out_cv_{task.metric}"] is not None:
                 metrics[f"ensemble_held_out_cv_{task.metric}"] = ensemble[f"held_out_cv_{task.metric}"]
-        used = ensemble.get("refit", ensemble.get("members", []))  # a refitting task refits the heaviest
         if ensemble:
             tracker.set_tags(parent_run_id, {"ensemble": json.dumps(used)})
         if task.refits:
             metrics.update(refit_metrics(scores))
         tracker.log_metrics(parent_run_id, metrics)
-        for plot in plots:
-            tracker.log_artifact(parent_run_id, plot, "plots")
-        for path in (out_dir / "summary.json", submission):
-            tracker.log_artifact(parent_run_id, path)
-        tags = {"study": settings.study_name, "trial": best.number, f"cv_{task.metric}": best.value}
-        if len(used) > 1:
-            tags["ensemble"] = json.dumps(used)
-        version = tracker.attempt(
-            lambda: log_predictor(
-                predictor,
-                tracker.tracking_uri,
-                tracker.resolve(parent_run_id),
-                test_inputs,
-                registered_name=task.name,
-                tags=tags,
-                saved=Path(summary["model"]),
-            )
-        )
-        if version is None:
-            print(
-                f"the MLflow Model is not registered, tracking being unreachable: it is saved in {summary['model']}, "
-                "and experiments/export_submission.py registers it once the server is back",
-                file=sys.stderr,
-            )
-        else:
-            summary["registered_model"] = f"models:/{version.name}/{version.version}"
-            files.write_json(out_dir / "summary.json", summary, "the summary")
-    return summary
+    tags = {"study": settings.study_name, "trial": best.number, f"cv_{task.metric}": best.value}
+    if len(used) > 1:
+        tags["ensemble"] = json.dumps(used)
+    return deliver(
+        predictor,
+        datamodule,
+        out_dir,
+        summary,
+        tracker,
+        parent_run_id,
+        submission_written=task.refits,
+        registered_name=task.name,
+        tags=tags,
+        plots=plots,
+    )
