@@ -17,6 +17,7 @@ import optuna
 from project.cli import output_dir
 from project.data.sources import KAGGLE_COMPETITION, kaggle_credentials
 from project.sweep.export import ENSEMBLES, export_best
+from project.sweep.run import PARENT_ATTR
 from project.sweep.study import PRESET_ATTR, SweepSettings, default_storage, make_storage
 from project.tracking.tracker import resolve_tracking_uri
 from project.utils.files import WriteFailed
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     tracker = settings.tracker()
     tracker.send_kept()  # what the sweep could not log
     try:
-        summary = export_best(study, settings, tracker, out, study.user_attrs.get("mlflow_parent_run_id"))
+        summary = export_best(study, settings, tracker, out, study.user_attrs.get(PARENT_ATTR))
     except WriteFailed as err:
         tracker.send_kept(left_for="the next command on this study")
         print(

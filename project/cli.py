@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import tempfile
+import uuid
 from pathlib import Path
 
 from project.config import PresetError, available, preset_path
 from project.models import MODELS
 from project.models.registry import model_arguments, model_class
+from project.sweep.export import ENSEMBLES
+from project.sweep.study import STORAGE_SCHEMES, SweepSettings, default_storage
 from project.tasks import Task
+from project.tracking.tracker import resolve_tracking_uri
+from project.utils.devices import default_workers, visible_gpus
 from project.utils.paths import REPO_ROOT
 from project.validate import check_data, load_preset
 
@@ -224,3 +230,91 @@ def check_model_flags(args: argparse.Namespace, model: str, parser: argparse.Arg
                 f"argument --{name.replace('_', '-')}: model {model!r} has no argument {name!r}; "
                 f"it takes {', '.join(accepted) or 'none'}"
             )
+
+
+def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of sweep.py beside the common ones."""
+    parser.add_argument(
+        "--n-trials",
+        type=positive_int,
+        default=None,
+        help="trials this invocation runs (default: the preset's sweep.trials)",
+    )
+    parser.add_argument(
+        "--timeout", type=positive_float, default=None, help="stop starting trials after this many seconds"
+    )
+    parser.add_argument(
+        "--storage",
+        default=None,
+        help="Optuna storage URL (default: sqlite:///<output-dir>/optuna.db; postgresql://... for many machines)",
+    )
+    parser.add_argument("--study-name", default=None, help="study to create or resume (default: the task name)")
+    parser.add_argument(
+        "--n-jobs",
+        type=positive_int,
+        default=None,
+        help="worker processes sharing the study (default: the preset's sweep.jobs, else two per GPU, "
+        "each pinned to one GPU, else one per CPU core)",
+    )
+    parser.add_argument(
+        "--validation-folds",
+        type=positive_int,
+        default=None,
+        help="how many of the folds each trial trains and scores "
+        "(default: the preset's sweep.validation_folds, else all)",
+    )
+    parser.add_argument("--no-pruning", action="store_true", help="run every trial to its last epoch")
+    parser.add_argument(
+        "--ensemble",
+        choices=ENSEMBLES,
+        default="greedy",
+        help="the submission: an ensemble of the study's trials and the preset's sweep.estimators, "
+        "selected on their out-of-fold predictions (greedy), of the trials alone (trials), or "
+        "the best trial alone (none) (default: %(default)s)",
+    )
+
+
+def sweep_settings(
+    args: argparse.Namespace, parser: argparse.ArgumentParser, entry_point: str
+) -> tuple[SweepSettings, int, int]:
+    """The sweep's settings from its flags and preset, with the trials and workers this command runs;
+    a flag that cannot be used exits 2, naming it, before any work."""
+    task, model = load_task(args, parser)
+    name = run_name(task, model)
+    out = output_dir(args, parser, name)
+    storage = args.storage or default_storage(out)
+    if not storage.startswith(STORAGE_SCHEMES):
+        parser.error(
+            f"argument --storage: unknown scheme in {storage!r}; expected sqlite:///PATH, "
+            "postgresql://..., mysql://... or journal:PATH"
+        )
+    sweep = task.preset.sweep
+    n_trials = args.n_trials or sweep.trials
+    n_jobs = min(args.n_jobs or sweep.jobs or default_workers(os.cpu_count() or 1, len(visible_gpus())), n_trials)
+    settings = SweepSettings(
+        preset=task.preset.resolved(),
+        data_dir=str(args.data_dir),
+        seed=args.seed,
+        storage=storage,
+        study_name=args.study_name or name,
+        tracking_uri="",
+        experiment_name=args.experiment_name or task.name,
+        model=model,
+        fixed=fixed_params(args),
+        stacking="sequential" if args.sequential_folds else "auto",
+        pruning=sweep.pruning and not args.no_pruning,
+        validation_folds=args.validation_folds or sweep.validation_folds or task.folds,
+        threads=args.threads or max(1, (os.cpu_count() or 1) // n_jobs),
+        entry_point=entry_point,
+        output_dir=str(out),
+        command=uuid.uuid4().hex,
+        ensemble=args.ensemble,
+        verbose=args.verbose,
+    )
+    if settings.validation_folds > settings.folds:
+        parser.error(
+            f"argument --validation-folds: {settings.validation_folds} is more than the {settings.folds} folds"
+        )
+
+    settings.tracking_uri = resolve_tracking_uri(args.tracking_uri)
+    return settings, n_trials, n_jobs
