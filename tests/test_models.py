@@ -158,3 +158,14 @@ def test_a_saved_predictor_reloads_by_name_without_pickles(house_dir, tmp_path):
     frame = Predictor.load(folder).predict(raw)
     assert list(frame.columns) == ["Id", "SalePrice"] and frame["Id"].tolist() == raw["Id"].tolist()
     np.testing.assert_allclose(frame["SalePrice"], np.exp(expected.double().mean(0).numpy()), rtol=1e-6)
+
+
+def test_the_public_api_is_importable_from_the_package():
+    import project
+
+    for name in project.__all__:
+        assert getattr(project, name) is not None, name
+    from project import PlainModule, cross_validate, get_task  # noqa: F401
+
+    with pytest.raises(AttributeError, match="its public names are"):
+        project.nope  # noqa: B018
