@@ -3,18 +3,17 @@
 Adding a model takes three steps, and no change to the package:
 
 1. Write an ordinary ``nn.Module``, batch-first, ``[B, *in_shape] -> [B, out_features]``, whose
-   constructor takes ``in_shape`` and ``out_features`` and then its own keyword arguments.
-   It knows nothing of folds: the engine trains the K fold copies of it, stacked
-   (``torch.func.vmap``) or one after another, whichever it measured faster.
-2. Register it: ``@register_model("my-net")`` (``from project.models import register_model``), in
-   a module that is imported before the run, e.g. ``project/models/my_net.py`` listed in
-   ``project/models/__init__.py``.
+   constructor takes ``in_shape`` and ``out_features`` and then its own keyword arguments, in a
+   file of your own. It knows nothing of folds: the engine trains the K fold copies of it,
+   stacked (``torch.func.vmap``) or one after another, whichever it measured faster.
+2. Register it: ``@register_model("my-net")`` (``from project import register_model``), and name
+   its module under the preset's ``imports`` (or ``--import``); or name it ``my_module:MyNet``.
 3. Give it settings under ``models:`` in the task's preset (``args``, ``train`` and, for the sweep,
    a ``search`` space; ``experiments/configs/fashion-mnist.yaml`` has this model's) and choose it:
    ``--model my-net`` on ``train.py`` or ``sweep.py``.
 
-Normalisation must not keep running statistics across batches (vmap cannot batch an in-place
-buffer update): GroupNorm, as here, or BatchNorm with ``track_running_stats=False``.
+GroupNorm, as here, stacks; BatchNorm's running statistics cannot, and such a model trains its
+folds one after another (the engine says so).
 """
 
 from __future__ import annotations
