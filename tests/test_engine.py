@@ -458,3 +458,28 @@ def test_measuring_a_trick_leaves_the_random_stream_where_it_was(house_dir, monk
     assert first_layer(task, config, dm, dm.members, seed=0) is not None  # timed for real
     stacked_mlp.one_output_by_multiply_sum(torch.zeros(3, 8, 7), torch.zeros(3, 7, 1))  # a width not timed yet
     assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("embedding", ["periodic", "plr"])
+def test_a_numeric_embedding_is_each_members_own_and_stacks_like_sequential_folds(house_dir, embedding):
+    """The MLP's numeric embedding trains under the generic stack (the hand-stacked MLP does not
+    hold it): each fold member draws its own frequencies, and the stacked fit equals fitting each
+    fold alone; weight decay leaves the frequencies alone."""
+    task, dm = house_task_dm(house_dir)
+    kwargs = {**NO_DROPOUT_MLP, "numeric_embedding": embedding, "embedding_frequencies": 4, "embedding_dim": 3}
+    config = TrainConfig(model_kwargs=kwargs, max_epochs=3, batch_size=16, lr=1e-2, weight_decay=1e-2)
+    auto = cross_validate(task, config, datamodule=dm)  # stacked or not as measured, never hand-stacked
+    assert "(torch.func vmap" in auto.layout and "hand-stacked" not in auto.layout
+    stacked = cross_validate(task, config, datamodule=dm, stacking="vmap")
+    sequential = cross_validate(task, config, datamodule=dm, stacking="sequential")
+    torch.testing.assert_close(
+        torch.tensor(stacked.fold_scores), torch.tensor(sequential.fold_scores), rtol=1e-5, atol=1e-6
+    )
+    frequencies = stacked.fits[0].module.net.member_state_dict()["layers.1.frequencies"]
+    assert frequencies.shape == (3, dm.n_features, 4)
+    assert not torch.allclose(frequencies[0], frequencies[1])  # each member its own draw
+    groups = stacked.fits[0].module.net.param_groups(0.5)
+    decayed = {id(p) for p in groups[0]["params"]}
+    assert (
+        groups[0]["weight_decay"] == 0.5 and id(stacked.fits[0].module.net.module.layers[1].frequencies) not in decayed
+    )

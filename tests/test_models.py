@@ -169,3 +169,17 @@ def test_the_public_api_is_importable_from_the_package():
 
     with pytest.raises(AttributeError, match="its public names are"):
         project.nope  # noqa: B018
+
+
+def test_a_saved_predictor_with_a_numeric_embedding_predicts_as_it_trained(house_dir, tmp_path):
+    task, dm = house_task_dm(house_dir)
+    kwargs = {"hidden_sizes": (8,), "numeric_embedding": "plr", "embedding_frequencies": 4, "embedding_dim": 3}
+    config = TrainConfig(model_kwargs=kwargs, max_epochs=2, batch_size=16)
+    result = cross_validate(task, config, datamodule=dm, stacking="vmap")  # one stack, to compare with
+    folder = Predictor.from_fits(task, config, result.fits, dm).save(tmp_path / "model")
+    with torch.no_grad():
+        expected = result.fits[0].module.eval()(dm.members.test_features.x)
+    raw = pd.read_csv(house_dir / "house-prices" / "test.csv")
+    reloaded = Predictor.load(folder)
+    assert reloaded.config.model_kwargs["numeric_embedding"] == "plr"
+    torch.testing.assert_close(reloaded.member_outputs(raw), expected, rtol=1e-5, atol=1e-6)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from project.engine.optim import create_optimizer
-from project.engine.stacking import HAND_STACKED, build_stack, running_statistics
+from project.engine.stacking import build_stack, hand_stacked_form, running_statistics
 from project.engine.timing import best_seconds
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def choose_layout(
     if members == 1:
         return Layout(True, "one member")
     probe = make_modules(1)[0]
-    if type(probe) in HAND_STACKED:
+    if hand_stacked_form(probe) is not None:
         return Layout(True, "hand-stacked")
     found = running_statistics(probe)
     if found is not None:

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from project.data.batches import SparseRows
-from project.engine.stacking import HAND_STACKED, Stack
+from project.engine.stacking import HAND_STACKED, HandStack
 from project.engine.timing import best_seconds
-from project.models.mlp import MLP
+from project.models.mlp import ACTIVATIONS, MLP
 
 
 class StackedLinear(nn.Module):
@@ -131,10 +131,17 @@ class _NonzeroLinear(torch.autograd.Function):
         return grad_x, None, None, grad_weight, grad_bias
 
 
-class StackedMLP(Stack):
+class StackedMLP(HandStack):
     """The members' ``MLP`` layers, index for index, with every ``nn.Linear`` a ``StackedLinear``."""
 
     kind = "hand-stacked MLP"
+
+    @classmethod
+    def covers(cls, module: nn.Module) -> bool:
+        """Linear layers, activations and dropout: an MLP with a numeric embedding takes the
+        generic stack."""
+        plain = (nn.Linear, nn.Flatten, nn.Dropout, *ACTIVATIONS.values())
+        return isinstance(module, MLP) and all(isinstance(layer, plain) for layer in module.layers)
 
     def __init__(self, modules: Sequence[MLP]) -> None:
         super().__init__()

@@ -14,14 +14,14 @@ module's class (``project.engine.stacked_mlp`` for the MLP): the same contract, 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state
 
 # module class -> the faster stack built from a list of its instances
-HAND_STACKED: dict[type[nn.Module], Callable[..., Stack]] = {}
+HAND_STACKED: dict[type[nn.Module], type[HandStack]] = {}
 
 
 class StackingError(ValueError):
@@ -63,6 +63,21 @@ class Stack(nn.Module):
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         raise NotImplementedError
+
+
+class HandStack(Stack):
+    """A hand-stacked implementation of a plain module class: the same contract, faster."""
+
+    @classmethod
+    def covers(cls, module: nn.Module) -> bool:
+        """Whether this implementation holds ``module`` as it is configured."""
+        return True
+
+
+def hand_stacked_form(module: nn.Module) -> type[HandStack] | None:
+    """The hand-stacked implementation registered for ``module``'s class that covers it, if any."""
+    form = HAND_STACKED.get(type(module))
+    return form if form is not None and form.covers(module) else None
 
 
 class MemberStack(Stack):
@@ -107,8 +122,9 @@ class MemberStack(Stack):
         per member), none on biases and normalisation parameters."""
         decay: list[Tensor] = []
         no_decay: list[Tensor] = []
-        for p in self.module.parameters():
-            (decay if p.dim() > 2 else no_decay).append(p)
+        excluded: set[str] = getattr(self.module, "no_weight_decay", set)()  # timm's convention
+        for name, p in self.module.named_parameters():
+            (decay if p.dim() > 2 and name not in excluded else no_decay).append(p)
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -125,9 +141,9 @@ def build_stack(modules: Sequence[nn.Module], name: str, hand_stacked: bool = Tr
         raise StackingError(
             f"model {name!r}: members of several classes cannot be stacked: {sorted(k.__name__ for k in kinds)}"
         )
-    kind = kinds.pop()
-    if hand_stacked and kind in HAND_STACKED:
-        return HAND_STACKED[kind](modules)
+    form = hand_stacked_form(modules[0])
+    if hand_stacked and form is not None:
+        return form(modules)
     if len(modules) > 1:
         refuse_running_statistics(modules[0], name)
     return MemberStack(modules)
