@@ -45,10 +45,8 @@ def train(argv: list[str] | None) -> int:
         parser.error(str(err))
     if args.threads:
         torch.set_num_threads(args.threads)
-    datamodule = task.datamodule(args.data_dir, fold=list(range(task.folds)), seed=args.seed)
     try:
-        datamodule.prepare_data()
-        datamodule.setup()
+        datamodule = task.prepared(args.data_dir, fold=list(range(task.folds)), seed=args.seed)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

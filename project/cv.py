@@ -273,9 +273,7 @@ def cross_validate(
         raise ValueError(f"stacking {stacking!r} is unknown: expected one of {', '.join(STACKING)}")
     start = time.perf_counter()
     if datamodule is None:
-        datamodule = task.datamodule(data_dir=data_dir, n_folds=n_folds, fold=list(range(n_folds)), seed=seed)
-        datamodule.prepare_data()
-        datamodule.setup()
+        datamodule = task.prepared(data_dir, n_folds=n_folds, fold=list(range(n_folds)), seed=seed)
     members = datamodule.members
     if stacking == "sequential":
         layout = Layout(False, "asked for")

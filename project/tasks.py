@@ -90,6 +90,13 @@ class Task:
         )
         return data_kind(data.kind).from_preset(self.preset, **common)
 
+    def prepared(self, data_dir: str | Path, **kwargs) -> FoldDataModule:
+        """``datamodule(data_dir, **kwargs)`` with its data fetched and its folds prepared."""
+        datamodule = self.datamodule(data_dir, **kwargs)
+        datamodule.prepare_data()
+        datamodule.setup()
+        return datamodule
+
     def head(self, config: TrainConfig, member_targets: list[Tensor]) -> Head:
         """The head of a stack whose members train on ``member_targets``: regression predicts
         relative to each member's training mean."""

@@ -49,10 +49,8 @@ def main(argv: list[str] | None = None) -> int:
             f"argument --models: unknown {unknown}; expected some of {', '.join(estimators)} "
             f"(sweep.estimators in {task.preset.source})"
         )
-    dm = task.datamodule(data_dir=args.data_dir, n_folds=args.folds, fold=list(range(args.folds)))
     try:
-        dm.prepare_data()
-        dm.setup()
+        dm = task.prepared(args.data_dir, n_folds=args.folds, fold=list(range(args.folds)))
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -98,9 +98,7 @@ def case_folds(
     name: str, task_name: str, data_dir: Path, config: TrainConfig, folds: list[int], stacking: str, repeats: int
 ) -> dict:
     task = get_task(task_name)
-    dm = task.datamodule(data_dir=data_dir, n_folds=5, fold=folds)
-    dm.prepare_data()
-    dm.setup()
+    dm = task.prepared(data_dir, n_folds=5, fold=folds)
     tensors = [fold_tensors(dm, p) for p in range(len(folds))]
     classification = task.kind == "classification"
 
@@ -136,9 +134,7 @@ def case_sweep(data_dir: Path, n_trials: int) -> dict:
 
     task = get_task("house-prices")
     fixed = {"max_epochs": 60}
-    dm = task.datamodule(data_dir=data_dir, n_folds=5, fold=list(range(5)))
-    dm.prepare_data()
-    dm.setup()
+    dm = task.prepared(data_dir, n_folds=5, fold=list(range(5)))
     tensors = [fold_tensors(dm, p) for p in range(5)]
     # the same configurations on both sides: random draws from the search space, with the plain
     # loop's AdamW, constant learning rate and no linear path, enqueued into the sweep's study

@@ -39,9 +39,7 @@ CASES = {
 def load_folds(task_name: str, data_dir: Path, folds: list[int]) -> list[tuple[torch.Tensor, ...]]:
     """(x_train, y_train, x_val, y_val) per fold, as float tensors in memory."""
     task = get_task(task_name)
-    dm = task.datamodule(data_dir=data_dir, n_folds=5, fold=folds)
-    dm.prepare_data()
-    dm.setup()
+    dm = task.prepared(data_dir, n_folds=5, fold=folds)
     out = []
     for position in range(len(folds)):
         member = dm.members.select([position])

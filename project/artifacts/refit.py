@@ -37,9 +37,7 @@ def refit_and_test(
     own (a configuration's seeds stacked or one after another, as the engine measured faster); then
     score the test split once, with the weighted average of the configurations' class probabilities
     (each the average of its seeds'), and each member alone for comparison, and write the predictions."""
-    datamodule = task.datamodule(data_dir, fold=None, seed=seed, replicas=sum(r.seeds for r in refits))
-    datamodule.prepare_data()
-    datamodule.setup()
+    datamodule = task.prepared(data_dir, fold=None, seed=seed, replicas=sum(r.seeds for r in refits))
     predictors, fits, first, device = [], [], 0, training_device()
     for refit in refits:
         members = datamodule.members.select(range(first, first + refit.seeds))

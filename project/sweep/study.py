@@ -110,9 +110,7 @@ class SweepSettings:
     def datamodule(self, task: Task | None = None):
         """The set-up DataModule stacking the folds every trial trains and scores."""
         folds = list(range(self.validation_folds or self.folds))
-        datamodule = (task or self.task).datamodule(self.data_dir, fold=folds, seed=self.seed)
-        datamodule.prepare_data()
-        datamodule.setup()
+        datamodule = (task or self.task).prepared(self.data_dir, fold=folds, seed=self.seed)
         return datamodule
 
 
