@@ -39,6 +39,7 @@ from project.data.base import Members
 from project.data.batches import MemberFeatures, StackedBatches
 from project.data.tabular import FoldPreprocessor
 from project.engine import build_stack
+from project.engine.heads import Head
 from project.ensemble import estimators
 from project.models import create_model
 from project.tasks import Task
@@ -119,7 +120,7 @@ class Predictor(Predicts):
         task: Task,
         config: TrainConfig,
         members: list[nn.Module],
-        head: nn.Module,
+        head: Head,
         preprocessors: list[FoldPreprocessor] | None,
         inputs: dict,
     ) -> None:
@@ -188,8 +189,7 @@ class Predictor(Predicts):
 
     def averaged(self, raw: pd.DataFrame | np.ndarray) -> Tensor:
         """The members' average: regression outputs on the learnt scale, or class probabilities."""
-        outputs = self.member_outputs(raw)
-        return outputs.mean(dim=0) if self.task.kind == "regression" else outputs.softmax(dim=-1).mean(dim=0)
+        return self.head.predictions(self.member_outputs(raw)).mean(dim=0)
 
     def _features(self, raw: pd.DataFrame | np.ndarray) -> MemberFeatures:
         kind = data_kind(self.task.preset.data.kind)

@@ -36,6 +36,10 @@ class Head(nn.Module):
     def metric(self) -> Metric:
         raise NotImplementedError
 
+    def predictions(self, outputs: Tensor) -> Tensor:
+        """Outputs as predictions to average over members: regression values, class probabilities."""
+        return outputs
+
 
 class RegressionHead(Head):
     """One output per row, predicted relative to each member's training mean (``offset``), so
@@ -104,3 +108,6 @@ class ClassificationHead(Head):
 
     def metric(self) -> Metric:
         return self.METRICS[self.metric_name](self.members)
+
+    def predictions(self, outputs: Tensor) -> Tensor:
+        return outputs.softmax(dim=-1)

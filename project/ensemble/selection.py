@@ -67,11 +67,6 @@ class Predictions:
             return cls(saved["rows"], saved["folds"], saved["oof"], saved.get("test", None))
 
 
-def _scale(task: Task, outputs: torch.Tensor) -> torch.Tensor:
-    """Head outputs as predictions to average: regression values, or class probabilities."""
-    return outputs.double() if task.kind == "regression" else outputs.double().softmax(dim=-1)
-
-
 @torch.no_grad()
 def out_of_fold(task: Task, result: CVResult, datamodule: FoldDataModule, with_test: bool = True) -> Predictions:
     """What the fold models of ``result`` predict: each its own validation rows, and (``with_test``)
@@ -84,9 +79,9 @@ def out_of_fold(task: Task, result: CVResult, datamodule: FoldDataModule, with_t
         for m, val in enumerate(fit.members.val_rows):
             rows.append(val.numpy())
             folds.append(np.full(len(val), fit.members.folds[m]))
-            oof.append(_scale(task, outputs[m, : len(val)]).numpy())
+            oof.append(module.head.predictions(outputs[m, : len(val)].double()).numpy())
         if with_test:
-            test.append(_scale(task, predict_members(module, datamodule, fit.members, fit.device)))
+            test.append(module.head.predictions(predict_members(module, datamodule, fit.members, fit.device).double()))
         module.cpu()
     every_row, every_fold, every_oof = np.concatenate(rows), np.concatenate(folds), np.concatenate(oof)
     order = np.argsort(every_row, kind="stable")
