@@ -41,7 +41,9 @@ def test_a_plain_lightningmodule_trains_on_a_folds_standard_batches(house_dir):
     dm = get_task("house-prices").datamodule(house_dir, n_folds=3, fold=0, batch_size=16)
     dm.setup()  # the fixture's rows are not the pinned data set, which prepare_data would fetch
     module = LossPerBatch(dm.n_features)
-    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer = L.Trainer(
+        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0
+    )
     trainer.fit(module, dm)
     assert module.shapes == [((16, dm.n_features), (16,)), ((16, dm.n_features), (16,)), ((8, dm.n_features), (8,))]
     x, y = next(iter(dm.val_dataloader()))
