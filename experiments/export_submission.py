@@ -14,9 +14,9 @@ from pathlib import Path
 
 import optuna
 
-from project.cli import output_dir
+from project.cli import add_ensemble_argument, output_dir
 from project.data.sources import KAGGLE_COMPETITION, kaggle_credentials
-from project.sweep.export import ENSEMBLES, export_best
+from project.sweep.export import export_best
 from project.sweep.run import PARENT_ATTR
 from project.sweep.study import PRESET_ATTR, SweepSettings, default_storage, make_storage
 from project.tracking.tracker import resolve_tracking_uri
@@ -40,13 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=REPO_ROOT / "data", help="(default: data/)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: as the sweep)")
     parser.add_argument("--submit", action="store_true", help="send the submission with the Kaggle API")
-    parser.add_argument(
-        "--ensemble",
-        choices=ENSEMBLES,
-        default="greedy",
-        help="an ensemble selected from the study's trials and the preset's estimators (greedy), from "
-        "the trials alone (trials), or the best trial alone (none) (default: %(default)s)",
-    )
+    add_ensemble_argument(parser)
     parser.add_argument("--verbose", action="store_true", help="also the libraries' INFO lines (MLflow's, Optuna's)")
     args = parser.parse_args(argv)
     quiet_libraries(args.verbose)

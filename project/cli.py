@@ -264,6 +264,11 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: the preset's sweep.validation_folds, else all)",
     )
     parser.add_argument("--no-pruning", action="store_true", help="run every trial to its last epoch")
+    add_ensemble_argument(parser)
+
+
+def add_ensemble_argument(parser: argparse.ArgumentParser) -> None:
+    """``--ensemble``, of sweep.py and export_submission.py: what the study's submission is made of."""
     parser.add_argument(
         "--ensemble",
         choices=ENSEMBLES,
