@@ -267,6 +267,22 @@ def test_start_point_drops_what_flags_fix():
     assert cnn.model == "cnn" and cnn.model_kwargs["channels"] == (16, 32)
 
 
+@pytest.mark.parametrize("embedding", ["plr", "none"])
+def test_a_setting_searched_when_another_is_set_is_not_searched_beside_none(embedding):
+    """``when: model.numeric_embedding``: the embedding's scale is searched beside an embedding only."""
+    from project.config import preset_path
+    from project.sweep.space import suggest_config
+    from project.tasks import Task
+    from project.validate import load_preset
+
+    task = Task(load_preset(preset_path("diamonds"), [f"models.mlp.args.numeric_embedding={embedding}"]))
+    trial = optuna.create_study().ask()
+    config = suggest_config(trial, task, "mlp", {})
+    assert config.model_kwargs["numeric_embedding"] == embedding
+    assert ("embedding_scale" in trial.params) == (embedding != "none")
+    assert {"lr", "weight_decay", "depth"} <= set(trial.params)
+
+
 def test_logged_cv_reads_back_as_it_was_logged(tmp_path):
     """Image sweeps draw the best trial's curves from its MLflow run instead of training it again."""
     from project.cv import CVResult

@@ -2,8 +2,8 @@
 
 Each entry names a training setting (``lr``) or a model argument (``model.dropout``) and how to
 sample it; entries are sampled in the file's order, and one with ``when`` only where the setting
-it names is set (dropout only beside hidden layers). A setting fixed on the command line is used
-as it is and not searched.
+it names is set, and not ``none`` (dropout only beside hidden layers, an embedding's scale only
+beside an embedding). A setting fixed on the command line is used as it is and not searched.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def suggest_config(trial: BaseTrial, task: Task, model: str, fixed: dict) -> Tra
     for key, param in task.preset.model_preset(model).search.items():
         if key in fixed:
             chosen[key] = fixed[key]
-        elif param.when is None or _current(values, chosen, param.when):
+        elif param.when is None or _is_set(values, chosen, param.when):
             chosen[key] = sample(trial, key, param)
     for key, value in {**fixed, **chosen}.items():
         if key.startswith("model."):
@@ -65,10 +65,15 @@ def suggest_config(trial: BaseTrial, task: Task, model: str, fixed: dict) -> Tra
     return check_config(TrainConfig(**values))
 
 
-def _current(values: dict, chosen: dict, key: str) -> Any:
+def _is_set(values: dict, chosen: dict, key: str) -> bool:
+    """Whether the setting ``key`` is set: true, nonzero, nonempty, and not ``none``."""
     if key in chosen:
-        return chosen[key]
-    return values["model_kwargs"].get(key.removeprefix("model.")) if key.startswith("model.") else values.get(key)
+        value = chosen[key]
+    elif key.startswith("model."):
+        value = values["model_kwargs"].get(key.removeprefix("model."))
+    else:
+        value = values.get(key)
+    return bool(value) and value != "none"
 
 
 def config_from_params(task: Task, model: str, params: dict, fixed: dict) -> TrainConfig:
