@@ -475,3 +475,34 @@ def test_the_readmes_preset_sweeps_to_its_submission(tmp_path):
     assert (submission["species"].to_numpy() == held_out.to_numpy()).mean() > 0.8
     # its boosted trees were fitted on the sweep's folds and weighed in the study's ensemble
     assert summary["ensemble"]["estimators"] == ["boosting"] and summary["estimators"]["boosting"]["cv_acc"] > 0.8
+
+
+@pytest.mark.slow
+def test_a_public_table_is_written_swept_and_scored_beside_the_baselines(tmp_path, capsys):
+    """``experiments/tools/tables.py``: penguins from its pinned wheel, the shipped preset's sweep,
+    and every model's held-out accuracy, the baselines' fitted on the same training rows."""
+    sys.path.insert(0, str(REPO / "experiments" / "tools"))
+    import tables
+
+    data = tmp_path / "data"
+    assert tables.main(["--data-dir", str(data), "write", "penguins"]) == 0
+    train_rows, test_rows, held_out = (pd.read_csv(data / "penguins" / f) for f in tables.FILES)
+    assert (len(train_rows), len(test_rows)) == (258, 86) and "species" not in test_rows
+    assert held_out.columns.tolist() == ["id", "species"] and held_out["id"].tolist() == test_rows["id"].tolist()
+    assert not set(train_rows["id"]) & set(test_rows["id"])
+    summary = run_sweep(tmp_path, preset_path("penguins"), "--n-trials", "2", "--n-jobs", "1")
+    scores = tables.score("penguins", data, [tmp_path / "out"])
+    assert list(scores) == [
+        "HistGradientBoosting",
+        "logistic regression",
+        f"out: best trial ({summary['best_trial']})",
+        "out: estimator boosting",
+        "out: submission (the study's ensemble)",
+    ]
+    assert scores["HistGradientBoosting"] > 0.9 and scores["logistic regression"] > 0.9
+    submission = pd.read_csv(summary["submission"])
+    assert scores["out: submission (the study's ensemble)"] == (submission["species"] == held_out["species"]).mean()
+    assert tables.main(["--data-dir", str(data), "score", "penguins", str(tmp_path / "out")]) == 0
+    assert "out: submission (the study's ensemble)" in capsys.readouterr().out
+    assert tables.main(["--data-dir", str(tmp_path / "nowhere"), "score", "penguins"]) == 1
+    assert "nowhere" in capsys.readouterr().err
