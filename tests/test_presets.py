@@ -237,7 +237,8 @@ def test_unknown_task_names_the_presets(capsys):
         sweep.main(["--task", "nope"])
     assert exit_info.value.code == 2
     assert re.search(
-        r"argument --task: no preset 'nope'.*the presets are fashion-mnist, house-prices, mnist",
+        r"argument --task: no preset 'nope'.*"
+        r"the presets are affairs, diamonds, fashion-mnist, house-prices, mnist, penguins\n",
         capsys.readouterr().err,
     )
 
@@ -274,6 +275,10 @@ def test_shipped_presets_load_and_extend():
     house = Task(load_preset(preset_path("house-prices"), ["folds=3"], {"model": "mlp"}))
     assert house.folds == 3 and house.preset.submission.id_range == [1461, 2919]
     assert from_resolved(house.preset.resolved()) == house.preset
+    for table, estimator in [("diamonds", "Regressor"), ("affairs", "Classifier"), ("penguins", "Classifier")]:
+        preset = Task(load_preset(preset_path(table))).preset
+        assert preset.models["mlp"].args["numeric_embedding"] == "plr" and preset.sweep.trials == 12
+        assert preset.sweep.estimators["boosting"].estimator == f"sklearn.ensemble:HistGradientBoosting{estimator}"
 
 
 SHAPES = """\
