@@ -66,7 +66,14 @@ def train(argv: list[str] | None) -> int:
         result = cross_validate(task, config, seed=args.seed, stacking=stacking, datamodule=datamodule)
         tracker.log_cv(run_id, result, datamodule.folds)
         tracker.log_metrics(run_id, {"cv_seconds": result.seconds})
-        tracker.set_tags(run_id, {"fold_layout": result.layout, "device": describe(training_device())})
+        tracker.set_tags(
+            run_id,
+            {
+                "fold_layout": result.layout,
+                "benchmark": str(task.preset.benchmark).lower(),
+                "device": describe(training_device()),
+            },
+        )
         scores = ", ".join(f"{s:.4f}" for s in result.fold_scores)
         print(
             f"{task.name}: CV {task.metric} {result.mean:.5f} ± {result.std:.5f} over {task.folds} folds "

@@ -140,6 +140,12 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         "(a warning where an op has none, as some CUDA backward passes), false "
         "(default: the preset's deterministic, true)",
     )
+    parser.add_argument(
+        "--benchmark",
+        action="store_true",
+        help="let timing choose arithmetic that changes the last digits of the scores (how a model's folds "
+        "train, cuDNN's kernels), recorded on the runs (default: the preset's benchmark, false)",
+    )
     parser.add_argument("--verbose", action="store_true", help="also the libraries' INFO lines (MLflow's, Optuna's)")
     parser.add_argument(
         "--threads",
@@ -157,6 +163,8 @@ def load_task(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tupl
         values = {"folds": args.folds} if args.folds is not None else {}
         if args.deterministic is not None:
             values["deterministic"] = {"true": True, "false": False}.get(args.deterministic, args.deterministic)
+        if args.benchmark:
+            values["benchmark"] = True
         task = Task(load_preset(path, args.overrides, values, args.imports))
         check_data(task.preset, args.data_dir)
     except PresetError as err:

@@ -28,7 +28,7 @@ from project.data import FoldDataModule
 from project.data.base import Members
 from project.engine import FirstLayer, FoldModule, Layout, build_stack, choose_first_layer, choose_layout, chunked
 from project.engine.progress import EpochProgress
-from project.engine.stacked_mlp import stack_tricks
+from project.engine.stacking import hand_stacked_form
 from project.models import create_model
 from project.tasks import Task
 from project.utils.devices import deterministic_algorithms, training_device
@@ -87,10 +87,11 @@ def make_trainer(
     accelerator: str = "auto",
     precision: Precision = "32-true",
     deterministic: bool | Literal["warn"] = True,
+    benchmark: bool = False,
 ) -> L.Trainer:
     """A Trainer stripped for many small fits: no logger, checkpoints, progress bar or summary.
 
-    ``deterministic``: the preset's (true, "warn" or false). Deterministic algorithms stay on, but
+    ``deterministic`` and ``benchmark``: the preset's (see its schema). Deterministic algorithms stay on, but
     torch's filling of every new tensor with NaN under them is switched off: a debugging aid for
     kernels that read memory they never wrote (none here) that costs a pass over each tensor.
 
@@ -111,6 +112,7 @@ def make_trainer(
         num_sanity_val_steps=0,
         limit_val_batches=None if validate else 0,
         deterministic=deterministic,
+        benchmark=benchmark,
         callbacks=[*callbacks, StopOnRequest()],
     )
 
@@ -168,7 +170,7 @@ def fit(
 ) -> FoldModule:
     """Train ``members`` (default: all the set-up DataModule's) as one stack; raise TrainingDiverged
     on a NaN or infinite loss. ``nonzero``: whether a first layer that can sums the weight rows of
-    the rows' nonzero entries (``first_layer`` measures it; default: wherever it can)."""
+    the rows' nonzero entries (``first_layer`` says; default: wherever it can)."""
     members = members or datamodule.members
     L.seed_everything(seed, workers=True, verbose=False)
     module = build_module(task, config, datamodule, members, seed, hand_stacked, chunked_steps)
@@ -191,6 +193,7 @@ def fit(
         accelerator=accelerator,
         precision=config.precision,
         deterministic=task.preset.deterministic,
+        benchmark=task.preset.benchmark,
     )
     try:
         trainer.fit(module, train_dataloaders=train, val_dataloaders=val or None)
@@ -214,15 +217,17 @@ def describe(members: Members) -> str:
 def first_layer(
     task: Task, config: TrainConfig, datamodule: FoldDataModule, members: Members, seed: int, accelerator: str = "auto"
 ) -> FirstLayer | None:
-    """Whether the members' first layer runs faster on the rows' nonzero entries than dense, on
-    the training device (measured once); None where the model's stack cannot use them or the rows
-    are not sparse."""
+    """Whether the members' hand-stacked first layer runs on the rows' nonzero entries
+    (``choose_first_layer``); None where the rows are not sparse or the model has no hand-stacked
+    form that can use them (no other stack is built here: a model of one's own may not stack)."""
     if datamodule.members.features.nonzero is None:
         return None
     models = [
         init_model(config, datamodule.sample_shape, datamodule.out_features, derive_seed(seed, "init", i))
         for i in members.seed_ids
     ]
+    if hand_stacked_form(models[0]) is None:
+        return None
     device = training_device(accelerator)
     stack = build_stack(models, config.model).to(device)
     if not stack.accepts_nonzero:
@@ -230,13 +235,13 @@ def first_layer(
     batch = next(iter(datamodule.train_loader(config.batch_size, members, chunked=False, nonzero=True, device=device)))
     key = (config.model, repr(sorted(config.model_kwargs.items())))
     with deterministic_algorithms(task.preset.deterministic):
-        return choose_first_layer(stack, batch["x"], key)
+        return choose_first_layer(stack, batch["x"], key, task.preset.benchmark)
 
 
 def fold_layout(
     task: Task, config: TrainConfig, datamodule: FoldDataModule, members: int, seed: int, accelerator: str = "auto"
 ) -> Layout:
-    """Whether ``members`` folds of ``config`` train faster stacked or one after another (measured once)."""
+    """Whether ``members`` folds of ``config`` train stacked or one after another (``project.engine.layout``)."""
 
     def make(count: int) -> list[nn.Module]:
         return [
@@ -245,9 +250,16 @@ def fold_layout(
         ]
 
     key = (config.model, repr(sorted(config.model_kwargs.items())))
-    with deterministic_algorithms(task.preset.deterministic):  # timed (and cached) as the Trainer will train
+    with deterministic_algorithms(task.preset.deterministic):  # probed (and timed) as the Trainer will train
         return choose_layout(
-            make, config.model, key, datamodule.sample_shape, config.batch_size, members, training_device(accelerator)
+            make,
+            config.model,
+            key,
+            datamodule.sample_shape,
+            config.batch_size,
+            members,
+            training_device(accelerator),
+            benchmark=task.preset.benchmark,
         )
 
 
@@ -309,9 +321,8 @@ def cross_validate(
     key = f"val_{task.metric}"
     scores = [h[-1][key] for h in histories]
     said = layout.describe(fits[0].module.net.kind)
-    for measured in (trick.describe() if trick is not None else None, stack_tricks(fits[0].module.net)):
-        if measured:
-            said = f"{said[:-1]}; {measured})"
+    if trick is not None:
+        said = f"{said[:-1]}; {trick.describe()})"
     return CVResult(task.metric, scores, histories, time.perf_counter() - start, fits, said)
 
 

@@ -3,6 +3,8 @@ chunked steps, per-member clipping, the measured fold layout and the fused optim
 
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import pytest
 import torch
@@ -10,7 +12,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from project.config import TrainConfig
-from project.cv import build_module, cross_validate, fit, make_trainer
+from project.cv import build_module, cross_validate, first_layer, fit, fold_layout, make_trainer
 from project.data import batches
 from project.data.batches import MemberFeatures, SparseRows
 from project.engine import FoldModule, MemberStack, RegressionHead, StackingError, build_stack, choose_layout, layout
@@ -163,15 +165,31 @@ def test_cv_on_nonzero_entries_matches_dense_features(house_dir, monkeypatch):
     monkeypatch.setattr(batches, "SPARSE_DENSITY", 1.0)
     _, sparse_dm = house_task_dm(house_dir)
     assert sparse_dm.members.features.nonzero is not None
-    # the engine measures which is faster here; the nonzero path is taken whatever it measured
-    monkeypatch.setattr(layout, "_FIRST_LAYER", {})
-    monkeypatch.setattr(
-        layout, "_seconds_per_pass", lambda stack, x, passes=5: 0.0 if isinstance(x, SparseRows) else 1.0
-    )
+    # on a CPU the rule takes the nonzero path; nothing is timed
+    monkeypatch.setattr(layout, "_seconds_per_pass", lambda *a, **k: pytest.fail("timed without benchmark"))
     batch = next(iter(sparse_dm.train_loader(16, nonzero=True)))
     assert isinstance(batch["x"], SparseRows)
     dense, sparse = (cross_validate(task, config, datamodule=dm) for dm in (dense_dm, sparse_dm))
     torch.testing.assert_close(torch.tensor(sparse.fold_scores), torch.tensor(dense.fold_scores), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("out_features", [16, 1])
+def test_a_stacked_linear_layer_is_each_members_own(out_features):
+    """A batched matmul, or for one output a multiply-and-sum: each member's output and gradients are those of
+    its own nn.Linear."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 10, 20)
+    linears = [nn.Linear(20, out_features) for _ in range(3)]
+    layer = StackedLinear(linears)
+    out = layer(x)
+    expected = torch.stack([linear(x[m]) for m, linear in enumerate(linears)])
+    torch.testing.assert_close(out, expected)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    for m, linear in enumerate(linears):
+        torch.testing.assert_close(layer.weight.grad[m], linear.weight.grad.T)
+        torch.testing.assert_close(layer.bias.grad[m, 0], linear.bias.grad)
 
 
 @register_model("test-batchnorm-net")
@@ -259,7 +277,7 @@ def test_mixed_precision_trains_one_mini_batch_per_lightning_step(house_dir):
     assert module.automatic_optimization and all(v < 1.0 for v in module.history[-1]["val_rmse"])
 
 
-def test_fold_layout_is_measured_once_and_says_why(monkeypatch):
+def test_fold_layout_follows_its_rule_or_is_measured_once_with_benchmark_and_says_why(monkeypatch):
     calls = []
 
     def timed(stack, x, steps=3):
@@ -272,11 +290,16 @@ def test_fold_layout_is_measured_once_and_says_why(monkeypatch):
     def make(count):
         return [nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(144, 2)) for _ in range(count)]
 
-    def choose():
-        return choose_layout(make, "tiny-conv", ("tiny-conv",), (1, 8, 8), 16, 3, torch.device("cpu"))
+    def choose(benchmark=True):
+        return choose_layout(make, "tiny-conv", ("tiny-conv",), (1, 8, 8), 16, 3, torch.device("cpu"), benchmark)
 
+    assert choose(benchmark=False).reason == "Conv2d at '0' on a CPU, where stacked convolutions are slower"
+    assert calls == []  # the rule times nothing
     first = choose()
-    assert first.stacked and first.reason == "measured on cpu: 1000 ms per step stacked, 1500 ms one after another"
+    assert (
+        first.stacked
+        and first.reason == "benchmark: measured on cpu: 1000 ms per step stacked, 1500 ms one after another"
+    )
     assert choose() is first and calls == [3, 1]  # measured once
     assert (
         choose_layout(make, "tiny-conv", ("tiny-conv",), (1, 8, 8), 16, 1, torch.device("cpu")).reason == "one member"
@@ -386,14 +409,18 @@ def test_fused_optimisers_under_a_grad_scaler_skip_a_non_finite_step_and_are_uns
     torch.testing.assert_close(grads[0], 2 * (start * slope).sum() / 100 * slope)
 
 
-def test_the_first_layers_nonzero_trick_is_measured_on_the_device_and_said(house_dir, monkeypatch):
-    """Summing the weight rows of each row's nonzero entries beats the dense matmul on a CPU's cores,
-    not always on a GPU: the engine times both where the fit trains, takes the faster, says which,
-    and measures once per model, arguments, shape and device."""
+def test_the_first_layers_nonzero_trick_follows_its_rule_or_is_measured_with_benchmark_and_said(house_dir, monkeypatch):
+    """Summing the weight rows of each row's nonzero entries beat the dense matmul on a CPU's cores,
+    and it sums in another order: by default a rule takes it on a CPU, untimed. With benchmark the
+    engine times both where the fit trains, takes the faster, says which, and measures once per
+    model, arguments, shape and device."""
     monkeypatch.setattr(batches, "SPARSE_DENSITY", 1.0)
     monkeypatch.setattr(layout, "_FIRST_LAYER", {})
     task, dm = house_task_dm(house_dir)
     config = TrainConfig(model_kwargs={"hidden_sizes": (16,)}, max_epochs=2, batch_size=16)
+    monkeypatch.setattr(layout, "_seconds_per_pass", lambda *a, **k: pytest.fail("timed without benchmark"))
+    assert "first layer on nonzero entries, on a CPU)" in cross_validate(task, config, datamodule=dm).layout
+    monkeypatch.setattr(task.preset, "benchmark", True)  # the task is shared: get_task caches it
     timed, loaders = [], []
     original = dm.train_loader
     monkeypatch.setattr(dm, "train_loader", lambda *a, **k: loaders.append(k.get("nonzero")) or original(*a, **k))
@@ -407,57 +434,78 @@ def test_the_first_layers_nonzero_trick_is_measured_on_the_device_and_said(house
             ),
         )
         result = cross_validate(task, config, datamodule=dm)
-        assert f"{said}, measured on cpu: " in result.layout, result.layout
+        assert f"{said}, benchmark: measured on cpu: " in result.layout, result.layout
         assert loaders[-1] is (not sparse_slower)  # what the members trained on
     measured = len(timed)
     cross_validate(task, config, datamodule=dm)
     assert len(timed) == measured  # the answer is reused
 
 
-@pytest.mark.parametrize("multiply_sum_faster", [True, False])
-def test_a_one_output_head_runs_as_the_way_measured_faster_here_and_says_so(
-    house_dir, monkeypatch, multiply_sum_faster
-):
-    """A one-output layer as a multiply-and-sum or a batched matmul, whichever was timed faster on the
-    device: the same outputs either way, and the fold layout names the one taken."""
-    from project.engine import stacked_mlp
+@register_model("test-layernorm-net")
+class LayerNormNet(nn.Module):
+    """A model of someone's own that torch.func stacks: no hand-stacked form, so the layout's rule
+    (or, asked for, its timing) decides how its folds train."""
 
-    monkeypatch.setattr(stacked_mlp, "_ONE_OUTPUT", {})
-    calls = []
+    def __init__(self, in_shape, out_features, width: int = 16, dropout: float = 0.2) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(math.prod(in_shape), width),
+            nn.LayerNorm(width),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(width, out_features),
+        )
 
-    def timed(step, device, repeats):  # the first timing is the multiply-and-sum's
-        calls.append(device)
-        return 1.0 if (len(calls) % 2 == 1) == multiply_sum_faster else 2.0
+    def forward(self, x):
+        return self.net(x)
 
-    monkeypatch.setattr(stacked_mlp, "best_seconds", timed)
-    torch.manual_seed(0)
-    layer = StackedLinear([nn.Linear(6, 1) for _ in range(3)])
-    x = torch.randn(3, 5, 6)
-    expected = torch.stack([x[m] @ layer.weight[m] + layer.bias[m] for m in range(3)])
-    torch.testing.assert_close(layer(x), expected)
-    assert stacked_mlp.one_output_by_multiply_sum(x, layer.weight) is multiply_sum_faster
-    assert len(calls) == 2  # measured once for this width, members and device
+
+@pytest.mark.parametrize("benchmark", [False, True])
+def test_only_benchmark_lets_a_stopwatch_choose_the_arithmetic(house_dir, monkeypatch, benchmark):
+    """Stacked and sequential folds give the same scores but not the same last digits. By default
+    no timing is consulted, so whichever way a timer would lean the fold scores are identical to the
+    last digit; with benchmark the timer decides and the layout (which the runs record) says so."""
     task, dm = house_task_dm(house_dir)
-    result = cross_validate(task, TrainConfig(model_kwargs={"hidden_sizes": ()}, max_epochs=1), datamodule=dm)
-    how = "a multiply-and-sum" if multiply_sum_faster else "a batched matmul"
-    assert f"one-output head as {how}, measured on cpu" in result.layout, result.layout
+    monkeypatch.setattr(task.preset, "benchmark", benchmark)  # the task is shared: get_task caches it
+    config = TrainConfig(model="test-layernorm-net", max_epochs=3, batch_size=16, lr=1e-2)
+    timed, results = [], {}
+    for stacked_faster in (True, False):
+        monkeypatch.setattr(layout, "_MEASURED", {})
+
+        def timer(stack, x, steps=3, faster=stacked_faster):
+            timed.append(len(x))
+            return (1.0 if faster else 9.0) if len(x) > 1 else 1.0  # a step of the stack, or of one member
+
+        monkeypatch.setattr(layout, "_seconds_per_step", timer)
+        results[stacked_faster] = cross_validate(task, config, datamodule=dm)
+    if benchmark:
+        assert timed and [len(r.fits) for r in results.values()] == [1, 3]
+        assert "benchmark: measured on cpu" in results[True].layout, results[True].layout
+        assert "benchmark: measured on cpu" in results[False].layout
+    else:
+        assert (
+            timed == []
+            and results[True].layout == results[False].layout == "stacked (torch.func vmap; stacked by default)"
+        )
+        assert results[True].fold_scores == results[False].fold_scores  # to the last digit
 
 
-def test_measuring_a_trick_leaves_the_random_stream_where_it_was(house_dir, monkeypatch):
-    """The timings run inside training (the head's at its first forward): they must not draw from
-    the generators that dropout draws from, or the same seed would give other scores."""
-    from project.cv import first_layer
-    from project.engine import stacked_mlp
-
-    monkeypatch.setattr(stacked_mlp, "_ONE_OUTPUT", {})
-    monkeypatch.setattr(layout, "_FIRST_LAYER", {})
+def test_probing_and_timing_leave_the_random_stream_where_it_was(house_dir, monkeypatch):
+    """The layout and the first layer are chosen before the fit seeds its generators, but a caller's
+    stream (the sweep's, a notebook's) must not move: the probe's and the timings' dropout draws
+    happen on a forked generator."""
     monkeypatch.setattr(batches, "SPARSE_DENSITY", 1.0)
+    monkeypatch.setattr(layout, "_FIRST_LAYER", {})
     task, dm = house_task_dm(house_dir)
-    config = TrainConfig(model_kwargs={"hidden_sizes": (16,), "dropout": 0.3})
-    state = torch.get_rng_state()
-    assert first_layer(task, config, dm, dm.members, seed=0) is not None  # timed for real
-    stacked_mlp.one_output_by_multiply_sum(torch.zeros(3, 8, 7), torch.zeros(3, 7, 1))  # a width not timed yet
-    assert torch.equal(torch.get_rng_state(), state)
+    config = TrainConfig(model="test-layernorm-net", max_epochs=1, batch_size=16)
+    mlp = TrainConfig(model_kwargs={"hidden_sizes": (16,), "dropout": 0.3})
+    for benchmark in (False, True):
+        monkeypatch.setattr(task.preset, "benchmark", benchmark)
+        state = torch.get_rng_state()
+        assert fold_layout(task, config, dm, members=3, seed=0).stacked in (True, False)
+        assert first_layer(task, mlp, dm, dm.members, seed=0) is not None  # timed for real with benchmark
+        assert torch.equal(torch.get_rng_state(), state)
 
 
 @pytest.mark.parametrize("embedding", ["periodic", "plr"])

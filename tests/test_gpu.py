@@ -62,13 +62,15 @@ def test_mixed_precision_trains_on_the_gpu(real_data, precision):
 
 def test_the_cnn_measures_its_layout_on_the_gpu_and_refits_and_reloads(tmp_path):
     write_idx_set(tmp_path / "tiny-images", n_train=600, n_test=100)
-    # adaptive pooling's CUDA backward has no deterministic kernel: warn, not fail
-    task = Task(load_preset(preset_path("fashion-mnist"), ["data.dataset=tiny-images", "deterministic=warn"]))
+    # adaptive pooling's CUDA backward has no deterministic kernel: warn, not fail; benchmark: the
+    # layout is timed where the fit trains (by default a rule chooses it)
+    overrides = ["data.dataset=tiny-images", "deterministic=warn", "benchmark=true"]
+    task = Task(load_preset(preset_path("fashion-mnist"), overrides))
     dm = task.datamodule(data_dir=tmp_path, n_folds=3, fold=[0, 1, 2])
     dm.setup()
     config = task.config("cnn", max_epochs=1)
     result = cross_validate(task, config, datamodule=dm, accelerator=ACCEL)
-    assert f"measured on {'cuda' if ACCEL == 'gpu' else 'cpu'}" in result.layout, result.layout
+    assert f"benchmark: measured on {'cuda' if ACCEL == 'gpu' else 'cpu'}" in result.layout, result.layout
     predictor, scores = refit_and_test(task, [Refit(config, seeds=2)], tmp_path, 0, tmp_path / "predictions.csv")
     assert 0 <= scores["test_accuracy"] <= 1
     images = dm.test_inputs()

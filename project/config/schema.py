@@ -138,6 +138,10 @@ class Preset:
     # torch's deterministic algorithms: true (the same seed, the same scores), warn (a warning
     # where an op has no deterministic kernel, as some CUDA backward passes have not), false
     deterministic: Any = True
+    # arithmetic chosen by timing, as torch.backends.cudnn.benchmark: how a model's folds train
+    # (project/engine/layout.py) and cuDNN's kernels. Off, the same command and seed give the same
+    # scores on any machine of a device type; on, the runs record what was chosen
+    benchmark: bool = False
     # modules of your own imported before anything else (models and data kinds register themselves),
     # found beside this file, in the working directory or on PYTHONPATH; saved models carry them
     imports: list[str] = field(default_factory=list)

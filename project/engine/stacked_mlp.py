@@ -2,19 +2,18 @@
 
 Built from the members' plain ``MLP`` modules (so it starts from exactly their weights), it holds
 each linear layer's weights as ``[M, in, out]`` and runs one batched matmul per layer. Two tricks
-on top: for sparse rows (one-hot encoded tables, two thirds zeros) the first layer sums the
-weight rows of each row's nonzero entries (``embedding_bag``) instead of multiplying all columns,
-and a one-output head is a multiply-and-sum where that is faster than a batched matrix-vector
-product on the device (on a CPU's cores it took half the time; each is timed once per shape and
-device). ``tests/test_engine.py`` checks it gives the fold scores of ``MemberStack``.
+on top: a one-output layer is a multiply-and-sum, on a CPU's cores a third to a half faster than a
+batched matrix-vector product, on every device (one form, so the same arithmetic everywhere); and
+for sparse rows (one-hot encoded tables, two thirds zeros) the first layer can sum the weight rows
+of each row's nonzero entries (``embedding_bag``) instead of multiplying all columns, where
+``project.engine.layout.choose_first_layer`` says so. ``tests/test_engine.py`` checks it gives the
+fold scores of ``MemberStack``, and the same outputs either way.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import cast
 
 import torch
@@ -23,7 +22,6 @@ from torch import Tensor, nn
 
 from project.data.batches import SparseRows
 from project.engine.stacking import HAND_STACKED, HandStack
-from project.engine.timing import best_seconds
 from project.models.mlp import ACTIVATIONS, MLP
 
 
@@ -42,14 +40,9 @@ class StackedLinear(nn.Module):
         per sample instead of a matmul."""
         if nonzero is not None and self.out_features > 1:
             return _NonzeroLinear.apply(x, *nonzero, self.weight, self.bias)
-        if self.out_features == 1 and one_output_by_multiply_sum(x, self.weight):
-            return _multiply_sum(x, self.weight, self.bias)
+        if self.out_features == 1:
+            return (x * self.weight.transpose(1, 2)).sum(dim=-1, keepdim=True) + self.bias
         return torch.baddbmm(self.bias, x, self.weight)
-
-    def head_choice(self) -> str | None:
-        """How this layer, if it has one output, ran: what was measured for it, where it ran."""
-        choices = [c for k, c in _ONE_OUTPUT.items() if k[:2] == tuple(self.weight.shape[:2])]
-        return choices[-1].describe() if self.out_features == 1 and choices else None
 
     def member_state(self) -> dict[str, Tensor]:
         """``nn.Linear``'s weight and bias, with a leading member dimension."""
@@ -57,47 +50,6 @@ class StackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"members={self.weight.shape[0]}, in_features={self.in_features}, out_features={self.out_features}"
-
-
-def _multiply_sum(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    return (x * weight.transpose(1, 2)).sum(dim=-1, keepdim=True) + bias
-
-
-@dataclass(frozen=True)
-class OneOutput:
-    multiply_sum: bool
-    reason: str
-
-    def describe(self) -> str:
-        return f"one-output head as {'a multiply-and-sum' if self.multiply_sum else 'a batched matmul'}, {self.reason}"
-
-
-_ONE_OUTPUT: dict[tuple, OneOutput] = {}
-
-
-def one_output_by_multiply_sum(x: Tensor, weight: Tensor) -> bool:
-    """Whether a one-output layer of ``weight`` ``[M, in, 1]`` runs faster on inputs like ``x`` as a
-    multiply-and-sum than as a batched matrix-vector product, on x's device: forward and backward
-    passes of each on stand-in tensors, timed once per members, width, device and threads."""
-    key = (weight.shape[0], weight.shape[1], x.device.type, torch.get_num_threads())
-    if key not in _ONE_OUTPUT:
-        # constant stand-ins: drawing them would move the random stream the training's dropout draws from
-        with torch.enable_grad():
-            xs = torch.full(x.shape, 0.5, device=x.device, requires_grad=True)
-            ws = torch.full(weight.shape, 0.5, device=x.device, requires_grad=True)
-            bias = torch.zeros(weight.shape[0], 1, 1, device=x.device, requires_grad=True)
-
-            def one_pass(multiply_sum: bool) -> None:
-                out = _multiply_sum(xs, ws, bias) if multiply_sum else torch.baddbmm(bias, xs, ws)
-                out.sum().backward()
-
-            seconds = {flag: best_seconds(functools.partial(one_pass, flag), x.device, 5) for flag in (True, False)}
-        _ONE_OUTPUT[key] = OneOutput(
-            seconds[True] <= seconds[False],
-            f"measured on {x.device.type}: {seconds[True] * 1e6:.0f} us a pass as a "
-            f"multiply-and-sum, {seconds[False] * 1e6:.0f} us as a batched matmul",
-        )
-    return _ONE_OUTPUT[key].multiply_sum
 
 
 def row_offsets(members: int, n_features: int, like: Tensor) -> Tensor:
@@ -195,11 +147,3 @@ class StackedMLP(HandStack):
 
 
 HAND_STACKED[MLP] = StackedMLP
-
-
-def stack_tricks(stack: nn.Module) -> str | None:
-    """What a hand-stacked MLP's one-output head ran as, and why (None for any other stack)."""
-    if not isinstance(stack, StackedMLP):
-        return None
-    last = [layer for layer in stack.layers if isinstance(layer, StackedLinear)][-1]
-    return last.head_choice()

@@ -297,7 +297,14 @@ class Objective:
                 datamodule=self.datamodule,
             )
             self.tracker.log_cv(run_id, result, self.datamodule.folds)
-            self.tracker.set_tags(run_id, {"fold_layout": result.layout, "device": describe(training_device())})
+            self.tracker.set_tags(
+                run_id,
+                {
+                    "fold_layout": result.layout,
+                    "benchmark": str(self.task.preset.benchmark).lower(),
+                    "device": describe(training_device()),
+                },
+            )
             self.tracker.log_metrics(run_id, {"seconds": result.seconds})
             trial.set_user_attr("fold_scores", result.fold_scores)
             trial.set_user_attr("cv_std", result.std)
