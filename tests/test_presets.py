@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from project.config import PresetError, from_resolved, preset_path
@@ -511,3 +512,18 @@ def test_a_public_table_is_written_swept_and_scored_beside_the_baselines(tmp_pat
     assert "out: submission (the study's ensemble)" in capsys.readouterr().out
     assert tables.main(["--data-dir", str(tmp_path / "nowhere"), "score", "penguins"]) == 1
     assert "nowhere" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("in_shape", [(20,), (1, 28, 28), (3, 12, 12)])
+def test_the_readmes_own_model_takes_table_rows_and_images(tmp_path, in_shape):
+    """The module of the README's "Your own model", as written, on one sample shape of each data kind."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Your own model") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace: dict = {}
+    exec(
+        compile(code.replace('"my-net"', f'"readme-net-{len(in_shape)}-{in_shape[-1]}"'), "README.md", "exec"),
+        namespace,
+    )
+    model = namespace["MyNet"](in_shape, 3)
+    assert model(torch.randn(5, *in_shape)).shape == (5, 3)

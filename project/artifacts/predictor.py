@@ -38,7 +38,7 @@ from project.data import FoldDataModule, TableDataModule, data_kind
 from project.data.base import Members
 from project.data.batches import MemberFeatures, StackedBatches
 from project.data.tabular import FoldPreprocessor
-from project.engine import build_stack
+from project.engine import inference_stack
 from project.engine.heads import Head
 from project.ensemble import estimators
 from project.models import create_model
@@ -131,7 +131,7 @@ class Predictor(Predicts):
             preprocessors,
             inputs,
         )
-        self.stack = build_stack(members, config.model).eval()
+        self.stack = inference_stack(members, config.model).eval()
 
     @classmethod
     def from_fits(cls, task: Task, config: TrainConfig, fits: list[Fit], datamodule: FoldDataModule) -> Predictor:

@@ -9,7 +9,7 @@ from project.engine.chunks import chunked
 from project.engine.heads import ClassificationHead, RegressionHead
 from project.engine.layout import FirstLayer, Layout, choose_first_layer, choose_layout
 from project.engine.module import FoldModule
-from project.engine.stacking import MemberStack, StackingError, build_stack
+from project.engine.stacking import MemberStack, StackingError, build_stack, inference_stack
 
 __all__ = [
     "ClassificationHead",
@@ -23,4 +23,5 @@ __all__ = [
     "choose_first_layer",
     "choose_layout",
     "chunked",
+    "inference_stack",
 ]

@@ -128,9 +128,46 @@ class MemberStack(Stack):
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+class MemberList(Stack):
+    """M modules run one after another, each on its own slice of ``[M, B, ...]``: the contract of a
+    stack for modules that cannot be stacked (running statistics, an operation vmap refuses), and
+    the arithmetic of folds trained one after another. What a saved model of such members predicts with."""
+
+    kind = "one after another"
+
+    def __init__(self, modules: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.members = len(modules)
+        self.nets = nn.ModuleList(modules)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.stack([net(x[m]) for m, net in enumerate(self.nets)])
+
+    def member_state_dict(self) -> dict[str, Tensor]:
+        states = [net.state_dict() for net in self.nets]
+        return {k: torch.stack([s[k].detach() for s in states]) for k in states[0]}
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """As ``MemberStack``'s: weight decay on weights of two or more dimensions."""
+        decay: list[Tensor] = []
+        no_decay: list[Tensor] = []
+        for net in self.nets:
+            excluded: set[str] = getattr(net, "no_weight_decay", set)()
+            for name, p in net.named_parameters():
+                (decay if p.dim() > 1 and name not in excluded else no_decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
 def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
     path, _, leaf = name.rpartition(".")
     return module.get_submodule(path), leaf
+
+
+def inference_stack(modules: Sequence[nn.Module], name: str) -> Stack:
+    """The stack a saved model predicts with: the hand-stacked form where one covers the members,
+    else the members one after another, which any module allows."""
+    form = hand_stacked_form(modules[0])
+    return build_stack(modules, name) if form is not None else MemberList(modules)
 
 
 def build_stack(modules: Sequence[nn.Module], name: str, hand_stacked: bool = True) -> Stack:
