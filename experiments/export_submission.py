@@ -16,7 +16,7 @@ import optuna
 
 from project.cli import add_ensemble_argument, output_dir
 from project.data.sources import KAGGLE_COMPETITION, kaggle_credentials
-from project.sweep.export import export_best
+from project.sweep.export import NoCompleteTrial, export_best
 from project.sweep.run import PARENT_ATTR
 from project.sweep.study import PRESET_ATTR, SweepSettings, default_storage, make_storage
 from project.tracking.tracker import resolve_tracking_uri
@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     tracker.send_kept()  # what the sweep could not log
     try:
         summary = export_best(study, settings, tracker, out, study.user_attrs.get(PARENT_ATTR))
+    except NoCompleteTrial as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except WriteFailed as err:
         tracker.send_kept(left_for="the next command on this study")
         print(

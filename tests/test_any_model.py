@@ -1,6 +1,6 @@
 """Any nn.Module on any data kind under the default layout: one that keeps running statistics
 (BatchNorm), one that torch.func.vmap refuses, one with buffers, on dense and one-hot tables, IDX
-and image folders."""
+and image folders; and a model that raises makes failed trials, not a dead sweep."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import optuna
 import pandas as pd
 import pytest
 import torch
@@ -166,6 +167,15 @@ class GuardedMLP(nn.Module):
             raise ValueError("non-finite input")
         return self.body(x)
 
+
+@register_model("own-broken-mlp")
+class BrokenMLP(nn.Module):
+    def __init__(self, in_shape, out_features, width: int = 32):
+        super().__init__()
+        self.body = body(in_shape, out_features, nn.Identity(), width)
+
+    def forward(self, x):
+        raise RuntimeError(f"forward of a model under construction got {tuple(x.shape)}")
 """
 
 OWN_PRESET = """\
@@ -228,3 +238,30 @@ def test_a_model_that_cannot_be_stacked_trains_sweeps_and_submits_house_prices(t
     assert summary["n_complete"] == 2 and summary["n_failed"] == 0
     submission = pd.read_csv(summary["submission"])
     assert submission["Id"].tolist() == list(range(1461, 2920)) and (submission["SalePrice"] > 0).all()
+
+
+@pytest.mark.slow
+def test_trials_whose_model_raises_fail_one_by_one_and_the_sweep_ends_in_one_line(tmp_path, real_data):
+    """Four trials on two workers: each trial FAIL with its error recorded (Optuna and MLflow), both
+    workers alive to the end, and one line that names the first failure, exit 1, no traceback."""
+    args = [*own_project(tmp_path, "own-broken-mlp"), "--output-dir", str(tmp_path / "out")]
+    swept = run_script("sweep.py", [*args, "--n-trials", "4", "--n-jobs", "2"], tmp_path)
+    assert swept.returncode == 1, swept.stderr[-3000:]
+    error = "RuntimeError: forward of a model under construction got "
+    assert "Traceback" not in swept.stderr and "exited" not in swept.stderr, swept.stderr[-3000:]
+    errors = [line for line in swept.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: no trial completed: trial 0 failed: {error}"), errors
+
+    study = optuna.load_study(study_name="house-prices", storage=f"sqlite:///{tmp_path / 'out' / 'optuna.db'}")
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL] * 4
+    assert all(t.user_attrs["failure"].startswith(error) for t in trials)
+    workers = [t.user_attrs["worker"]["pid"] for t in trials]
+    assert sorted(workers.count(pid) for pid in set(workers)) == [2, 2]  # each worker ran its two trials
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("house-prices").experiment_id], "tags.state = 'FAIL'")
+    assert len(runs) == 4 and all(r.data.tags["failure"].startswith(error) for r in runs)
+    assert "traceback.txt" in [a.path for a in client.list_artifacts(runs[0].info.run_id)]

@@ -36,10 +36,21 @@ def member_entry(member: int | str, weight: float) -> dict:
     return {"trial" if isinstance(member, int) else "estimator": member, "weight": weight}
 
 
+class NoCompleteTrial(ValueError):
+    """A study with nothing to export: why its first trial failed, where one did."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+        if failed:
+            why = failed[0].user_attrs.get("failure", "no reason was recorded")
+            super().__init__(f"no trial completed: trial {failed[0].number} failed: {why}")
+        else:
+            super().__init__(f"study {study.study_name!r} has no complete trial yet; run the sweep first")
+
+
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if not complete:
-        raise ValueError(f"study {study.study_name!r} has no complete trial yet; run the sweep first")
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        raise NoCompleteTrial(study)
     return study.best_trial
 
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from project.config import to_yaml
 from project.data import DataError
-from project.sweep.export import export_best, study_summary
+from project.sweep.export import NoCompleteTrial, export_best, study_summary
 from project.sweep.recovery import recover_stale_trials
 from project.sweep.report import print_report
 from project.sweep.space import start_point
@@ -94,8 +94,9 @@ def open_checked(settings: SweepSettings, tracker: Tracker) -> optuna.Study:
 
 class StudyRun:
     """The faults of a sweep, each said in one line, with the study's MLflow run ended as it says:
-    a stop on request (KILLED; the running trials end FAIL), a file that could not be written or a
-    database that went away (FAILED); bad data stops it with exit code 1. ``code``: the exit code."""
+    a stop on request (KILLED; the running trials end FAIL), a file that could not be written, a
+    database that went away or no trial that completed (FAILED); bad data stops it with exit code 1.
+    ``code``: the exit code."""
 
     def __init__(self, study: optuna.Study, settings: SweepSettings, tracker: Tracker) -> None:
         self.study, self.settings, self.tracker, self.code = study, settings, tracker, 0
@@ -118,6 +119,8 @@ class StudyRun:
             self.code = could_not_write(err, self.tracker, run_id, self.out)
         elif isinstance(err, StorageUnreachable):
             self.code = storage_lost(err, self.tracker, run_id)
+        elif isinstance(err, NoCompleteTrial):
+            self.code = nothing_completed(err, self.tracker, run_id)
         else:
             return False
         return True
@@ -223,6 +226,16 @@ def storage_lost(err: StorageUnreachable, tracker: Tracker, run_id: str) -> int:
         "the next command on it",
         file=sys.stderr,
     )
+    return 1
+
+
+def nothing_completed(err: NoCompleteTrial, tracker: Tracker, run_id: str) -> int:
+    """Every trial failed (a model that raises, say): one line naming the first failure; the study
+    and its runs stay, each failed trial's run with its error and traceback."""
+    tracker.set_tags(run_id, {"failure": str(err)})
+    tracker.end_run(run_id, "FAILED")
+    tracker.send_kept(left_for="the next command on this study")
+    print(f"error: {err}", file=sys.stderr)
     return 1
 
 

@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -142,6 +143,17 @@ def storage_error_in(err: BaseException | None) -> BaseException | None:
 STORAGE_LOST = 75
 # a worker's exit code when a file could not be written (EX_IOERR): the coordinator says which, once
 OUTPUT_LOST = 74
+
+
+class TrialFailed(Exception):
+    """A trial's own error (its model, its configuration, its data): the trial ends FAIL with the
+    error recorded in one line, and its worker goes on to the next trial."""
+
+
+def one_line(err: BaseException) -> str:
+    """``StackingError: BatchNorm1d at 'body.2' keeps running statistics, ...``"""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
 class WorkerCouldNotWrite(Exception):
@@ -334,6 +346,16 @@ class Objective:
             trial.set_user_attr("failure", "interrupted")
             self.tracker.set_tags(run_id, {"failure": "interrupted"})
             raise
+        except optuna.TrialPruned:
+            raise
+        except Exception as err:
+            if storage_error_in(err) is not None:
+                raise  # the study's database went away: a fault of the whole run, not of this trial
+            failure = one_line(err)
+            trial.set_user_attr("failure", failure)
+            self.tracker.set_tags(run_id, {"failure": failure})
+            self.tracker.log_text(run_id, traceback.format_exc(), "traceback.txt")
+            raise TrialFailed(failure) from err
         finally:
             self.tracker.set_tags(run_id, {"state": state})
             self.tracker.end_run(run_id, status)
@@ -355,7 +377,7 @@ def run_worker(settings: SweepSettings, n_trials: int, timeout: float | None, tr
         objective,
         n_trials=n_trials,
         timeout=timeout,
-        catch=(TrainingDiverged,),
+        catch=(TrainingDiverged, TrialFailed),
         gc_after_trial=False,
         callbacks=[_stop_when_asked],
     )
@@ -369,7 +391,8 @@ def _stop_when_asked(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> No
 class _NotInterrupted(logging.Filter):
     """Optuna logs a failed trial with its traceback, then its value; an interrupted trial is no
     failure of the code, and the sweep's own line says it was interrupted. A diverged trial is no
-    failure of the code either: its line, which names the fold and epoch, is kept, its traceback not."""
+    failure of the code either: its line, which names the fold and epoch, is kept, its traceback not.
+    A trial that raised is said by the sweep's own line for it (its traceback is on its MLflow run)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -378,7 +401,7 @@ class _NotInterrupted(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and isinstance(record.exc_info[1], TrainingDiverged):
             record.exc_info, record.exc_text = None, None
-        if record.exc_info and isinstance(record.exc_info[1], WriteFailed):  # the command says it, once
+        if record.exc_info and isinstance(record.exc_info[1], (WriteFailed, TrialFailed)):  # the command says it
             self.said_by_the_command.add(record.getMessage().partition(" parameters")[0])
             return False
         opening = record.getMessage().partition(" value")[0]
