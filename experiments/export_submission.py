@@ -12,15 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import optuna
-
 from project.cli import add_ensemble_argument, output_dir
-from project.data.sources import KAGGLE_COMPETITION, kaggle_credentials
-from project.sweep.export import NoCompleteTrial, export_best
-from project.sweep.run import PARENT_ATTR
-from project.sweep.study import PRESET_ATTR, SweepSettings, default_storage, make_storage
-from project.tracking.tracker import resolve_tracking_uri
-from project.utils.files import WriteFailed
 from project.utils.output import quiet_libraries
 from project.utils.paths import REPO_ROOT
 
@@ -43,7 +35,17 @@ def main(argv: list[str] | None = None) -> int:
     add_ensemble_argument(parser)
     parser.add_argument("--verbose", action="store_true", help="also the libraries' INFO lines (MLflow's, Optuna's)")
     args = parser.parse_args(argv)
-    quiet_libraries(args.verbose)
+    # after the flags: --help answers at once
+    import optuna
+
+    from project.data.sources import KAGGLE_COMPETITION, kaggle_credentials
+    from project.sweep.export import NoCompleteTrial, export_best
+    from project.sweep.run import PARENT_ATTR
+    from project.sweep.study import PRESET_ATTR, SweepSettings, default_storage, make_storage
+    from project.tracking.tracker import resolve_tracking_uri
+    from project.utils.files import WriteFailed
+
+    quiet_libraries(args.verbose)  # once they are imported: MLflow and Optuna set their loggers then
     name = args.study_name
     out = output_dir(args, parser, name)
     storage = args.storage or default_storage(out)

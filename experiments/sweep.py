@@ -13,9 +13,7 @@ import argparse
 import sys
 
 from project.cli import add_common_arguments, add_sweep_arguments, sweep_settings
-from project.sweep.run import CannotStart, run_sweep
 from project.utils.output import quiet_libraries
-from project.utils.stopping import handling_signals
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
@@ -27,7 +25,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argpa
 
 def main(argv: list[str] | None = None) -> int:
     args, parser = parse_args(argv)
-    quiet_libraries(args.verbose)
+    from project.sweep.run import CannotStart, run_sweep  # after the flags: --help answers at once
+    from project.utils.stopping import handling_signals
+
+    quiet_libraries(args.verbose)  # once they are imported: MLflow and Optuna set their loggers then
+
     with handling_signals():  # Ctrl-C or SIGTERM: a clean stop, see project/utils/stopping.py
         settings, n_trials, n_jobs = sweep_settings(args, parser, entry_point=__file__)
         try:

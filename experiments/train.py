@@ -8,19 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
-from project.artifacts.predictor import Predictor
-from project.artifacts.refit import Refit, refit_and_test, refit_metrics
 from project.cli import add_common_arguments, config_overrides, load_task, output_dir, run_name
-from project.config import to_yaml
-from project.cv import cross_validate, init_model
-from project.data import DataError
-from project.deliverables import EndingRun, deliver
-from project.tracking.tracker import Tracker, dataset_inputs, environment_tags
-from project.utils.devices import describe, training_device
 from project.utils.output import quiet_libraries
-from project.utils.stopping import handling_signals
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
@@ -30,13 +19,26 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argpa
 
 
 def main(argv: list[str] | None = None) -> int:
-    with handling_signals():  # Ctrl-C or SIGTERM: a clean stop, see project/utils/stopping.py
-        return train(argv)
-
-
-def train(argv: list[str] | None) -> int:
     args, parser = parse_args(argv)
-    quiet_libraries(args.verbose)
+    from project.utils.stopping import handling_signals  # after the flags: --help answers at once
+
+    with handling_signals():  # Ctrl-C or SIGTERM: a clean stop, see project/utils/stopping.py
+        return train(args, parser)
+
+
+def train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import torch
+
+    from project.artifacts.predictor import Predictor
+    from project.artifacts.refit import Refit, refit_and_test, refit_metrics
+    from project.config import to_yaml
+    from project.cv import cross_validate, init_model
+    from project.data import DataError
+    from project.deliverables import EndingRun, deliver
+    from project.tracking.tracker import Tracker, dataset_inputs, environment_tags
+    from project.utils.devices import describe, training_device
+
+    quiet_libraries(args.verbose)  # once they are imported: MLflow sets its loggers then
     task, model = load_task(args, parser)
     out = output_dir(args, parser, run_name(task, model))
     try:

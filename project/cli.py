@@ -1,4 +1,8 @@
-"""Command-line flags shared by the entry points in experiments/, with checks that name the flag."""
+"""Command-line flags shared by the entry points in experiments/, with checks that name the flag.
+
+Building a parser imports nothing heavy, so ``--help`` answers at once: torch, Lightning, Optuna
+and MLflow are imported by the functions that use the parsed flags.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +12,15 @@ import os
 import tempfile
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from project.config import PresetError, available, preset_path
-from project.models import MODELS
-from project.models.registry import model_arguments, model_class
-from project.sweep.export import ENSEMBLES
-from project.sweep.study import STORAGE_SCHEMES, SweepSettings, default_storage
-from project.tasks import Task
-from project.tracking.tracker import resolve_tracking_uri
-from project.utils.devices import default_workers, visible_gpus
+from project.config.schema import ENSEMBLES
 from project.utils.paths import REPO_ROOT
-from project.validate import check_data, load_preset
+
+if TYPE_CHECKING:
+    from project.sweep.study import SweepSettings
+    from project.tasks import Task
 
 
 def _number(kind: type, check, expected: str):
@@ -158,6 +160,11 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 def load_task(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[Task, str]:
     """The task of ``--task`` or ``--config`` with ``--set`` and ``--folds`` applied, and the model
     of ``--model``; a bad preset, or one whose data files or columns are not there, exits 2."""
+    from project.models import MODELS
+    from project.models.registry import model_class
+    from project.tasks import Task
+    from project.validate import check_data, load_preset
+
     try:
         path = args.config or preset_path(args.task)
         values = {"folds": args.folds} if args.folds is not None else {}
@@ -231,6 +238,8 @@ def config_overrides(args: argparse.Namespace) -> dict:
 
 def check_model_flags(args: argparse.Namespace, model: str, parser: argparse.ArgumentParser) -> None:
     """Refuse a model flag the chosen model has no argument for (``--hidden-sizes`` with the CNN)."""
+    from project.models.registry import model_arguments
+
     accepted = model_arguments(model)
     for name in MODEL_FLAGS:
         if getattr(args, name) is not None and name not in accepted:
@@ -292,6 +301,10 @@ def sweep_settings(
 ) -> tuple[SweepSettings, int, int]:
     """The sweep's settings from its flags and preset, with the trials and workers this command runs;
     a flag that cannot be used exits 2, naming it, before any work."""
+    from project.sweep.study import STORAGE_SCHEMES, SweepSettings, default_storage
+    from project.tracking.tracker import resolve_tracking_uri
+    from project.utils.devices import default_workers, visible_gpus
+
     task, model = load_task(args, parser)
     name = run_name(task, model)
     out = output_dir(args, parser, name)

@@ -376,3 +376,19 @@ def test_benchmark_measures_the_sweeps_throughput(real_data, tmp_path):
     (case,) = json.loads(out.read_text())["cases"]
     assert case["name"] == "sweep-throughput" and case["plain_s"] > 0 and case["project_s"] > 0
     assert case["project_trials_per_min"] == pytest.approx(120 / case["project_s"], rel=0.01)
+
+
+@pytest.mark.parametrize("script", ["sweep.py", "train.py", "export_submission.py"])
+def test_help_imports_none_of_the_heavy_libraries(script):
+    """``--help`` answers at once: the parser is built from the presets' names alone, and torch,
+    Lightning, Optuna and MLflow (seconds to import) are imported by what runs after it."""
+    path = REPO / "experiments" / script
+    probe = (
+        f"import runpy, sys\nsys.argv = [{str(path)!r}, '--help']\n"
+        f"try:\n    runpy.run_path({str(path)!r}, run_name='__main__')\nexcept SystemExit as exit:\n"
+        "    assert exit.code in (0, None), exit.code\n"
+        "print(sorted(m for m in ('torch', 'lightning', 'optuna', 'mlflow') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "usage:" in done.stdout and done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-500:]

@@ -20,6 +20,9 @@ TRANSFORMS = ("none", "log", "log1p")
 DETERMINISTIC = (True, False, "warn")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("none", "cosine", "onecycle")
+# what a sweep's submission is made of: an ensemble of its trials and the preset's estimators
+# (greedy), of its trials alone (trials), or its best trial alone (none); project/sweep/export.py
+ENSEMBLES = ("greedy", "trials", "none")
 Direction = Literal["minimize", "maximize"]
 Precision = Literal["32-true", "bf16-mixed", "16-mixed"]
 PRECISIONS: tuple[Precision, ...] = get_args(Precision)

@@ -24,9 +24,6 @@ from project.sweep.study import SweepSettings
 from project.tracking.journal import PENDING_PREFIX
 from project.tracking.tracker import Tracker, dataset_inputs, source_tags
 
-# greedy: selected from the trials and the preset's estimators; trials: from the trials alone;
-# none: the best trial alone
-ENSEMBLES = ("greedy", "trials", "none")
 ESTIMATOR_RUN_ATTR = "mlflow_estimator_run_ids"
 
 
