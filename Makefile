@@ -1,5 +1,6 @@
 # Set-up is two commands: `make sweep` (the main job) and `make test`. Each builds what it needs.
-PYTHON ?= python3
+# Python 3.11 where it is installed, else python3 (3.11 or newer: the install checks)
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || echo python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed

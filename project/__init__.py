@@ -1,11 +1,13 @@
 """A PyTorch Lightning template for K-fold studies: what a user scripts against, by name.
 
-    from project import get_task, cross_validate, PlainModule
+    from pathlib import Path
+
+    from project import cross_validate, get_task, load_predictor
 
     task = get_task("house-prices")                 # a preset made usable
     dm = task.datamodule("data", fold=0)            # one fold's DataModule: (x, y) batches
     result = cross_validate(task, task.config())    # the K folds at once, through the engine
-    predictor = load_predictor(Path("experiments/outputs/house-prices/model"))
+    predictor = load_predictor(Path("experiments/outputs/house-prices/model"))  # after a sweep
 
 Everything else in the package is internal and may move; the layers are listed in README.md.
 Names are imported when first used, so that ``import project.data`` stays light.
