@@ -135,15 +135,14 @@ def build_module(
     chunked_steps: bool = True,
 ) -> FoldModule:
     """The FoldModule of ``members``: a stack of their plain models and the task's head. It steps
-    through chunks of mini-batches (``chunked_steps``), which saves Lightning's per-step cost, in
-    32-bit precision; other precisions take one mini-batch per Lightning step."""
+    through chunks of mini-batches (``chunked_steps``), which saves Lightning's per-step cost."""
     models = [
         init_model(config, datamodule.sample_shape, datamodule.out_features, derive_seed(seed, "init", i))
         for i in members.seed_ids
     ]
     net = build_stack(models, config.model, hand_stacked)
     head = task.head(config, [datamodule.targets[rows] for rows in members.train_rows])
-    module_class = chunked(FoldModule) if chunked_steps and config.precision == "32-true" else FoldModule
+    module_class = chunked(FoldModule) if chunked_steps else FoldModule
     return module_class(
         net,
         head,
@@ -153,6 +152,7 @@ def build_module(
         momentum=config.momentum,
         scheduler=config.scheduler,
         gradient_clip_val=config.gradient_clip_val,
+        member_names=[f"fold_{f}" if f is not None else f"seed_{r}" for r, f in enumerate(members.folds)],
     )
 
 
