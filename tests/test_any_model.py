@@ -4,6 +4,7 @@ and image folders; and a model that raises makes failed trials, not a dead sweep
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -15,13 +16,11 @@ import optuna
 import pandas as pd
 import pytest
 import torch
-from torch import nn
 
 from project.artifacts.predictor import Predictor
 from project.config import TrainConfig
 from project.cv import cross_validate
 from project.data import batches
-from project.models import register_model
 from project.tasks import Task, get_task
 from project.validate import load_preset
 from tests.conftest import make_house_frames, write_idx_set, write_sklearn_csvs
@@ -30,54 +29,10 @@ from tests.test_presets import SHAPES, write_image_folders
 REPO = Path(__file__).resolve().parents[1]
 
 
-def body(in_shape, out_features: int, norm: nn.Module, width: int) -> nn.Sequential:
-    """Flatten, Linear, a normalisation, ReLU, Linear: batch-first, for table rows and images alike."""
-    return nn.Sequential(
-        nn.Flatten(), nn.Linear(math.prod(in_shape), width), norm, nn.ReLU(), nn.Linear(width, out_features)
-    )
-
-
-@register_model("any-batchnorm-net")
-class BatchNormNet(nn.Module):
-    def __init__(self, in_shape, out_features, width: int = 16) -> None:
-        super().__init__()
-        self.body = body(in_shape, out_features, nn.BatchNorm1d(width), width)
-
-    def forward(self, x):
-        return self.body(x)
-
-
-@register_model("any-guarded-net")
-class GuardedNet(nn.Module):
-    """Checks its input with a Python ``if`` on a tensor, data-dependent control flow that vmap refuses."""
-
-    def __init__(self, in_shape, out_features, width: int = 16) -> None:
-        super().__init__()
-        self.body = body(in_shape, out_features, nn.LayerNorm(width), width)
-
-    def forward(self, x):
-        if not torch.isfinite(x).all():
-            raise ValueError("non-finite input")
-        return self.body(x)
-
-
-@register_model("any-buffered-net")
-class BufferedNet(nn.Module):
-    """A fixed gain kept as a buffer beside the parameters."""
-
-    def __init__(self, in_shape, out_features, width: int = 16) -> None:
-        super().__init__()
-        self.body = body(in_shape, out_features, nn.Identity(), width)
-        self.register_buffer("gain", torch.full((out_features,), 0.5))
-
-    def forward(self, x):
-        return self.body(x) * self.gain
-
-
 LAYOUTS = {
-    "any-batchnorm-net": "sequential (torch.func vmap; BatchNorm1d at 'body.2' keeps running statistics",
-    "any-guarded-net": "sequential (torch.func vmap; torch.func.vmap refused it: ",
-    "any-buffered-net": "stacked (torch.func vmap; stacked by default)",
+    "own-batchnorm-mlp": "sequential (torch.func vmap; BatchNorm1d at 'body.2' keeps running statistics",
+    "own-guarded-mlp": "sequential (torch.func vmap; torch.func.vmap refused it: ",
+    "own-buffered-mlp": "stacked (torch.func vmap; stacked by default)",
 }
 
 DENSE = """\
@@ -116,14 +71,14 @@ def task_and_data(kind: str, tmp_path: Path) -> tuple[Task, object]:
 
 @pytest.mark.parametrize("kind", ["csv-one-hot", "csv-dense", "idx", "image-folder"])
 @pytest.mark.parametrize("model", list(LAYOUTS))
-def test_any_module_cross_validates_and_predicts_on_any_data_kind(tmp_path, monkeypatch, kind, model):
+def test_any_module_cross_validates_and_predicts_on_any_data_kind(tmp_path, monkeypatch, own_models, kind, model):
     # table rows of any density travel with their nonzero entries, as one-hot ones do: the path on
     # which a model of one's own must not be stacked to see whether its first layer could use them
     monkeypatch.setattr(batches, "SPARSE_DENSITY", 1.0)
     task, dm = task_and_data(kind, tmp_path)
     if kind.startswith("csv"):
         assert dm.members.features.nonzero is not None
-    config = TrainConfig(model=model, max_epochs=1, batch_size=16, lr=1e-2)
+    config = TrainConfig(model=model, model_kwargs={"width": 16}, max_epochs=1, batch_size=16, lr=1e-2)
     result = cross_validate(task, config, datamodule=dm)
     assert result.layout.startswith(LAYOUTS[model]), result.layout
     assert len(result.fold_scores) == 2 and all(math.isfinite(s) for s in result.fold_scores)
@@ -168,6 +123,19 @@ class GuardedMLP(nn.Module):
         return self.body(x)
 
 
+@register_model("own-buffered-mlp")
+class BufferedMLP(nn.Module):
+    # a fixed gain kept as a buffer beside the parameters
+
+    def __init__(self, in_shape, out_features, width: int = 32):
+        super().__init__()
+        self.body = body(in_shape, out_features, nn.Identity(), width)
+        self.register_buffer("gain", torch.full((out_features,), 0.5))
+
+    def forward(self, x):
+        return self.body(x) * self.gain
+
+
 @register_model("own-broken-mlp")
 class BrokenMLP(nn.Module):
     def __init__(self, in_shape, out_features, width: int = 32):
@@ -178,9 +146,19 @@ class BrokenMLP(nn.Module):
         raise RuntimeError(f"forward of a model under construction got {tuple(x.shape)}")
 """
 
+
+@pytest.fixture(scope="module")
+def own_models(tmp_path_factory) -> None:
+    """The file above, imported from a folder outside the package: its models registered here."""
+    folder = tmp_path_factory.mktemp("project-of-mine")
+    (folder / "models_of_someone.py").write_text(OWN_MODELS)
+    sys.path.insert(0, str(folder))
+    importlib.import_module("models_of_someone")
+
+
 OWN_PRESET = """\
 extends: house-prices
-imports: [own_models_of_a_user]
+imports: [models_of_someone]
 model: {model}
 models:
   {model}:
@@ -198,7 +176,7 @@ def own_project(tmp_path: Path, model: str) -> list[str]:
     flags that point the entry points at it and at folders of the test's own."""
     mine = tmp_path / "project-of-mine"
     mine.mkdir()
-    (mine / "own_models_of_a_user.py").write_text(OWN_MODELS)
+    (mine / "models_of_someone.py").write_text(OWN_MODELS)
     (mine / "preset.yaml").write_text(OWN_PRESET.format(model=model))
     return ["--config", str(mine / "preset.yaml"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
 
