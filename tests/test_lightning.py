@@ -245,3 +245,28 @@ def test_the_package_uses_lightnings_public_api_only():
                 if re.search(pattern, line):
                     found.append(f"{path.relative_to(REPO)}:{number}: {what}: {line.strip()}")
     assert not found, "\n".join(found)
+
+
+def test_the_run_logger_sends_a_fits_epochs_in_few_requests(monkeypatch):
+    """Lightning calls save() after every log_metrics: the logger sends the first epoch at once,
+    then at most one request every 2 s, and the rest when the fit ends; every epoch arrives, in
+    order, with the epoch as its step."""
+    from project.tracking import logger as run_logger
+
+    sent: list[tuple[str, list]] = []
+
+    class Recording:
+        def log_rows(self, run_id: str, rows: list) -> None:
+            sent.append((run_id, rows))
+
+    clock = [0.0]
+    monkeypatch.setattr(run_logger.time, "monotonic", lambda: clock[0])
+    logger = run_logger.RunLogger(Recording(), "run-0", "trial-0", "folds_0-4", every=2.0)
+    for epoch in range(50):  # a quarter of a second an epoch
+        logger.log_metrics({"val/rmse": 1.0 / (epoch + 1), "epoch": epoch}, step=7 * epoch)
+        logger.save()
+        clock[0] += 0.25
+    logger.finalize("success")
+    assert len(sent) == 8  # epochs 0, 8, 16, ..., 48 as the clock passes each 2 s, and 49 at the end
+    assert {run for run, _ in sent} == {"run-0"}
+    assert [row[3] for _, rows in sent for row in rows] == list(range(50))

@@ -76,15 +76,19 @@ class RunLogger(Logger):
         at = int(epoch) if epoch is not None else int(step or 0)
         now = int(time.time() * 1000)
         self._rows += [[key, float(value), now, at] for key, value in values.items()]
-        if time.monotonic() - self._sent >= self.every:
-            self.save()
 
     def save(self) -> None:
-        """Send what is waiting, in one request (a few for many metrics)."""
-        if self._rows:
-            rows, self._rows = self._rows, []
-            self.tracker.log_rows(self.run_id, rows)
-        self._sent = time.monotonic()
+        """Lightning calls this after every ``log_metrics``: what is waiting is sent once ``every``
+        seconds have passed since the last send."""
+        if self._rows and time.monotonic() - self._sent >= self.every:
+            self._send()
 
     def finalize(self, status: str) -> None:
-        self.save()
+        """The end of the fit, whatever its status: the rest is sent."""
+        self._send()
+
+    def _send(self) -> None:
+        if self._rows:
+            rows, self._rows = self._rows, []
+            self.tracker.log_rows(self.run_id, rows)  # one request (a few for many metrics)
+        self._sent = time.monotonic()
