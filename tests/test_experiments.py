@@ -383,7 +383,8 @@ def test_benchmark_measures_the_sweeps_throughput(real_data, tmp_path):
     )
     (case,) = json.loads(out.read_text())["cases"]
     assert case["name"] == "sweep-throughput" and case["plain_s"] > 0 and case["project_s"] > 0
-    assert case["project_trials_per_min"] == pytest.approx(120 / case["project_s"], rel=0.01)
+    # trials a minute are rounded to a tenth: within that of the seconds' own rate, however slow the machine
+    assert case["project_trials_per_min"] == pytest.approx(120 / case["project_s"], abs=0.05 + 1e-9)
 
 
 @pytest.mark.parametrize("script", ["sweep.py", "train.py", "export_submission.py"])
