@@ -101,13 +101,14 @@ def choose_layout(
         torch.is_deterministic_algorithms_warn_only_enabled(),
     )
     if cache_key not in _MEASURED:
-        _MEASURED[cache_key] = _layout(make_modules, name, sample_shape, batch_size, members, device, benchmark)
+        _MEASURED[cache_key] = _layout(make_modules, probe, name, sample_shape, batch_size, members, device, benchmark)
         log.info("folds of %s: %s", name, _MEASURED[cache_key].describe("torch.func vmap"))
     return _MEASURED[cache_key]
 
 
 def _layout(
     make_modules: Callable[[int], Sequence[nn.Module]],
+    module: nn.Module,
     name: str,
     sample_shape: tuple[int, ...],
     batch_size: int,
@@ -118,8 +119,8 @@ def _layout(
     cuda = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):  # the probe's dropout draws leave the fit's stream as it was
         try:
-            probe = _training_step(build_stack(make_modules(2), name).to(device))
-            probe(torch.randn(2, 2, *sample_shape, device=device))
+            step = _training_step(build_stack(make_modules(2), name).to(device))
+            step(torch.randn(2, 2, *sample_shape, device=device))
         except RuntimeError as err:  # an operation torch.func.vmap has no batching rule for
             return Layout(False, f"torch.func.vmap refused it: {str(err).splitlines()[0]}")
         if benchmark:
@@ -131,7 +132,7 @@ def _layout(
                 f"benchmark: measured on {device.type}: {stacked * 1e3:.0f} ms per step stacked, "
                 f"{members * alone * 1e3:.0f} ms one after another",
             )
-    conv = convolution(make_modules(1)[0])
+    conv = convolution(module)
     if conv is not None and device.type == "cpu":
         return Layout(False, f"{conv[0]} at {conv[1]!r} on a CPU, where stacked convolutions are slower")
     return Layout(True, "stacked by default")
