@@ -35,6 +35,7 @@ def train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from project.cv import cross_validate, init_model
     from project.data import DataError
     from project.deliverables import EndingRun, deliver
+    from project.tracking.logger import run_loggers
     from project.tracking.tracker import Tracker, dataset_inputs, environment_tags
     from project.utils.devices import describe, training_device
 
@@ -65,7 +66,8 @@ def train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         tracker.log_text(run_id, to_yaml(task.preset.resolved()), "preset.yaml")
         tracker.log_inputs(run_id, dataset_inputs(datamodule))
         stacking = "sequential" if args.sequential_folds else "auto"
-        result = cross_validate(task, config, seed=args.seed, stacking=stacking, datamodule=datamodule)
+        loggers = run_loggers(tracker, run_id, f"train-{task.name}", out / "lightning")
+        result = cross_validate(task, config, seed=args.seed, stacking=stacking, datamodule=datamodule, loggers=loggers)
         tracker.log_cv(run_id, result, datamodule.folds)
         tracker.log_metrics(run_id, {"cv_seconds": result.seconds})
         tracker.set_tags(

@@ -12,17 +12,19 @@ import logging
 import signal
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 
-from project.config import TrainConfig
+from project.config import TrainConfig, instantiate
 from project.config.schema import Precision
 from project.data import FoldDataModule
 from project.data.base import Members
@@ -88,8 +90,13 @@ def make_trainer(
     precision: Precision = "32-true",
     deterministic: bool | Literal["warn"] = True,
     benchmark: bool = False,
+    loggers: Sequence[Logger] = (),
+    options: dict[str, Any] | None = None,
 ) -> L.Trainer:
-    """A Trainer stripped for many small fits: no logger, checkpoints, progress bar or summary.
+    """A Trainer for one of many small fits: on one device, with ``loggers`` (none: no logging),
+    checkpoints where a ``ModelCheckpoint`` is among ``callbacks``, and no progress bar, summary or
+    sanity check unless ``options`` (the preset's ``trainer`` section, any other Trainer argument)
+    says otherwise.
 
     ``deterministic`` and ``benchmark``: the preset's (see its schema). Deterministic algorithms stay on, but
     torch's filling of every new tensor with NaN under them is switched off: a debugging aid for
@@ -100,20 +107,27 @@ def make_trainer(
     (docs/speed.md)."""
     torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]  # public, not in the stubs
     torch.set_flush_denormal(True)
+    callbacks = [*callbacks, StopOnRequest()]
+    settings: dict[str, Any] = {
+        "enable_checkpointing": any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "log_every_n_steps": 1,  # a Lightning step holds a chunk of mini-batches: few per epoch
+        **(options or {}),
+    }
+    if not validate:  # the refit: no validation rows
+        settings["limit_val_batches"] = 0
     return L.Trainer(
         max_epochs=max_epochs,
         accelerator=accelerator,
         devices=1,
         precision=precision,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=None if validate else 0,
+        logger=list(loggers) or False,
         deterministic=deterministic,
         benchmark=benchmark,
-        callbacks=[*callbacks, StopOnRequest()],
+        callbacks=callbacks,
+        **settings,
     )
 
 
@@ -135,15 +149,14 @@ def build_module(
     chunked_steps: bool = True,
 ) -> FoldModule:
     """The FoldModule of ``members``: a stack of their plain models and the task's head. It steps
-    through chunks of mini-batches (``chunked_steps``), which saves Lightning's per-step cost, in
-    32-bit precision; other precisions take one mini-batch per Lightning step."""
+    through chunks of mini-batches (``chunked_steps``), which saves Lightning's per-step cost."""
     models = [
         init_model(config, datamodule.sample_shape, datamodule.out_features, derive_seed(seed, "init", i))
         for i in members.seed_ids
     ]
     net = build_stack(models, config.model, hand_stacked)
     head = task.head(config, [datamodule.targets[rows] for rows in members.train_rows])
-    module_class = chunked(FoldModule) if chunked_steps and config.precision == "32-true" else FoldModule
+    module_class = chunked(FoldModule) if chunked_steps else FoldModule
     return module_class(
         net,
         head,
@@ -153,7 +166,12 @@ def build_module(
         momentum=config.momentum,
         scheduler=config.scheduler,
         gradient_clip_val=config.gradient_clip_val,
+        member_names=[f"fold_{f}" if f is not None else f"seed_{r}" for r, f in enumerate(members.folds)],
     )
+
+
+# what makes a fit's logger of its run: called with the fit's label (``describe``), once per fit
+LoggerFactory = Callable[[str], Logger]
 
 
 def fit(
@@ -167,10 +185,15 @@ def fit(
     hand_stacked: bool = True,
     chunked_steps: bool = True,
     nonzero: bool | None = None,
+    loggers: Sequence[LoggerFactory] = (),
 ) -> FoldModule:
     """Train ``members`` (default: all the set-up DataModule's) as one stack; raise TrainingDiverged
     on a NaN or infinite loss. ``nonzero``: whether a first layer that can sums the weight rows of
-    the rows' nonzero entries (``first_layer`` says; default: wherever it can)."""
+    the rows' nonzero entries (``first_layer`` says; default: wherever it can).
+
+    The Trainer takes the preset's ``trainer`` arguments, and its ``callbacks`` and ``loggers``
+    made anew for this fit after ``callbacks`` (the engine's) and ``loggers`` (the run's); the
+    DataModule itself is handed to ``trainer.fit``, serving this fit's fold-stacked batches."""
     members = members or datamodule.members
     L.seed_everything(seed, workers=True, verbose=False)
     module = build_module(task, config, datamodule, members, seed, hand_stacked, chunked_steps)
@@ -185,23 +208,38 @@ def fit(
         device=device,
     )
     val = datamodule.val_loader(members, nonzero=nonzero, device=device)
-    progress = EpochProgress(f"{config.model}, {describe(members)}")
+    label, preset = describe(members), task.preset
     trainer = make_trainer(
         config.max_epochs,
-        [*callbacks, progress],
+        [*callbacks, EpochProgress(f"{config.model}, {label}"), *own_callbacks(preset.callbacks, members.validates)],
         validate=members.validates,
         accelerator=accelerator,
         precision=config.precision,
-        deterministic=task.preset.deterministic,
-        benchmark=task.preset.benchmark,
+        deterministic=preset.deterministic,
+        benchmark=preset.benchmark,
+        loggers=[*(make(label) for make in loggers), *(made(c) for c in preset.loggers)],
+        options=preset.trainer,
     )
     try:
-        trainer.fit(module, train_dataloaders=train, val_dataloaders=val or None)
+        with datamodule.serving(train, val):
+            trainer.fit(module, datamodule=datamodule)
     except SIGTERMException:  # Lightning's own stop on SIGTERM, which also asked ours
         raise Interrupted(signal.SIGTERM) from None
     if module.diverged is not None:
         raise TrainingDiverged(members.folds[module.diverged["members"][0]], module.diverged["epoch"])
     return module
+
+
+def own_callbacks(entries: list[dict[str, Any]], validates: bool) -> list[L.Callback]:
+    """The preset's callbacks, made anew; a fit without validation rows (the refit) leaves out
+    those that monitor a validation metric, which it does not log."""
+    monitors = (str((entry.get("args") or {}).get("monitor", "")) for entry in entries)
+    return [made(entry) for entry, watched in zip(entries, monitors) if validates or not watched.startswith("val/")]
+
+
+def made(entry: dict[str, Any]) -> Any:
+    """A fresh instance of a preset's ``{class: "module:Class", args: {...}}`` (a callback, a logger)."""
+    return instantiate(entry["class"], dict(entry.get("args") or {}))
 
 
 def describe(members: Members) -> str:
@@ -273,13 +311,15 @@ def cross_validate(
     callbacks: Sequence[L.Callback] = (),
     datamodule: FoldDataModule | None = None,
     accelerator: str = "auto",
+    loggers: Sequence[LoggerFactory] = (),
 ) -> CVResult:
     """K-fold CV of one configuration: the same folds for every configuration, seeded throughout.
 
     ``stacking``: ``"auto"`` (the model's hand-stacked form where it has one, else stacked or
     sequential as measured), ``"vmap"`` (always the generic torch.func stack) or ``"sequential"``.
     ``datamodule`` may be a set-up DataModule over all folds (``fold=list(range(K))``), reused
-    across calls to skip re-reading and re-fitting the preprocessing.
+    across calls to skip re-reading and re-fitting the preprocessing. ``loggers`` make each fit's
+    loggers of the run (``project.tracking.logger.RunLogger``), beside the preset's.
     """
     if stacking not in STACKING:
         raise ValueError(f"stacking {stacking!r} is unknown: expected one of {', '.join(STACKING)}")
@@ -306,6 +346,7 @@ def cross_validate(
             accelerator,
             hand_stacked=stacking != "vmap",
             nonzero=nonzero,
+            loggers=loggers,
         )
         fits = [Fit(module, members, device)]
     else:
@@ -313,7 +354,11 @@ def cross_validate(
         for position in range(len(members)):
             one = members.select([position])
             fits.append(
-                Fit(fit(task, config, datamodule, seed, one, callbacks, accelerator, nonzero=nonzero), one, device)
+                Fit(
+                    fit(task, config, datamodule, seed, one, callbacks, accelerator, nonzero=nonzero, loggers=loggers),
+                    one,
+                    device,
+                )
             )
             if any(getattr(callback, "stopped", False) for callback in callbacks):
                 break  # a callback (the sweep's pruner) ended this configuration early

@@ -5,12 +5,16 @@ fails is refused before any work, naming the file, the key and what was expected
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import lightning as L
+from lightning.pytorch.loggers import Logger
+
 from project.config import PresetError, TrainConfig, instantiate, read, search_names
-from project.config.imports import derive_function, import_modules
+from project.config.imports import derive_function, import_modules, imported
 from project.config.schema import DETERMINISTIC, KINDS, METRICS, TRANSFORMS, Preset
 from project.data import DATA_KINDS, data_kind
 from project.data.tabular import SCALERS
@@ -62,6 +66,7 @@ def check_preset(preset: Preset, path: Path) -> None:
     if preset.folds < 2:
         raise PresetError(f"{path}: key 'folds': {preset.folds}, expected at least 2 (K-fold needs two folds)")
     data_kind(preset.data.kind).check_preset(preset, path)
+    check_lightning(preset, path)
     if preset.data.derive:
         derive_function(preset.data.derive, path)
     if preset.model not in preset.models:
@@ -105,6 +110,88 @@ def check_preset(preset: Preset, path: Path) -> None:
                 f"{', '.join(sorted(names))}"
             )
     check_estimators(preset, path)
+
+
+# Trainer arguments the engine sets for every fit, and where each is set instead
+ENGINE_TRAINER_KEYS = {
+    "max_epochs": "the training configuration's max_epochs (models.<model>.train.max_epochs, --max-epochs, "
+    "or the sweep's search)",
+    "precision": "the training configuration's precision (models.<model>.train.precision)",
+    "gradient_clip_val": "the training configuration's gradient_clip_val, which clips each fold's gradients alone",
+    "gradient_clip_algorithm": "the training configuration's gradient_clip_val, which clips each fold's gradient norm",
+    "accumulate_grad_batches": "the engine steps its optimiser once per mini-batch itself; raise batch_size instead",
+    "devices": "one device per fit: a fit's folds train as one stack on one device, and a sweep's workers "
+    "share the GPUs (docs/gpu.md)",
+    "num_nodes": "one device per fit: a sweep spreads over machines through its study's storage (docs/reliability.md)",
+    "strategy": "one device per fit: the engine's fold stack is its parallelism",
+    "accelerator": "the GPU where there is one, else the CPU (CUDA_VISIBLE_DEVICES= hides a GPU)",
+    "deterministic": "the preset's deterministic key (or --deterministic)",
+    "benchmark": "the preset's benchmark key (or --benchmark)",
+    "callbacks": "the preset's callbacks list",
+    "logger": "the preset's loggers list",
+}
+
+
+EXAMPLES = {"callbacks": "lightning.pytorch.callbacks:EarlyStopping", "loggers": "lightning.pytorch.loggers:CSVLogger"}
+
+
+def check_lightning(preset: Preset, path: Path) -> None:
+    """``trainer`` names arguments of lightning.Trainer the engine leaves to the user; ``callbacks``
+    and ``loggers`` name Lightning classes their ``args`` fit, and a monitored metric is one the
+    module logs, watched the way the task's metric improves."""
+    accepted = inspect.signature(L.Trainer.__init__).parameters
+    for key in preset.trainer:
+        if key in ENGINE_TRAINER_KEYS:
+            raise PresetError(
+                f"{path}: key 'trainer.{key}': the engine sets it for every fit; use {ENGINE_TRAINER_KEYS[key]}"
+            )
+        if key not in accepted:
+            raise PresetError(f"{path}: key 'trainer.{key}': not an argument of lightning.Trainer")
+    for section, base in (("callbacks", L.Callback), ("loggers", Logger)):
+        for i, entry in enumerate(getattr(preset, section)):
+            where = f"{section}[{i}]"
+            unknown = sorted(set(entry) - {"class", "args"})
+            if unknown or not isinstance(entry.get("class"), str):
+                raise PresetError(
+                    f"{path}: key {where!r}: expected {{class: 'module:Class', args: {{...}}}}"
+                    + (f", not {', '.join(unknown)}" if unknown else "")
+                )
+            try:
+                cls = imported(entry["class"])
+            except ImportError:
+                raise PresetError(
+                    f"{path}: key '{where}.class': {entry['class']!r} is not importable; expected 'module:Class', "
+                    f"e.g. {EXAMPLES[section]}"
+                ) from None
+            if not (isinstance(cls, type) and issubclass(cls, base)):
+                raise PresetError(
+                    f"{path}: key '{where}.class': {entry['class']!r} is not a {base.__module__}:{base.__name__}"
+                )
+            args = dict(entry.get("args") or {})
+            try:
+                inspect.signature(cls).bind(**args)
+            except TypeError as err:
+                raise PresetError(f"{path}: key '{where}.args': {err}") from None
+            if "monitor" in args:
+                _check_monitor(preset, path, where, args)
+
+
+def _check_monitor(preset: Preset, path: Path, where: str, args: dict) -> None:
+    """What the module logs: ``train/loss`` and ``val/<metric>``, each also per member (``/fold_<k>``,
+    ``/seed_<r>``); a monitor of the task's metric watches it improve as the task does."""
+    monitor, metric = str(args["monitor"]), f"val/{preset.metric}"
+    logged = monitor.rpartition("/")[0] if monitor.rpartition("/")[2].startswith(("fold_", "seed_")) else monitor
+    if logged not in ("train/loss", metric):
+        raise PresetError(
+            f"{path}: key '{where}.args.monitor': {monitor!r} is not logged; expected train/loss or {metric} "
+            f"(the mean over a fit's folds), or either with /fold_<k> for one fold"
+        )
+    best = "max" if logged == metric and preset.direction == "maximize" else "min"
+    if args.get("mode", "min") != best:
+        raise PresetError(
+            f"{path}: key '{where}.args.mode': {args.get('mode', 'min (the default)')!r} for {monitor}, which is "
+            f"better {'higher' if best == 'max' else 'lower'}; expected mode: {best}"
+        )
 
 
 def check_estimators(preset: Preset, path: Path) -> None:

@@ -56,7 +56,7 @@ def test_train_logs_run_and_is_deterministic(real_data, tmp_path):
     run = client.get_run(first["mlflow"]["run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.metrics["cv_mean"] == pytest.approx(first["cv_mean"])
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "fold0/val_rmse")] == [0, 1]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/rmse/fold_0")] == [0, 1]
     check_submission(pd.read_csv(first["submission"]), KAGGLE)
 
 
@@ -284,13 +284,21 @@ def test_a_setting_searched_when_another_is_set_is_not_searched_beside_none(embe
 
 
 def test_logged_cv_reads_back_as_it_was_logged(tmp_path):
-    """Image sweeps draw the best trial's curves from its MLflow run instead of training it again."""
+    """Image sweeps draw the best trial's curves from its MLflow run instead of training it again:
+    the curves a fit's RunLogger wrote while it trained (as Lightning hands them over, the epoch
+    among the metrics), and the scores log_cv wrote after."""
     from project.cv import CVResult
+    from project.tracking.logger import RunLogger
 
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "read-back")
     history = [[{"epoch": e, "train_loss": 1.0 / (e + 1), "val_acc": 0.5 + e / 10} for e in range(3)]]
     result = CVResult("acc", [0.7], history, 2.5)
     run_id = tracker.start_run("trial-0")
+    logger = RunLogger(tracker, run_id, "trial-0", "fold_3")
+    for record in history[0]:
+        logged = {"train/loss/fold_3": record["train_loss"], "val/acc/fold_3": record["val_acc"]}
+        logger.log_metrics({**logged, "epoch": record["epoch"]}, step=7 * record["epoch"])
+    logger.finalize("success")
     tracker.log_cv(run_id, result, [3])
     back = tracker.read_cv(run_id, [3], "acc")
     assert back.fold_scores == [0.7] and back.history == history

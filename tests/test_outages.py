@@ -54,7 +54,7 @@ def assert_every_trial_logged(storage: str, client: MlflowClient) -> None:
         assert run.info.status == ("FINISHED" if trial.state != TrialState.FAIL else "FAILED"), trial.number
         if trial.state == TrialState.COMPLETE:
             assert run.data.metrics["cv_mean"] == pytest.approx(trial.value)
-            assert client.get_metric_history(run.info.run_id, "fold0/train_loss")  # the curves too
+            assert client.get_metric_history(run.info.run_id, "train/loss/fold_0")  # the curves too
 
 
 def run_with_fault(command: list[str], ready, fault, timeout: float = 600) -> tuple[int, str, str, float]:

@@ -145,6 +145,14 @@ class Preset:
     # (project/engine/layout.py) and cuDNN's kernels. Off, the same command and seed give the same
     # scores on any machine of a device type; on, the runs record what was chosen
     benchmark: bool = False
+    # lightning.Trainer's keyword arguments for every fit, the folds' and the refit's (min_epochs,
+    # log_every_n_steps, default_root_dir, ...); those the engine sets are refused, saying where they
+    # are set instead (project/validate.py)
+    trainer: dict[str, Any] = field(default_factory=dict)
+    # Lightning callbacks and loggers, each {class: "module:Class", args: {...}}, made anew for every
+    # fit: lightning.pytorch.callbacks:EarlyStopping, lightning.pytorch.loggers:CSVLogger, your own
+    callbacks: list[dict[str, Any]] = field(default_factory=list)
+    loggers: list[dict[str, Any]] = field(default_factory=list)
     # modules of your own imported before anything else (models and data kinds register themselves),
     # found beside this file, in the working directory or on PYTHONPATH; saved models carry them
     imports: list[str] = field(default_factory=list)

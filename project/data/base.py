@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -167,6 +168,7 @@ class FoldDataModule(L.LightningDataModule):
         self.folds: list[int | None] = list(folds) or [None] * replicas
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self._members: Members | None = None
+        self._serving: tuple[StackedBatches, StackedBatches | list] | None = None
 
     @property
     def members(self) -> Members:
@@ -310,15 +312,31 @@ class FoldDataModule(L.LightningDataModule):
         targets = self.test_targets if with_targets else None
         return StackedBatches(members.test_features, targets, rows, self.eval_rows, nonzero=nonzero, device=device)
 
+    @contextlib.contextmanager
+    def serving(self, train: StackedBatches, val: StackedBatches | list) -> Iterator[FoldDataModule]:
+        """While the block runs, the hooks below serve the engine's fold-stacked batches of one fit
+        (``train_loader`` and ``val_loader``), so that its Trainer is handed this DataModule itself
+        (``trainer.fit(module, datamodule=...)``): a callback or module reading
+        ``trainer.datamodule`` finds it, its data and its members."""
+        self._serving = (train, val)
+        try:
+            yield self
+        finally:
+            self._serving = None
+
     # The LightningDataModule hooks: the standard batches of one fold, ``(x, y)`` with ``x`` batch
     # first (``[B, F]`` for table rows, ``[B, C, H, W]`` for images) and ``y`` ``[B]``, with the
-    # fold's own preprocessing, for any LightningModule and a plain Trainer. The engine's
-    # fold-stacked batches are its own loaders above, cut from the same prepared data.
-    def train_dataloader(self) -> DataLoader:
+    # fold's own preprocessing, for any LightningModule and a plain Trainer; inside ``serving``,
+    # the engine's fold-stacked batches, cut from the same prepared data.
+    def train_dataloader(self) -> DataLoader | StackedBatches:
+        if self._serving is not None:
+            return self._serving[0]
         member = self._one_member()
         return self._plain_loader(member.features, member.train_rows[0], self.targets, shuffle=True)
 
-    def val_dataloader(self) -> DataLoader | list:
+    def val_dataloader(self) -> DataLoader | StackedBatches | list:
+        if self._serving is not None:
+            return self._serving[1]
         if not self.validates:
             return []
         member = self._one_member()

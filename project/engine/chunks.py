@@ -3,10 +3,12 @@
 Each Lightning training step costs about a millisecond of hooks and bookkeeping, as much as a
 small tabular net's whole step. ``chunked(cls)`` makes a LightningModule class that receives a
 chunk ``[S, M, B, ...]`` of S consecutive mini-batches per step (``train_loader(chunked=True)``)
-and runs the class's own ``training_step`` on each, stepping the raw optimiser and schedule
-after each one: the same updates as S automatic steps. Gradient clipping goes through the
-module's ``configure_gradient_clipping``, as in automatic optimisation; a precision other than
-32-bit, which needs Lightning's own optimiser step, is refused (train one mini-batch per step).
+and runs the class's own ``training_step`` on each, through Lightning's manual optimisation:
+``self.manual_backward`` and the optimiser ``self.optimizers()`` hands out, then the schedule,
+after each mini-batch: the same updates as S automatic steps, under any precision (the Trainer's
+precision plugin scales and unscales the loss, and autocasts the step). The module's
+``configure_gradient_clipping`` runs from ``on_before_optimizer_step``, where Lightning calls it
+once the gradients are unscaled, as in automatic optimisation.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Iterator
 from typing import TypeVar, cast
 
 import lightning as L
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
@@ -30,34 +33,29 @@ class ChunkedSteps(L.LightningModule):
         super().__init__(*args, **kwargs)
         self.automatic_optimization = False
 
-    def on_fit_start(self) -> None:
-        if self.trainer.precision not in ("32-true", "32"):
-            raise ValueError(
-                f"Trainer(precision={self.trainer.precision!r}): chunked steps run in 32-bit precision; "
-                "give the precision in the training configuration instead, which then trains one "
-                "mini-batch per Lightning step"
-            )
-        super().on_fit_start()
-
     def optimizer_steps(self) -> int:
-        """Optimiser steps in the whole fit: one per mini-batch, not one per chunk."""
-        self.trainer.fit_loop.setup_data()
+        """Optimiser steps in the whole fit: one per mini-batch, not one per chunk. The Trainer's
+        ``estimated_stepping_batches`` sets its loaders up, and its loader says how many."""
+        _ = self.trainer.estimated_stepping_batches
         loader = self.trainer.train_dataloader
-        assert loader is not None and self.trainer.max_epochs is not None, "set up by fit_loop.setup_data()"
+        assert loader is not None and self.trainer.max_epochs is not None, "set up by estimated_stepping_batches"
         return self.trainer.max_epochs * loader.steps_per_epoch
 
     def training_step(self, chunk: dict, batch_idx: int) -> None:
         # one optimiser and at most one schedule: FoldModule.configure_optimizers
-        optimizer = cast(Optimizer, self.optimizers(use_pl_optimizer=False))
+        optimizer = cast(LightningOptimizer, self.optimizers())
         scheduler = cast(LRScheduler | None, self.lr_schedulers())
         for batch in mini_batches(chunk):
             loss = cast(Tensor, super().training_step(batch, batch_idx))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.configure_gradient_clipping(optimizer)
+            self.manual_backward(loss)
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
+
+    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
+        self.configure_gradient_clipping(optimizer)
+        super().on_before_optimizer_step(optimizer)
 
 
 def mini_batches(chunk: dict) -> Iterator[dict]:

@@ -16,6 +16,7 @@ import math
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
 from project.engine.heads import Head
@@ -26,7 +27,12 @@ from project.engine.stacking import Stack, clip_member_grad_norm_
 
 class FoldModule(L.LightningModule):
     """``history`` keeps one record per epoch (``train_loss`` and ``val_<metric>``, one value per
-    member); a NaN or infinite training loss stops the fit and is recorded in ``diverged``."""
+    member); a NaN or infinite training loss stops the fit and is recorded in ``diverged``.
+
+    Each epoch's figures go through ``self.log_dict``, so every logger and callback sees them under
+    stable names: ``train/loss``, ``val/<metric>`` and ``test/<metric>`` (the mean over the fit's
+    members), and the same with ``/<member>`` for each member (``val/rmse/fold_2``; ``seed_0`` for a
+    refit's), ``member_names`` naming them."""
 
     def __init__(
         self,
@@ -38,6 +44,7 @@ class FoldModule(L.LightningModule):
         momentum: float = 0.9,
         scheduler: str = "none",
         gradient_clip_val: float | None = None,
+        member_names: list[str] | None = None,
     ) -> None:
         super().__init__()
         if not lr > 0:
@@ -48,6 +55,7 @@ class FoldModule(L.LightningModule):
         self.net, self.head = net, head
         self.train_loss = MemberMean(net.members)
         self.val_metric, self.test_metric = head.metric(), head.metric()
+        self.member_names = member_names or [f"member_{m}" for m in range(net.members)]
         self.history: list[dict] = []
         self.diverged: dict | None = None
         self.test_scores: list[float] = []
@@ -91,23 +99,35 @@ class FoldModule(L.LightningModule):
             return
         scores = self.val_metric.compute().cpu().reshape(-1)  # torchmetrics squeezes a single member
         self.val_metric.reset()
+        if self.trainer.state.fn != TrainerFn.FITTING:  # Trainer.validate (a reloaded checkpoint): scores alone
+            self.log_dict(self._per_member(f"val/{self.metric_name}", scores))
+            return
         record = self._epoch_record()
         record[f"val_{self.metric_name}"] = scores.tolist()
         self.history.append(record)
-        self._publish(
-            {f"val/{self.metric_name}": scores.mean(), "train/loss": torch.tensor(record["train_loss"]).mean()}
+        self.log_dict(
+            {
+                **self._per_member("train/loss", torch.tensor(record["train_loss"])),
+                **self._per_member(f"val/{self.metric_name}", scores),
+            }
         )
 
     def on_train_epoch_end(self) -> None:
         if not self.history or self.history[-1]["epoch"] != self.current_epoch:
             # no validation this epoch (the final refit): record the training loss alone
-            self.history.append(self._epoch_record())
+            record = self._epoch_record()
+            self.history.append(record)
+            self.log_dict(self._per_member("train/loss", torch.tensor(record["train_loss"])))
 
     def on_test_epoch_end(self) -> None:
         scores = self.test_metric.compute().cpu().reshape(-1)
         self.test_metric.reset()
         self.test_scores = scores.tolist()
-        self._publish({f"test/{self.metric_name}": scores.mean()})
+        self.log_dict(self._per_member(f"test/{self.metric_name}", scores))
+
+    def _per_member(self, name: str, values: Tensor) -> dict[str, Tensor]:
+        """``name``: the members' mean, and ``name/<member>`` each member's value."""
+        return {name: values.mean(), **{f"{name}/{m}": v for m, v in zip(self.member_names, values)}}
 
     def _epoch_record(self) -> dict:
         train_loss = self.train_loss.compute().cpu().reshape(-1)  # torchmetrics squeezes a single member
@@ -116,14 +136,6 @@ class FoldModule(L.LightningModule):
             self.diverged = {"epoch": self.current_epoch, "members": bad}
             self.trainer.should_stop = True
         return {"epoch": self.current_epoch, "train_loss": train_loss.tolist()}
-
-    def _publish(self, metrics: dict[str, Tensor]) -> None:
-        if self.trainer.loggers:
-            self.log_dict(metrics)
-        else:
-            # what callbacks such as EarlyStopping read, without self.log's bookkeeping: a log call
-            # costs about a millisecond, as much as a small model's whole epoch
-            self.trainer.callback_metrics.update(metrics)
 
     def optimizer_steps(self) -> int:
         """Optimiser steps in the whole fit, which a schedule spans."""

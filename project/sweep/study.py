@@ -31,6 +31,7 @@ from project.sweep.pruning import FoldPruningCallback, make_pruner
 from project.sweep.recovery import RUN_ID_ATTR, claim, fail_trials_of, recover_stale_trials
 from project.sweep.space import suggest_config
 from project.tasks import Task
+from project.tracking.logger import run_loggers
 from project.tracking.tracker import Tracker, dataset_inputs, source_tags
 from project.utils import stopping
 from project.utils.devices import describe, pin_to, training_device, visible_gpus, worker_gpus
@@ -285,6 +286,8 @@ class Objective:
         # set up once per worker: preprocessing does not depend on the trial
         self.datamodule = settings.datamodule(self.task)
         self.inputs, self.source = dataset_inputs(self.datamodule), source_tags(settings.entry_point)
+        # where a fit's checkpoints go, unless a callback or the preset's trainer says otherwise
+        self.lightning_dir = Path(settings.output_dir) / "lightning" if settings.output_dir else None
 
     def __call__(self, trial: optuna.Trial) -> float:
         config = suggest_config(trial, self.task, self.settings.model, self.settings.fixed)
@@ -307,6 +310,7 @@ class Objective:
                 stacking=self.settings.stacking,
                 callbacks=[pruner],
                 datamodule=self.datamodule,
+                loggers=run_loggers(self.tracker, run_id, f"trial-{trial.number}", self.lightning_dir),
             )
             self.tracker.log_cv(run_id, result, self.datamodule.folds)
             self.tracker.set_tags(

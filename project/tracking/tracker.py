@@ -223,15 +223,15 @@ class Tracker:
         self._write("log_batch", {"run": run_id, "tags": [[k, str(v)] for k, v in tags.items()]})
 
     def log_cv(self, run_id: str, result: CVResult, folds: Iterable[int]) -> None:
-        """CV mean/std, per-fold scores and per-epoch per-fold curves (``fold0/val_rmse`` ...)."""
+        """CV mean/std and per-fold scores (``fold0_rmse``); the per-epoch curves are the fits' own,
+        logged while they train (``project/tracking/logger.py``)."""
         metrics = [["cv_mean", result.mean, 0, 0], ["cv_std", result.std, 0, 0]]
-        for fold, score, history in zip(folds, result.fold_scores, result.history):
-            metrics.append([f"fold{fold}_{result.metric}", score, 0, 0])
-            for record in history:
-                for key, value in record.items():
-                    if key != "epoch":
-                        metrics.append([f"fold{fold}/{key}", float(value), 0, record["epoch"]])
+        metrics += [[f"fold{fold}_{result.metric}", score, 0, 0] for fold, score in zip(folds, result.fold_scores)]
         self._log(run_id, metrics)
+
+    def log_rows(self, run_id: str, rows: list[list]) -> None:
+        """Metrics as ``[key, value, timestamp in ms, step]`` rows, in batches MLflow accepts."""
+        self._log(run_id, rows)
 
     def _log(self, run_id: str, metrics: list[list]) -> None:
         for start in range(0, len(metrics), _BATCH):
@@ -399,8 +399,8 @@ class Tracker:
     # reads: none while the server is unreachable
 
     def read_cv(self, run_id: str, folds: Sequence[int], metric: str) -> CVResult | None:
-        """What ``log_cv`` logged, read back: per-fold scores and curves (None if this store lacks
-        the run, or cannot be reached)."""
+        """What ``log_cv`` and the fits' ``RunLogger`` logged, read back: per-fold scores and curves
+        (None if this store lacks the run, or cannot be reached)."""
         try:
             run_id = self._resolve(run_id)
             logged = self.client.get_run(run_id).data.metrics
@@ -408,9 +408,10 @@ class Tracker:
             for fold in folds:
                 if f"fold{fold}_{metric}" not in logged:
                     return None
+                logged_as = {"train_loss": f"train/loss/fold_{fold}", f"val_{metric}": f"val/{metric}/fold_{fold}"}
                 curves = {
-                    key: {m.step: m.value for m in self.client.get_metric_history(run_id, f"fold{fold}/{key}")}
-                    for key in ("train_loss", f"val_{metric}")
+                    key: {m.step: m.value for m in self.client.get_metric_history(run_id, name)}
+                    for key, name in logged_as.items()
                 }
                 scores.append(logged[f"fold{fold}_{metric}"])
                 history.append(
