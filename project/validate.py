@@ -177,16 +177,18 @@ def check_lightning(preset: Preset, path: Path) -> None:
 
 
 def _check_monitor(preset: Preset, path: Path, where: str, args: dict) -> None:
-    """What the module logs: ``train/loss`` and ``val/<metric>``, each also per member (``/fold_<k>``,
-    ``/seed_<r>``); a monitor of the task's metric watches it improve as the task does."""
+    """What a callback sees logged: ``train/loss`` and ``val/<metric>``, the mean over a fit's folds
+    (a fit of K folds is one stack, stopped or saved as a whole; each fold's figures go to the
+    loggers alone); a monitor of the task's metric watches it improve as the task does."""
     monitor, metric = str(args["monitor"]), f"val/{preset.metric}"
-    logged = monitor.rpartition("/")[0] if monitor.rpartition("/")[2].startswith(("fold_", "seed_")) else monitor
-    if logged not in ("train/loss", metric):
+    if monitor not in ("train/loss", metric):
+        per_fold = monitor.rpartition("/")[2].startswith(("fold_", "seed_"))
         raise PresetError(
-            f"{path}: key '{where}.args.monitor': {monitor!r} is not logged; expected train/loss or {metric} "
-            f"(the mean over a fit's folds), or either with /fold_<k> for one fold"
+            f"{path}: key '{where}.args.monitor': {monitor!r} is "
+            + ("a fold's figure, which goes to the loggers alone" if per_fold else "not logged")
+            + f"; expected train/loss or {metric} (the mean over a fit's folds, which train as one stack)"
         )
-    best = "max" if logged == metric and preset.direction == "maximize" else "min"
+    best = "max" if monitor == metric and preset.direction == "maximize" else "min"
     if args.get("mode", "min") != best:
         raise PresetError(
             f"{path}: key '{where}.args.mode': {args.get('mode', 'min (the default)')!r} for {monitor}, which is "

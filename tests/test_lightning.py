@@ -89,6 +89,8 @@ def test_the_presets_trainer_callbacks_and_loggers_reach_every_fit(real_data, tm
 
     csv = pd.read_csv(next((tmp_path / "csv").glob("lightning_logs/version_*/metrics.csv")))
     assert csv["val/rmse"].dropna().size == len(epochs)
+    means, fold_0 = (csv.dropna(subset=[name]) for name in ("val/rmse", "val/rmse/fold_0"))
+    assert means["step"].tolist() == fold_0["step"].tolist()  # each fold's curve at the steps of the mean's
 
     (path,) = (out / "lightning" / "train-house-prices" / "folds_0-2" / "checkpoints").glob("*.ckpt")
     saved = torch.load(path, weights_only=False)
@@ -115,6 +117,10 @@ def test_the_presets_trainer_callbacks_and_loggers_reach_every_fit(real_data, tm
         (
             "callbacks=[{class: 'lightning.pytorch.callbacks:EarlyStopping', args: {monitor: val/acc}}]",
             "key 'callbacks[0].args.monitor': 'val/acc' is not logged",
+        ),
+        (
+            "callbacks=[{class: 'lightning.pytorch.callbacks:EarlyStopping', args: {monitor: val/rmse/fold_2}}]",
+            "key 'callbacks[0].args.monitor': 'val/rmse/fold_2' is a fold's figure, which goes to the loggers alone",
         ),
         (
             "callbacks=[{class: 'lightning.pytorch.loggers:CSVLogger'}]",

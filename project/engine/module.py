@@ -29,10 +29,14 @@ class FoldModule(L.LightningModule):
     """``history`` keeps one record per epoch (``train_loss`` and ``val_<metric>``, one value per
     member); a NaN or infinite training loss stops the fit and is recorded in ``diverged``.
 
-    Each epoch's figures go through ``self.log_dict``, so every logger and callback sees them under
-    stable names: ``train/loss``, ``val/<metric>`` and ``test/<metric>`` (the mean over the fit's
-    members), and the same with ``/<member>`` for each member (``val/rmse/fold_2``; ``seed_0`` for a
-    refit's), ``member_names`` naming them."""
+    Each epoch's figures reach every logger under stable names: ``train/loss``, ``val/<metric>``
+    and ``test/<metric>``, the mean over the fit's members, through ``self.log_dict``, so that
+    callbacks watch them too; and the same with ``/<member>`` for each member (``val/rmse/fold_2``;
+    ``seed_0`` for a refit's, ``member_names`` naming them), handed to the loggers at the same step,
+    as Lightning's ``LearningRateMonitor`` hands its figures. A fit of K folds is one stack that a
+    callback stops or checkpoints as a whole, so it watches the mean; and ``self.log`` costs a
+    quarter of a millisecond a key an epoch, as much as a small table's whole epoch for ten keys
+    (docs/speed.md)."""
 
     def __init__(
         self,
@@ -100,34 +104,47 @@ class FoldModule(L.LightningModule):
         scores = self.val_metric.compute().cpu().reshape(-1)  # torchmetrics squeezes a single member
         self.val_metric.reset()
         if self.trainer.state.fn != TrainerFn.FITTING:  # Trainer.validate (a reloaded checkpoint): scores alone
-            self.log_dict(self._per_member(f"val/{self.metric_name}", scores))
+            self._log_epoch({f"val/{self.metric_name}": scores})
             return
         record = self._epoch_record()
         record[f"val_{self.metric_name}"] = scores.tolist()
         self.history.append(record)
-        self.log_dict(
-            {
-                **self._per_member("train/loss", torch.tensor(record["train_loss"])),
-                **self._per_member(f"val/{self.metric_name}", scores),
-            }
-        )
+        self._log_epoch({"train/loss": torch.tensor(record["train_loss"]), f"val/{self.metric_name}": scores})
 
     def on_train_epoch_end(self) -> None:
         if not self.history or self.history[-1]["epoch"] != self.current_epoch:
             # no validation this epoch (the final refit): record the training loss alone
             record = self._epoch_record()
             self.history.append(record)
-            self.log_dict(self._per_member("train/loss", torch.tensor(record["train_loss"])))
+            self._log_epoch({"train/loss": torch.tensor(record["train_loss"])})
 
     def on_test_epoch_end(self) -> None:
         scores = self.test_metric.compute().cpu().reshape(-1)
         self.test_metric.reset()
         self.test_scores = scores.tolist()
-        self.log_dict(self._per_member(f"test/{self.metric_name}", scores))
+        self._log_epoch({f"test/{self.metric_name}": scores})
 
-    def _per_member(self, name: str, values: Tensor) -> dict[str, Tensor]:
-        """``name``: the members' mean, and ``name/<member>`` each member's value."""
-        return {name: values.mean(), **{f"{name}/{m}": v for m, v in zip(self.member_names, values)}}
+    def _log_epoch(self, figures: dict[str, Tensor]) -> None:
+        """Each figure's mean over the members through ``self.log_dict``, and each member's value
+        (``name/<member>``) to the loggers at the step Lightning logs the epoch's figures at."""
+        self.log_dict({name: values.mean() for name, values in figures.items()})
+        if not self.loggers:
+            return
+        members = {
+            f"{name}/{member}": float(value)
+            for name, values in figures.items()
+            for member, value in zip(self.member_names, values.tolist())
+        }
+        members["epoch"] = self.current_epoch
+        for logger in self.loggers:
+            logger.log_metrics(members, step=self._epoch_step())
+
+    def _epoch_step(self) -> int:
+        """The step Lightning logs an epoch's figures at: its training batches so far, less the one
+        it has not counted yet when a fit's epoch ends; outside a fit, the optimiser steps taken."""
+        if self.trainer.state.fn != TrainerFn.FITTING:
+            return self.global_step
+        return (self.current_epoch + 1) * int(self.trainer.num_training_batches) - 1
 
     def _epoch_record(self) -> dict:
         train_loss = self.train_loss.compute().cpu().reshape(-1)  # torchmetrics squeezes a single member
