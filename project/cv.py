@@ -149,15 +149,18 @@ def build_module(
     chunked_steps: bool = True,
 ) -> FoldModule:
     """The FoldModule of ``members``: a stack of their plain models and the task's head. It steps
-    through chunks of mini-batches (``chunked_steps``), which saves Lightning's per-step cost."""
+    through chunks of mini-batches (``chunked_steps``), which saves Lightning's per-step cost; each
+    mini-batch goes through Lightning's step hooks where the preset hands the Trainer anything
+    that may watch them (a ``trainer``, ``callbacks`` or ``loggers`` section; project/engine/chunks.py)."""
     models = [
         init_model(config, datamodule.sample_shape, datamodule.out_features, derive_seed(seed, "init", i))
         for i in members.seed_ids
     ]
     net = build_stack(models, config.model, hand_stacked)
     head = task.head(config, [datamodule.targets[rows] for rows in members.train_rows])
-    module_class = chunked(FoldModule) if chunked_steps else FoldModule
-    return module_class(
+    preset = task.preset
+    chunks = {"step_hooks": bool(preset.trainer or preset.callbacks or preset.loggers)} if chunked_steps else {}
+    return (chunked(FoldModule) if chunked_steps else FoldModule)(
         net,
         head,
         lr=config.lr,
@@ -167,6 +170,7 @@ def build_module(
         scheduler=config.scheduler,
         gradient_clip_val=config.gradient_clip_val,
         member_names=[f"fold_{f}" if f is not None else f"seed_{r}" for r, f in enumerate(members.folds)],
+        **chunks,
     )
 
 

@@ -3,6 +3,7 @@ chunked steps, per-member clipping, the measured fold layout and the fused optim
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import lightning as L
@@ -20,7 +21,7 @@ from project.engine.optim import FusedAdamW
 from project.engine.stacked_mlp import StackedLinear, StackedMLP, row_offsets
 from project.engine.stacking import clip_member_grad_norm_
 from project.models import MLP, register_model
-from project.tasks import get_task
+from project.tasks import Task, get_task
 from tests.conftest import house_task_dm, write_idx_set
 
 NO_DROPOUT_MLP = {"hidden_sizes": (16,), "dropout": 0.0, "linear_skip": True}
@@ -113,6 +114,37 @@ def test_chunked_steps_take_the_automatic_steps(house_dir):
     for a, b in zip(chunked.net.parameters(), automatic.net.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     assert chunked.history[-1]["val_rmse"] == pytest.approx(automatic.history[-1]["val_rmse"], rel=1e-4)
+
+
+class CountsSteps(L.Callback):
+    def __init__(self) -> None:
+        self.backward = self.optimizer = 0
+
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.backward += 1
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        self.optimizer += 1
+
+
+def test_chunked_steps_go_through_lightnings_hooks_where_the_preset_may_watch_them(house_dir):
+    """A preset that hands the Trainer anything (here a ``trainer`` section) gets Lightning's hooks
+    and step count for every mini-batch of a chunk; without one, the loss's own backward and the
+    optimiser's own step give the same weights bit for bit, clipping and a schedule included."""
+    task, dm = house_task_dm(house_dir)
+    watched = Task(dataclasses.replace(task.preset, trainer={"enable_model_summary": False}))
+    config = TrainConfig(
+        model_kwargs=NO_DROPOUT_MLP, max_epochs=2, batch_size=16, lr=1e-2, scheduler="cosine", gradient_clip_val=0.5
+    )
+    counted, modules = {}, {}
+    for name, which in (("plain", task), ("watched", watched)):
+        counter = CountsSteps()
+        modules[name] = fit(which, config, dm, seed=0, callbacks=[counter])
+        counted[name] = (counter.backward, counter.optimizer, modules[name].trainer.global_step)
+    steps = config.max_epochs * dm.train_loader(config.batch_size, chunked=True).steps_per_epoch
+    assert counted == {"plain": (0, 0, 0), "watched": (steps, steps, steps)}
+    for a, b in zip(modules["plain"].net.parameters(), modules["watched"].net.parameters()):
+        assert torch.equal(a, b)
 
 
 def test_an_epochs_last_mini_batch_trains_on_its_rows_only(house_dir, monkeypatch):

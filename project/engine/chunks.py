@@ -3,12 +3,19 @@
 Each Lightning training step costs about a millisecond of hooks and bookkeeping, as much as a
 small tabular net's whole step. ``chunked(cls)`` makes a LightningModule class that receives a
 chunk ``[S, M, B, ...]`` of S consecutive mini-batches per step (``train_loader(chunked=True)``)
-and runs the class's own ``training_step`` on each, through Lightning's manual optimisation:
-``self.manual_backward`` and the optimiser ``self.optimizers()`` hands out, then the schedule,
-after each mini-batch: the same updates as S automatic steps, under any precision (the Trainer's
-precision plugin scales and unscales the loss, and autocasts the step). The module's
-``configure_gradient_clipping`` runs from ``on_before_optimizer_step``, where Lightning calls it
-once the gradients are unscaled, as in automatic optimisation.
+and runs the class's own ``training_step`` on each, through Lightning's manual optimisation, then
+the schedule, after each mini-batch: the same updates as S automatic steps.
+
+Each mini-batch's backward and step go through Lightning (``self.manual_backward`` and the
+optimiser ``self.optimizers()`` hands out) wherever anything can watch them: under a precision
+other than 32-bit, whose plugin autocasts, scales and unscales them, and whenever the caller says
+(``step_hooks``; the engine does for a preset with a ``trainer``, ``callbacks`` or ``loggers``
+section). Lightning then calls ``on_before_backward``, ``on_after_backward`` and
+``on_before_optimizer_step`` for each and counts it in ``global_step``; the module's
+``configure_gradient_clipping`` runs from ``on_before_optimizer_step``, once the gradients are
+unscaled, as in automatic optimisation. Where nothing watches, the loss's own ``backward()`` and
+the optimiser's own ``step()`` give the same numbers (tests/test_engine.py) without the hooks'
+80-odd microseconds a mini-batch, a fifth of a small table's fit (docs/speed.md).
 """
 
 from __future__ import annotations
@@ -18,7 +25,6 @@ from collections.abc import Iterator
 from typing import TypeVar, cast
 
 import lightning as L
-from lightning.pytorch.core.optimizer import LightningOptimizer
 from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
@@ -27,11 +33,14 @@ Module = TypeVar("Module", bound=L.LightningModule)
 
 
 class ChunkedSteps(L.LightningModule):
-    """Mixed in before a LightningModule class whose ``training_step`` returns the loss."""
+    """Mixed in before a LightningModule class whose ``training_step`` returns the loss.
+    ``step_hooks``: whether each mini-batch goes through Lightning's hooks even in 32-bit
+    precision (the module docstring says when it must)."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, step_hooks: bool = True, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.automatic_optimization = False
+        self.step_hooks = step_hooks
 
     def optimizer_steps(self) -> int:
         """Optimiser steps in the whole fit: one per mini-batch, not one per chunk. The Trainer's
@@ -43,12 +52,17 @@ class ChunkedSteps(L.LightningModule):
 
     def training_step(self, chunk: dict, batch_idx: int) -> None:
         # one optimiser and at most one schedule: FoldModule.configure_optimizers
-        optimizer = cast(LightningOptimizer, self.optimizers())
         scheduler = cast(LRScheduler | None, self.lr_schedulers())
+        through_lightning = self.step_hooks or self.trainer.precision != "32-true"
+        optimizer = cast(Optimizer, self.optimizers(use_pl_optimizer=through_lightning))
         for batch in mini_batches(chunk):
             loss = cast(Tensor, super().training_step(batch, batch_idx))
             optimizer.zero_grad(set_to_none=True)
-            self.manual_backward(loss)
+            if through_lightning:  # LightningOptimizer.step calls on_before_optimizer_step, which clips
+                self.manual_backward(loss)
+            else:
+                loss.backward()
+                self.configure_gradient_clipping(optimizer)
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
