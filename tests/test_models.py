@@ -51,6 +51,21 @@ def test_mlp_refuses_bad_arguments(bad, message):
         MLP((3,), 1, (4,), **bad)
 
 
+def test_cnn_blocks_of_several_convolutions_and_batch_norm():
+    """``convs`` 3x3 convolutions a block, GroupNorm or BatchNorm after each; the default keeps
+    one block of one convolution per entry, with the same parameter names as ever (saved models)."""
+    plain = CNN((1, 28, 28), 10, channels=(8, 16), hidden=32)
+    assert [k for k in plain.state_dict() if k.startswith("features")] == [
+        f"features.{i}.{p}" for i in (0, 1, 4, 5) for p in ("weight", "bias")
+    ]
+    deep = CNN((1, 28, 28), 10, channels=(8, 16), hidden=32, convs=2, norm="batch")
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in deep.modules()) == 4
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in deep.modules()) == 4
+    assert deep(torch.randn(3, 1, 28, 28)).shape == (3, 10)
+    with pytest.raises(ValueError, match="norm 'layer': expected one of group, batch"):
+        CNN((1, 28, 28), 10, norm="layer")
+
+
 def test_cnn_takes_images_and_refuses_table_rows():
     net = CNN((1, 28, 28), 10, channels=(8, 16), hidden=32)
     assert net(torch.randn(3, 1, 28, 28)).shape == (3, 10)

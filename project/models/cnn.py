@@ -24,11 +24,14 @@ from torch import Tensor, nn
 
 from project.models.registry import register_model
 
+NORMS = ("group", "batch")  # GroupNorm stacks; BatchNorm's running statistics train the folds one after another
+
 
 @register_model("cnn")
 class CNN(nn.Module):
-    """Blocks of 3x3 convolution, GroupNorm, ReLU and 2x2 max-pooling, then a dropout-regularised
-    two-layer classifier. ``channels`` gives one block per entry; each block halves the image."""
+    """Blocks of ``convs`` 3x3 convolutions, each with GroupNorm (``norm: batch``: BatchNorm) and
+    ReLU, then 2x2 max-pooling; then a dropout-regularised two-layer classifier. ``channels`` gives
+    one block per entry; each block halves the image."""
 
     def __init__(
         self,
@@ -38,22 +41,27 @@ class CNN(nn.Module):
         hidden: int = 128,
         dropout: float = 0.25,
         groups: int = 8,
+        convs: int = 1,
+        norm: str = "group",
     ) -> None:
         super().__init__()
         if len(in_shape) != 3:
             raise ValueError(f"in_shape {tuple(in_shape)}: the CNN takes images, expected (channels, height, width)")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout {dropout} is outside [0, 1)")
+        if convs < 1:
+            raise ValueError(f"convs {convs}: expected at least one convolution a block")
+        if norm not in NORMS:
+            raise ValueError(f"norm {norm!r}: expected one of {', '.join(NORMS)}")
         c_in, height, width = in_shape
         blocks: list[nn.Module] = []
         for c_out in channels:
-            blocks += [
-                nn.Conv2d(c_in, c_out, 3, padding=1),
-                nn.GroupNorm(min(groups, c_out), c_out),
-                nn.ReLU(),
-                nn.MaxPool2d(2),
-            ]
-            c_in, height, width = c_out, height // 2, width // 2
+            for _ in range(convs):
+                normalise = nn.GroupNorm(min(groups, c_out), c_out) if norm == "group" else nn.BatchNorm2d(c_out)
+                blocks += [nn.Conv2d(c_in, c_out, 3, padding=1), normalise, nn.ReLU()]
+                c_in = c_out
+            blocks.append(nn.MaxPool2d(2))
+            height, width = height // 2, width // 2
         self.features = nn.Sequential(*blocks)
         self.classifier = nn.Sequential(
             nn.Flatten(),
