@@ -170,6 +170,7 @@ def build_module(
         scheduler=config.scheduler,
         gradient_clip_val=config.gradient_clip_val,
         member_names=[f"fold_{f}" if f is not None else f"seed_{r}" for r, f in enumerate(members.folds)],
+        tta_flip=config.tta_flip,
         **chunks,
     )
 
@@ -208,7 +209,7 @@ def fit(
         members,
         chunked=not module.automatic_optimization,
         nonzero=nonzero,
-        translate=config.translate,
+        augment=config.augment,
         device=device,
     )
     val = datamodule.val_loader(members, nonzero=nonzero, device=device)

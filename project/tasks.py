@@ -3,6 +3,7 @@ per model."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 
@@ -66,7 +67,10 @@ class Task:
         model = model or self.default_model
         settings = self.preset.model_preset(model)
         kwargs = {**settings.args, **overrides.pop("model_kwargs", {})}
-        return check_config(TrainConfig(**{**settings.train, **overrides, "model": model, "model_kwargs": kwargs}))
+        augment = dataclasses.asdict(self.preset.data.augment)  # the image task's, beneath the model's
+        return check_config(
+            TrainConfig(**{**augment, **settings.train, **overrides, "model": model, "model_kwargs": kwargs})
+        )
 
     def datamodule(
         self,

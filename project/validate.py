@@ -66,6 +66,7 @@ def check_preset(preset: Preset, path: Path) -> None:
     if preset.folds < 2:
         raise PresetError(f"{path}: key 'folds': {preset.folds}, expected at least 2 (K-fold needs two folds)")
     data_kind(preset.data.kind).check_preset(preset, path)
+    check_augment(preset, path)
     check_lightning(preset, path)
     if preset.data.derive:
         derive_function(preset.data.derive, path)
@@ -194,6 +195,20 @@ def _check_monitor(preset: Preset, path: Path, where: str, args: dict) -> None:
             f"{path}: key '{where}.args.mode': {args.get('mode', 'min (the default)')!r} for {monitor}, which is "
             f"better {'higher' if best == 'max' else 'lower'}; expected mode: {best}"
         )
+
+
+def check_augment(preset: Preset, path: Path) -> None:
+    """``data.augment`` augments images: refused on a table, and each setting within its range."""
+    augment = preset.data.augment
+    if (augment or augment.tta_flip) and data_kind(preset.data.kind).tabular:
+        raise PresetError(
+            f"{path}: key 'data.augment': augments training images, and data.kind {preset.data.kind!r} holds "
+            "table rows; expected none"
+        )
+    try:
+        TrainConfig(**dataclasses.asdict(augment))
+    except ValueError as err:
+        raise PresetError(f"{path}: key 'data.augment': {err}") from None
 
 
 def check_estimators(preset: Preset, path: Path) -> None:

@@ -11,9 +11,10 @@ import pandas as pd
 import pytest
 import torch
 
-from project.config import PresetError, preset_path
+from project.config import Augment, PresetError, preset_path
 from project.data import DataError, PreprocessOptions, TableDataModule, sources
-from project.data.batches import MemberFeatures, StackedBatches, random_translate
+from project.data.augment import random_translate
+from project.data.batches import MemberFeatures, StackedBatches
 from project.data.idx import mnist_pickle_to_idx, read_idx
 from project.data.tabular import FoldPreprocessor, QuantileClipper
 from project.tasks import get_task
@@ -411,7 +412,7 @@ def test_batches_are_cut_on_the_device_the_model_trains_on(shared):
         8,
         shuffle=True,
         chunk_steps=2,
-        translate=2 if shared else 0,
+        augment=Augment(translate=2) if shared else None,
         device=torch.device("meta"),
     )
     for batch in batches:

@@ -39,7 +39,7 @@ from project.data.base import Members
 from project.data.batches import MemberFeatures, StackedBatches
 from project.data.tabular import FoldPreprocessor
 from project.engine import inference_stack
-from project.engine.heads import Head
+from project.engine.heads import Head, head_outputs
 from project.ensemble import estimators
 from project.models import create_model
 from project.tasks import Task
@@ -179,7 +179,8 @@ class Predictor(Predicts):
             device=self.device,
         )
         with torch.no_grad():
-            return torch.cat([self.head(self.stack(batch["x"])).cpu() for batch in loader], dim=1)
+            outputs = (head_outputs(self.stack, self.head, batch["x"], self.config.tta_flip) for batch in loader)
+            return torch.cat([o.cpu() for o in outputs], dim=1)
 
     def to(self, device: torch.device) -> Predictor:
         super().to(device)

@@ -4,6 +4,7 @@ from project.config.imports import derive_function, imported, instantiate
 from project.config.loading import PRESET_DIR, available, from_resolved, preset_path, read, to_yaml
 from project.config.schema import (
     HIGHER_IS_BETTER,
+    Augment,
     ModelPreset,
     PreprocessOptions,
     Preset,
@@ -16,6 +17,7 @@ from project.config.schema import (
 __all__ = [
     "HIGHER_IS_BETTER",
     "PRESET_DIR",
+    "Augment",
     "ModelPreset",
     "PreprocessOptions",
     "Preset",

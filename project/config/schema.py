@@ -44,6 +44,21 @@ class PresetError(ValueError):
 
 
 @dataclass
+class Augment:
+    """Augmentation of an image task's training images (project/data/augment.py): the defaults
+    of every model's training settings of the same names, which a sweep may search."""
+
+    translate: int = 0  # a random crop of the image padded by this many pixels: a shift of up to it each way
+    flip: bool = False  # mirror each image left to right, with probability one half
+    erase: float = 0.0  # the probability of blanking one random rectangle of the image
+    tta_flip: bool = False  # test-time augmentation: each prediction averages the image's and its mirror image's
+
+    def __bool__(self) -> bool:
+        """Whether training images are augmented (``tta_flip`` is not about training images)."""
+        return bool(self.translate or self.flip or self.erase)
+
+
+@dataclass
 class Data:
     kind: str = "csv"  # a registered data kind: csv | idx | image-folder, or one of your own
     dataset: str = MISSING  # the folder under --data-dir (and its pinned checksums in data/checksums.json, if any)
@@ -60,6 +75,7 @@ class Data:
     drop_train_rows: str | None = None  # a pandas query: training-part rows to leave out (never validation rows)
     preprocess: PreprocessOptions = field(default_factory=PreprocessOptions)
     image_size: list[int] | None = None  # image-folder: [height, width] to resize to (default: the images' own)
+    augment: Augment = field(default_factory=Augment)  # images: how training images are augmented
 
 
 @dataclass
@@ -198,7 +214,11 @@ class TrainConfig:
     max_epochs: int = 100
     loss: str = "mse"  # regression only: "mse" or "huber"
     label_smoothing: float = 0.0  # classification only
-    translate: int = 0  # images only: random shift of each training image by up to this many pixels
+    # images only: the augmentation of training images (Augment; default: the preset's data.augment)
+    translate: int = 0
+    flip: bool = False
+    erase: float = 0.0
+    tta_flip: bool = False  # images only: each prediction the average of the image's and its mirror image's
     gradient_clip_val: float | None = None  # each fold's gradient norm is clipped to this
     precision: Precision = "32-true"
 
@@ -213,12 +233,17 @@ class TrainConfig:
             (self.max_epochs >= 1, "max_epochs", "at least 1"),
             (0 <= self.label_smoothing < 1, "label_smoothing", "a value in [0, 1)"),
             (0 <= self.translate <= 8, "translate", "0 to 8 pixels"),
+            (0 <= self.erase < 1, "erase", "a probability in [0, 1)"),
             (self.gradient_clip_val is None or self.gradient_clip_val > 0, "gradient_clip_val", "a positive number"),
             (self.precision in PRECISIONS, "precision", f"one of {', '.join(PRECISIONS)}"),
         ]
         for ok, name, expected in checks:
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: expected {expected}")
+
+    @property
+    def augment(self) -> Augment:
+        return Augment(self.translate, self.flip, self.erase, self.tta_flip)
 
     def to_dict(self) -> dict:
         return asdict(self)

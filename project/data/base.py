@@ -16,7 +16,7 @@ from sklearn.model_selection import KFold, StratifiedKFold
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from project.config import Preset, PresetError
+from project.config import Augment, Preset, PresetError
 from project.data.batches import MemberFeatures, StackedBatches
 from project.data.sources import DATASETS, fetch_dataset
 
@@ -267,12 +267,13 @@ class FoldDataModule(L.LightningDataModule):
         members: Members | None = None,
         chunked: bool = True,
         nonzero: bool = False,
-        translate: int = 0,
+        augment: Augment | None = None,
         device: torch.device | None = None,
     ) -> StackedBatches:
         """Shuffled training batches of each member's rows; ``chunked``: chunks of consecutive
         mini-batches (about 16 MB of features each), for a module that steps its optimiser once
-        per mini-batch and so pays the Trainer's per-item overhead once per chunk."""
+        per mini-batch and so pays the Trainer's per-item overhead once per chunk. Images are
+        augmented as ``augment`` says (project/data/augment.py); no other loader augments."""
         members = members or self.members
         chunk = max(1, CHUNK_ELEMENTS // (len(members) * batch_size * self.n_features)) if chunked else None
         return StackedBatches(
@@ -284,7 +285,7 @@ class FoldDataModule(L.LightningDataModule):
             seed=self.seed,
             seed_ids=members.seed_ids,
             chunk_steps=chunk,
-            translate=translate,
+            augment=augment,
             nonzero=nonzero,
             device=device,
         )

@@ -16,6 +16,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from project.config import Augment
+from project.data.augment import augmented
 from project.utils.seeds import derive_seed
 
 DENSE_LIMIT_BYTES = 2 * 1024**3
@@ -78,21 +80,22 @@ class MemberFeatures:
     def n_features(self) -> int:
         return int(math.prod(self.x.shape[1:])) if self.shared else self.x.shape[-1]
 
-    def gather(self, rows: Tensor, translate: int = 0, generator: torch.Generator | None = None) -> Tensor:
-        """``rows`` is ``[..., M, B]``; returns float features ``[..., M, B, *sample_shape]``. Images can
-        be shifted by up to ``translate`` pixels each way, independently per sample (augmentation)."""
-        return self._gather_flat(rows, translate, generator).view(*rows.shape, *self.sample_shape)
+    def gather(self, rows: Tensor, augment: Augment | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """``rows`` is ``[..., M, B]``; returns float features ``[..., M, B, *sample_shape]``. Images
+        can be augmented, each on its own, with draws from ``generator`` (project/data/augment.py)."""
+        return self._gather_flat(rows, augment, generator).view(*rows.shape, *self.sample_shape)
 
-    def _gather_flat(self, rows: Tensor, translate: int, generator: torch.Generator | None) -> Tensor:
+    def _gather_flat(self, rows: Tensor, augment: Augment | None, generator: torch.Generator | None) -> Tensor:
         shift, scale = self.shift, self.scale
         if shift is None or scale is None:
             return member_rows(self.x, rows)
-        dense = None if translate else self._normalised()
+        augment = augment if augment and len(self.sample_shape) == 3 else None  # images only
+        dense = None if augment else self._normalised()
         if dense is not None:
-            return dense._gather_flat(rows, 0, None)
+            return dense._gather_flat(rows, augment, None)
         x = self.x[rows]
-        if translate and len(self.sample_shape) == 3:
-            x = random_translate(x.reshape(-1, *self.sample_shape), translate, generator)
+        if augment:
+            x = augmented(x.reshape(-1, *self.sample_shape), augment, generator)
         x = x.reshape(*rows.shape, -1).float()
         return (x - shift[:, None, None]) / scale[:, None, None]
 
@@ -150,17 +153,6 @@ def member_rows(table: Tensor, rows: Tensor) -> Tensor:
     return table.view(members * n_rows, -1).index_select(0, flat.reshape(-1)).view(*rows.shape, -1)
 
 
-def random_translate(images: Tensor, pixels: int, generator: torch.Generator | None) -> Tensor:
-    """Shift each ``[C, H, W]`` image by its own random offset in ``[-pixels, pixels]``, zero-filled."""
-    n, channels, height, width = images.shape
-    padded = torch.nn.functional.pad(images, (pixels, pixels, pixels, pixels))
-    offsets = torch.randint(0, 2 * pixels + 1, (2, n, 1), generator=generator).to(images.device)
-    arange = lambda count: torch.arange(count, device=images.device)  # noqa: E731
-    rows = (offsets[0] + arange(height))[:, None, :, None]  # [n, 1, H, 1]
-    cols = (offsets[1] + arange(width))[:, None, None, :]  # [n, 1, 1, W]
-    return padded[arange(n)[:, None, None, None], arange(channels)[None, :, None, None], rows, cols]
-
-
 class StackedBatches:
     """An iterable of ``{"x": [M, B, ...], "y": [M, B], "w": [M, B], "rows": [M]}`` batches (``rows``:
     each member's real rows, the sum of its weights), or with ``chunk_steps`` of chunks
@@ -184,7 +176,7 @@ class StackedBatches:
         seed: int = 0,
         seed_ids: Sequence[int] | None = None,
         chunk_steps: int | None = None,
-        translate: int = 0,
+        augment: Augment | None = None,
         nonzero: bool = False,
         device: torch.device | None = None,
     ) -> None:
@@ -195,7 +187,8 @@ class StackedBatches:
         features = features.to(self.device)
         targets = targets.to(self.device) if targets is not None else None
         self.features, self.targets, self.rows = features, targets, [r.long() for r in rows]
-        self.batch_size, self.shuffle, self.chunk_steps, self.translate = batch_size, shuffle, chunk_steps, translate
+        self.batch_size, self.shuffle, self.chunk_steps = batch_size, shuffle, chunk_steps
+        self.augment = augment if augment else None
         self.nonzero = nonzero and features.nonzero is not None
         self.augment_generator = torch.Generator().manual_seed(derive_seed(seed, "augment"))
         self.n_rows = max((len(r) for r in self.rows), default=0)
@@ -223,7 +216,7 @@ class StackedBatches:
 
     def _batch(self, rows: Tensor, weight: Tensor) -> dict:
         rows, weight = rows.to(self.device, non_blocking=True), weight.to(self.device, non_blocking=True)
-        dense = self.features.gather(rows, self.translate, self.augment_generator)
+        dense = self.features.gather(rows, self.augment, self.augment_generator)
         nonzero = self.features.gather_nonzero(rows) if self.nonzero else None
         x = dense if nonzero is None else SparseRows(dense, *nonzero)
         batch = {"x": x, "w": weight, "rows": weight.sum(dim=-1)}
@@ -232,7 +225,7 @@ class StackedBatches:
         return batch
 
     def __iter__(self) -> Iterator[dict]:
-        if self.shuffle or self.translate:
+        if self.shuffle or self.augment is not None:
             yield from self._batches()
             return
         # evaluation batches are the same every epoch: cut them once

@@ -24,6 +24,15 @@ def member_mean(per_row: Tensor, weight: Tensor, rows: Tensor) -> Tensor:
     return (per_row * weight).sum(dim=1) / rows.clamp(min=1)
 
 
+def head_outputs(net: nn.Module, head: nn.Module, x: Tensor, tta_flip: bool = False) -> Tensor:
+    """The head's outputs of ``net`` on ``x``; with ``tta_flip`` (test-time augmentation of image
+    batches ``[..., C, H, W]``), averaged with those of the mirror images."""
+    outputs = head(net(x))
+    if tta_flip:
+        outputs = (outputs + head(net(x.flip(-1)))) / 2
+    return outputs
+
+
 class Head(nn.Module):
     """What a stack's outputs become: predictions, each member's loss and a metric per member."""
 

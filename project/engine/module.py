@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
-from project.engine.heads import Head
+from project.engine.heads import Head, head_outputs
 from project.engine.metrics import MemberMean
 from project.engine.optim import create_optimizer, create_scheduler
 from project.engine.stacking import Stack, clip_member_grad_norm_
@@ -49,6 +49,7 @@ class FoldModule(L.LightningModule):
         scheduler: str = "none",
         gradient_clip_val: float | None = None,
         member_names: list[str] | None = None,
+        tta_flip: bool = False,
     ) -> None:
         super().__init__()
         if not lr > 0:
@@ -69,7 +70,7 @@ class FoldModule(L.LightningModule):
         return self.head.metric_name
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.net(x))
+        return head_outputs(self.net, self.head, x, self.hparams["tta_flip"] and not self.training)
 
     def model_step(self, batch: dict) -> tuple[Tensor, Tensor]:
         """Each member's loss ``[M]`` and the predictions ``[M, B, ...]``."""
