@@ -75,7 +75,7 @@ class Data:
     drop_train_rows: str | None = None  # a pandas query: training-part rows to leave out (never validation rows)
     preprocess: PreprocessOptions = field(default_factory=PreprocessOptions)
     image_size: list[int] | None = None  # image-folder: [height, width] to resize to (default: the images' own)
-    augment: Augment = field(default_factory=Augment)  # images: how training images are augmented
+    augment: Augment = field(default_factory=Augment)  # images: training images varied, predictions mirror-averaged
 
 
 @dataclass

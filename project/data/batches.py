@@ -187,8 +187,7 @@ class StackedBatches:
         features = features.to(self.device)
         targets = targets.to(self.device) if targets is not None else None
         self.features, self.targets, self.rows = features, targets, [r.long() for r in rows]
-        self.batch_size, self.shuffle, self.chunk_steps = batch_size, shuffle, chunk_steps
-        self.augment = augment if augment else None
+        self.batch_size, self.shuffle, self.chunk_steps, self.augment = batch_size, shuffle, chunk_steps, augment
         self.nonzero = nonzero and features.nonzero is not None
         self.augment_generator = torch.Generator().manual_seed(derive_seed(seed, "augment"))
         self.n_rows = max((len(r) for r in self.rows), default=0)
@@ -225,7 +224,7 @@ class StackedBatches:
         return batch
 
     def __iter__(self) -> Iterator[dict]:
-        if self.shuffle or self.augment is not None:
+        if self.shuffle or self.augment:
             yield from self._batches()
             return
         # evaluation batches are the same every epoch: cut them once

@@ -34,9 +34,8 @@ class FoldModule(L.LightningModule):
     callbacks watch them too; and the same with ``/<member>`` for each member (``val/rmse/fold_2``;
     ``seed_0`` for a refit's, ``member_names`` naming them), handed to the loggers at the same step,
     as Lightning's ``LearningRateMonitor`` hands its figures. A fit of K folds is one stack that a
-    callback stops or checkpoints as a whole, so it watches the mean; and ``self.log`` costs a
-    quarter of a millisecond a key an epoch, as much as a small table's whole epoch for ten keys
-    (docs/speed.md)."""
+    callback stops or checkpoints as a whole, so it watches the mean; and ``self.log`` costs about
+    0.2 ms a key an epoch, as much as a small table's whole epoch for ten keys (docs/speed.md)."""
 
     def __init__(
         self,
@@ -137,8 +136,9 @@ class FoldModule(L.LightningModule):
             for member, value in zip(self.member_names, values.tolist())
         }
         members["epoch"] = self.current_epoch
+        step = self._epoch_step()
         for logger in self.loggers:
-            logger.log_metrics(members, step=self._epoch_step())
+            logger.log_metrics(members, step=step)
 
     def _epoch_step(self) -> int:
         """The step Lightning logs an epoch's figures at: its training batches so far, less the one
