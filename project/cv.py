@@ -136,7 +136,10 @@ def init_model(config: TrainConfig, sample_shape: tuple[int, ...], out_features:
     generator it seeds, the CUDA ones too, is restored after."""
     with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else []):
         torch.manual_seed(seed)
-        return create_model(config.model, sample_shape, out_features, **config.model_kwargs)
+        model = create_model(config.model, sample_shape, out_features, **config.model_kwargs)
+    if config.channels_last:  # Module.to's documented memory_format, absent from its stubs
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return model
 
 
 def build_module(

@@ -370,6 +370,29 @@ def test_vmap_or_sequential_cnn_folds_give_the_same_scores(tmp_path):
     )
 
 
+def test_channels_last_keeps_each_members_convolutions_channels_last_and_the_arithmetic(tmp_path):
+    """``channels_last``: every member's convolution weights stay channels-last through stacking
+    and training, and the fit is the same up to the order of sums."""
+    write_idx_set(tmp_path / "fashion-mnist", n_train=120, n_test=20)
+    task = get_task("fashion-mnist")
+    dm = task.datamodule(data_dir=tmp_path, n_folds=2, fold=[0, 1])
+    dm.setup()
+    model = {"channels": (4, 8), "hidden": 16, "dropout": 0.0, "convs": 2, "norm": "batch"}
+    config = task.config("cnn", max_epochs=2, batch_size=16, model_kwargs=model)
+    plain = cross_validate(task, config, datamodule=dm)
+    nhwc = cross_validate(task, dataclasses.replace(config, channels_last=True), datamodule=dm)
+    for result, channels_last in ((plain, False), (nhwc, True)):
+        for fitted in result.fits:
+            weights = [p for p in fitted.module.net.parameters() if p.dim() == 5 and p.shape[2] > 1]
+            assert len(weights) == 3  # the convolutions after the first, of more than one input channel
+            for weight in weights:
+                assert weight[0].is_contiguous(memory_format=torch.channels_last) is channels_last
+    losses = [[h["train_loss"] for h in fold] for fold in plain.history]
+    nhwc_losses = [[h["train_loss"] for h in fold] for fold in nhwc.history]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(nhwc_losses), rtol=1e-4, atol=0)
+    torch.testing.assert_close(torch.tensor(plain.fold_scores), torch.tensor(nhwc.fold_scores), atol=0.02, rtol=0)
+
+
 def test_build_stack_chooses_the_hand_stacked_form_where_registered():
     assert isinstance(build_stack(mlps(2), "mlp"), StackedMLP)
     assert isinstance(build_stack(mlps(2), "mlp", hand_stacked=False), MemberStack)

@@ -264,7 +264,7 @@ def test_start_point_drops_what_flags_fix():
     config = config_from_params(task, "mlp", start_point(task, "mlp", {}), {})
     assert config.model_kwargs["hidden_sizes"] == (1024, 1024) and config.model_kwargs["dropout"] == 0.3
     cnn = config_from_params(task, "cnn", start_point(task, "cnn", {}), {})
-    assert cnn.model == "cnn" and cnn.model_kwargs["channels"] == (16, 32)
+    assert cnn.model == "cnn" and cnn.model_kwargs["channels"] == (24, 48)
 
 
 @pytest.mark.parametrize("embedding", ["plr", "none"])

@@ -103,11 +103,11 @@ def test_config_refuses_bad_values(bad, message):
 
 def test_task_config_is_per_model():
     task = get_task("fashion-mnist")
-    assert task.default_model == "cnn" and task.config().model_kwargs["channels"] == (16, 32)
+    assert task.default_model == "cnn" and task.config().model_kwargs["channels"] == (24, 48)
     assert task.config("mlp").model_kwargs["hidden_sizes"] == (256, 256)
     cnn = task.config("cnn", lr=0.01, model_kwargs={"dropout": 0.4})
     assert cnn.model == "cnn" and cnn.lr == 0.01 and cnn.model_kwargs["dropout"] == 0.4
-    assert cnn.model_kwargs["channels"] == (16, 32)  # the CNN's default, kept beside the override
+    assert cnn.model_kwargs["channels"] == (24, 48)  # the CNN's default, kept beside the override
     assert TrainConfig(model_kwargs={"hidden_sizes": [4, 2]}).flat()["model.hidden_sizes"] == (4, 2)
 
 

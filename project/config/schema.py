@@ -221,6 +221,9 @@ class TrainConfig:
     tta_flip: bool = False  # images only: each prediction the average of the image's and its mirror image's
     gradient_clip_val: float | None = None  # each fold's gradient norm is clipped to this
     precision: Precision = "32-true"
+    # convolution weights kept channels-last (NHWC): oneDNN's faster convolutions on a CPU under
+    # bf16-mixed; the same arithmetic up to the order of sums (docs/speed.md)
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         self.model_kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in self.model_kwargs.items()}
