@@ -360,8 +360,9 @@ def test_vmap_or_sequential_cnn_folds_give_the_same_scores(tmp_path):
     task = get_task("fashion-mnist")
     dm = task.datamodule(data_dir=tmp_path, n_folds=2, fold=[0, 1])
     dm.setup()
+    small = {"channels": (4, 8), "hidden": 16, "dropout": 0.0, "convs": 1, "norm": "group"}  # GroupNorm stacks
     config = task.config(
-        "cnn", max_epochs=2, batch_size=16, model_kwargs={"channels": (4, 8), "hidden": 16, "dropout": 0.0}
+        "cnn", max_epochs=2, batch_size=16, precision="32-true", channels_last=False, model_kwargs=small
     )
     stacked = cross_validate(task, config, datamodule=dm, stacking="vmap")
     sequential = cross_validate(task, config, datamodule=dm, stacking="sequential")
@@ -378,7 +379,9 @@ def test_channels_last_keeps_each_members_convolutions_channels_last_and_the_ari
     dm = task.datamodule(data_dir=tmp_path, n_folds=2, fold=[0, 1])
     dm.setup()
     model = {"channels": (4, 8), "hidden": 16, "dropout": 0.0, "convs": 2, "norm": "batch"}
-    config = task.config("cnn", max_epochs=2, batch_size=16, model_kwargs=model)
+    config = task.config(
+        "cnn", max_epochs=2, batch_size=16, precision="32-true", channels_last=False, model_kwargs=model
+    )
     plain = cross_validate(task, config, datamodule=dm)
     nhwc = cross_validate(task, dataclasses.replace(config, channels_last=True), datamodule=dm)
     for result, channels_last in ((plain, False), (nhwc, True)):
