@@ -401,3 +401,26 @@ def test_help_imports_none_of_the_heavy_libraries(script):
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "usage:" in done.stdout and done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-500:]
+
+
+def test_image_recipe_scores_one_validation_fold_with_and_without_mirror_averaging(tmp_path, capsys):
+    """``image_recipe.py``: the preset's configuration with ``--set`` changes, on one validation
+    fold; a sweep's first trial on that fold would score the same."""
+    import image_recipe
+
+    from tests.conftest import write_idx_set
+
+    write_idx_set(tmp_path / "tiny-images", n_train=100, n_test=20)
+    small = ["data.dataset=tiny-images", "models.cnn.args.channels=[4,8]", "models.cnn.args.hidden=16"]
+    sets = [arg for value in small for arg in ("--set", value)]
+    out = tmp_path / "recipe.jsonl"
+    argv = ["--data-dir", str(tmp_path), "--max-epochs", "2", "--batch-size", "16", "--fold", "1", *sets]
+    assert image_recipe.main([*argv, "--json", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert printed == json.loads(out.read_text())
+    assert printed["fold"] == 1 and printed["overrides"] == small and len(printed["curve"]) == 2
+    assert printed["curve"][-1] == round(printed["val_acc"], 4)
+    assert 0 <= printed["val_acc_mirror_averaged"] <= 1 and printed["seconds"] >= 0
+    with pytest.raises(SystemExit) as refused:
+        image_recipe.main(["--task", "house-prices"])
+    assert refused.value.code == 2 and "expected an image task" in capsys.readouterr().err
