@@ -424,3 +424,12 @@ def test_image_recipe_scores_one_validation_fold_with_and_without_mirror_averagi
     with pytest.raises(SystemExit) as refused:
         image_recipe.main(["--task", "house-prices"])
     assert refused.value.code == 2 and "expected an image task" in capsys.readouterr().err
+
+
+def test_conv_steps_times_each_net_in_each_setting(capsys):
+    import conv_steps
+
+    assert conv_steps.main(["--batch-size", "8", "--steps", "1", "--repeats", "1"]) == 0
+    rows = capsys.readouterr().out.splitlines()[1:]
+    assert [row[:42].strip() for row in rows] == list(conv_steps.NETS)
+    assert all(len(row[42:].split()) == 3 and min(map(float, row[42:].split())) > 0 for row in rows)
