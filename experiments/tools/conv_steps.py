@@ -4,9 +4,10 @@ bfloat16 with channels-last weights, side by side in one process (docs/results.m
     python experiments/tools/conv_steps.py
     python experiments/tools/conv_steps.py --batch-size 256 --steps 30
 
-Each net is ``project.models.CNN`` on 28x28 grey images, stepped by AdamW on random images and
-labels (a step's time does not depend on the pixels); each setting's figure is the median of
-``--repeats`` timings of ``--steps`` steps after three warm-up steps, the settings alternating.
+Each net is the ``cnn`` model built as a fit builds it (``project.cv.init_model``), on 28x28 grey
+images, stepped by AdamW on random images and labels (a step's time does not depend on the
+pixels); each setting's figure is the median of ``--repeats`` timings of ``--steps`` steps after
+three warm-up steps, the settings alternating.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import time
 import torch
 from torch import nn
 
-from project.models import CNN
+from project.config import TrainConfig
+from project.cv import init_model
 
 NETS = {
     "(16, 32), one conv a block, GroupNorm": {"channels": (16, 32)},
@@ -33,9 +35,7 @@ SETTINGS = {"fp32": (False, False), "bf16": (True, False), "bf16 channels-last":
 
 def stepper(arguments: dict, bf16: bool, channels_last: bool, batch_size: int):
     torch.manual_seed(0)
-    net = CNN((1, 28, 28), 10, **arguments)
-    if channels_last:
-        net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    net = init_model(TrainConfig(model="cnn", model_kwargs=arguments, channels_last=channels_last), (1, 28, 28), 10, 0)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
     x, y = torch.randn(batch_size, 1, 28, 28), torch.randint(0, 10, (batch_size,))
 

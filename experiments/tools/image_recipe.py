@@ -8,9 +8,9 @@ recipe in docs/results.md.
 Trains the preset's configuration of ``--model`` (its ``args`` and ``train``, which a sweep's
 first trial starts from; ``--lr``, ``--max-epochs`` and the like change it as in train.py) on the
 training part of validation fold ``--fold``, as a trial of a sweep with ``validation_folds: 1``
-does, and prints the fold's validation accuracy, the same with each prediction averaged with its
-mirror image's (what ``tta_flip`` would score), the seconds the fit took and the accuracy after
-each epoch. The test split is not read.
+does, and prints the fold's validation accuracy, the same with each prediction's class
+probabilities averaged with its mirror image's (``tta_flip`` averages the logits instead), the
+seconds the fit took and the accuracy after each epoch. The test split is not read.
 """
 
 from __future__ import annotations

@@ -222,7 +222,7 @@ class TrainConfig:
     gradient_clip_val: float | None = None  # each fold's gradient norm is clipped to this
     precision: Precision = "32-true"
     # convolution weights kept channels-last (NHWC): oneDNN's faster convolutions on a CPU under
-    # bf16-mixed; the same arithmetic up to the order of sums (docs/speed.md)
+    # bf16-mixed; the same arithmetic up to the order of sums (docs/results.md)
     channels_last: bool = False
 
     def __post_init__(self) -> None:
